@@ -1,0 +1,5 @@
+"""Allow ``python -m abliterate``."""
+
+from abliterate.cli import main
+
+raise SystemExit(main())

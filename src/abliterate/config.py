@@ -1,0 +1,246 @@
+"""Typed configuration: one dataclass per command drives the Python API, the CLI and config files.
+
+Each field carries its help text in ``metadata["help"]``. :func:`add_arguments` turns a config
+class into argparse options (``n_train`` becomes ``--n-train``), :func:`from_sources` merges the
+dataclass defaults, an optional TOML/JSON config file and the command line, in that order of
+precedence, and the dataclass's ``__post_init__`` validates the result, so the API and the CLI
+reject the same bad values with the same message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from abliterate.errors import ConfigError
+
+Site = Literal["pre", "mid", "post"]
+SITES: tuple[Site, ...] = ("pre", "mid", "post")
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text (and an optional default or factory)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str = _help(
+        "Model to edit: a hub id (ORG/NAME), a local directory with safetensors weights, a .gguf "
+        "file, or 'demo' for the embedded Qwen2.5-Coder-0.5B-Instruct.",
+        default="demo",
+    )
+    revision: str | None = _help("Hub revision (branch, tag or commit) to load.", default=None)
+    device: str = _help(
+        "Torch device: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', 'mps'.",
+        default="auto",
+    )
+    dtype: DType = _help(
+        "Weight dtype. 'auto' uses float32 on CPU and bfloat16 on accelerators.", default="auto"
+    )
+    trust_remote_code: bool = _help(
+        "Allow the model repository to run its own Python code. Off unless you trust it.",
+        default=False,
+    )
+
+
+@dataclass
+class PromptConfig:
+    """Where instructions come from and how they are formatted."""
+
+    harmful: str | None = _help(
+        "Harmful instructions for computing the direction (file, or hf:ORG/NAME[:split[:column]]). "
+        "Default: the built-in set's train split.",
+        default=None,
+    )
+    harmless: str | None = _help(
+        "Harmless instructions for computing the direction. Default: built-in train split.",
+        default=None,
+    )
+    eval_harmful: str | None = _help(
+        "Held-out harmful prompts for the final refusal rate. Default: built-in eval split.",
+        default=None,
+    )
+    eval_harmless: str | None = _help(
+        "Held-out harmless prompts for the final KL divergence. Default: built-in eval split.",
+        default=None,
+    )
+    prompt_column: str | None = _help(
+        "Column or field holding the prompt in .csv/.jsonl/.parquet files (default: detect "
+        "prompt/instruction/goal/text/question).",
+        default=None,
+    )
+    system_prompt: str | None = _help(
+        "System prompt for the chat template (default: the template's own).", default=None
+    )
+    n_train: int = _help("Harmful and harmless prompts (each) to compute directions.", default=128)
+    n_val: int = _help("Harmful and harmless validation prompts (each) to select.", default=32)
+    n_eval: int | None = _help(
+        "Cap on evaluation prompts of each kind (default: all of them).", default=None
+    )
+    batch_size: int = _help("Prompts per forward pass.", default=32)
+
+
+@dataclass
+class RunConfig(PromptConfig, ModelConfig):
+    """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
+
+    out: Path = _help("Run directory to create.", default=Path("runs/latest"))
+    overwrite: bool = _help("Replace the run directory if it exists.", default=False)
+    sites: tuple[Site, ...] = _help(
+        "Residual-stream sites at which candidate directions are taken.", default=SITES
+    )
+    kl_threshold: float = _help(
+        "Selection prefers candidates whose validation first-token KL is at most this.",
+        default=0.1,
+    )
+    prune_last_layers: float = _help(
+        "Fraction of the last layers whose candidates are discarded (they tend to encode "
+        "output tokens rather than the concept).",
+        default=0.2,
+    )
+    n_screen: int = _help(
+        "Prompts of each kind used to screen every candidate before the finalists are scored "
+        "on the whole validation split.",
+        default=8,
+    )
+    n_finalists: int = _help("Candidates re-scored on the whole validation split.", default=8)
+    layer: int | None = _help(
+        "Skip selection: use the direction of this layer (with --site).", default=None
+    )
+    site: Site = _help("Site used with --layer.", default="pre")
+    strength: float = _help(
+        "Ablation strength: 1 removes the direction, 0 leaves the model untouched.", default=1.0
+    )
+    max_new_tokens: int = _help("Tokens generated per evaluation prompt.", default=64)
+    n_examples: int = _help("Side-by-side example completions shown in the report.", default=4)
+    save_model: bool = _help("Write the edited model to OUT/model.", default=True)
+    seed: int = _help(
+        "Random seed (used by torch; selection and generation are greedy).", default=0
+    )
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.sites = tuple(self.sites)
+        for name in ("n_train", "n_val", "batch_size", "max_new_tokens", "n_screen", "n_finalists"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.n_eval is not None and self.n_eval < 1:
+            raise ConfigError(f"n_eval must be at least 1 or unset, got {self.n_eval}.")
+        if not self.sites or any(s not in SITES for s in self.sites):
+            raise ConfigError(f"sites must be a non-empty subset of {SITES}, got {self.sites}.")
+        if not 0.0 <= self.prune_last_layers < 1.0:
+            raise ConfigError(f"prune_last_layers must be in [0, 1), got {self.prune_last_layers}.")
+        if self.kl_threshold <= 0:
+            raise ConfigError(f"kl_threshold must be positive, got {self.kl_threshold}.")
+        if self.site not in SITES:
+            raise ConfigError(f"site must be one of {SITES}, got {self.site!r}.")
+        if self.layer is not None and self.layer < 0:
+            raise ConfigError(f"layer must be non-negative, got {self.layer}.")
+        if self.n_examples < 0:
+            raise ConfigError(f"n_examples must be non-negative, got {self.n_examples}.")
+
+
+C = TypeVar("C")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (paths and tuples become strings and lists)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """Add one ``--option`` per dataclass field of ``cls`` (defaults are left to the dataclass)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and not isinstance(default, bool):
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            help_text = f"{help_text} (default: {shown})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = typing.get_args(tp)
+        elif origin is tuple:
+            (item,) = typing.get_args(tp)[:1]
+            kwargs["nargs"] = "+"
+            if typing.get_origin(item) is Literal:
+                kwargs["choices"] = typing.get_args(item)
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+            kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
+        elif tp is Path:
+            kwargs["type"] = Path
+            kwargs["metavar"] = "DIR"
+        else:  # pragma: no cover - a new field type must be taught here explicitly
+            raise TypeError(f"unsupported config field type for {f.name}: {tp!r}")
+        parser.add_argument(flag, dest=f.name, **kwargs)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a ``.toml`` or ``.json`` config file into a dict of field values."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .toml or .json.")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of option names and values.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def from_sources(cls: type[C], file_values: dict[str, Any], cli_values: dict[str, Any]) -> C:
+    """Build ``cls`` from its defaults, then ``file_values``, then ``cli_values``."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(file_values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) in config file: {', '.join(unknown)}. "
+            f"Known options: {', '.join(sorted(names))}."
+        )
+    values = {**file_values, **{k: v for k, v in cli_values.items() if k in names}}
+    if "sites" in values:
+        values["sites"] = tuple(values["sites"])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,40 @@
+"""Exceptions for expected, user-facing errors.
+
+Every error a user can cause (a bad path, a model without a chat template, an unknown column)
+raises a subclass of :class:`AbliterateError`. The CLI prints its message on one line and exits
+non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AbliterateError(Exception):
+    """Base class of all expected errors; the message is shown to the user as is."""
+
+
+class ConfigError(AbliterateError, ValueError):
+    """A configuration value is invalid. The message names the field and the fix."""
+
+
+class ModelLoadError(AbliterateError):
+    """A model could not be found or loaded."""
+
+
+class DemoModelError(ModelLoadError):
+    """The embedded demo model is not installed or its assembled file is corrupt."""
+
+
+class UnsupportedArchitectureError(AbliterateError):
+    """The model's layers or residual writers could not be resolved."""
+
+
+class ChatTemplateError(AbliterateError):
+    """The tokenizer has no chat template, so instructions cannot be formatted."""
+
+
+class PromptSetError(AbliterateError):
+    """A prompt set could not be read: missing file, unknown column, empty set."""
+
+
+class OutputDirError(AbliterateError):
+    """The output directory exists and is not empty, or cannot be written."""

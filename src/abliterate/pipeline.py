@@ -1,0 +1,295 @@
+"""``abliterate run``: compute candidate directions, select one, apply it, evaluate, export.
+
+The run directory is built under a temporary name beside ``out`` and renamed into place only
+when the run succeeds, so a failed or interrupted run never leaves a half-written directory.
+Contents::
+
+    config.json            resolved configuration
+    environment.json       versions, model source and revision, prompt-set hashes, seed
+    candidates.safetensors harmful and harmless means per layer and site (float64)
+    scores.json            per-candidate refusal scores and KL (selection)
+    direction.{safetensors,json}, edit_spec.json
+    report.json, report.md
+    model/                 the edited model (safetensors) with abliteration.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from abliterate import __version__
+from abliterate.config import RunConfig, to_dict
+from abliterate.errors import ConfigError, OutputDirError
+
+log = logging.getLogger(__name__)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be (re)created."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputDirError(
+            f"output directory {out} already exists and is not empty; pass --overwrite to "
+            "replace it or choose another --out."
+        )
+
+
+@contextmanager
+def run_directory(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` if the block succeeds.
+
+    On any exception (including Ctrl-C) the temporary directory is deleted and ``out`` is left
+    as it was.
+    """
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _environment(config: RunConfig, loaded: Any, data: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "abliterate": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision},
+        "device": str(loaded.device),
+        "dtype": str(loaded.model.dtype),
+        "seed": config.seed,
+        "data": data,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Run the whole pipeline and return the report (also written to ``config.out``)."""
+    import torch
+
+    from abliterate.activations import mean_activations
+    from abliterate.architecture import resolve_architecture
+    from abliterate.directions import Candidates
+    from abliterate.evaluation import ModelEval, evaluate_refusals
+    from abliterate.export import save_model, verify_export
+    from abliterate.interventions import EditSpec, ablation_hooks, orthogonalize_
+    from abliterate.judges import MarkerJudge
+    from abliterate.models import load_model
+    from abliterate.profiling import Profiler
+    from abliterate.prompts import format_chat, resolve_prompts
+    from abliterate.report import summary_table, write_reports
+    from abliterate.scoring import kl_divergence, next_token_logprobs, refusal_token_ids
+    from abliterate.selection import Selection, scores_table, select_direction
+
+    check_output_dir(config.out, config.overwrite)
+    torch.manual_seed(config.seed)
+    col = config.prompt_column
+    # Load every prompt set before the model, so a bad file fails in a second, not a minute.
+    sets = {
+        "train_harmful": resolve_prompts(config.harmful, "harmful", "train", col).head(
+            config.n_train
+        ),
+        "train_harmless": resolve_prompts(config.harmless, "harmless", "train", col).head(
+            config.n_train
+        ),
+        "val_harmful": resolve_prompts(None, "harmful", "val", col).head(config.n_val),
+        "val_harmless": resolve_prompts(None, "harmless", "val", col).head(config.n_val),
+        "eval_harmful": resolve_prompts(config.eval_harmful, "harmful", "eval", col).head(
+            config.n_eval
+        ),
+        "eval_harmless": resolve_prompts(config.eval_harmless, "harmless", "eval", col).head(
+            config.n_eval
+        ),
+    }
+    data = {k: {"name": s.name, "n": len(s), "sha256": s.sha256} for k, s in sets.items()}
+    prof = Profiler()
+    judge = MarkerJudge()
+
+    with run_directory(config.out, config.overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        with prof.stage("load model"):
+            loaded = load_model(
+                config.model,
+                revision=config.revision,
+                device=config.device,
+                dtype=config.dtype,
+                trust_remote_code=config.trust_remote_code,
+            )
+        model, tok = loaded.model, loaded.tokenizer
+        arch = resolve_architecture(model)
+        log.info("model: %s", arch.describe())
+        texts = {k: format_chat(tok, s.prompts, config.system_prompt) for k, s in sets.items()}
+        env = _environment(config, loaded, data)
+        (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+
+        with prof.stage("activations"):
+            hashes = {k: str(data[k]["sha256"]) for k in ("train_harmful", "train_harmless")}
+            candidates = Candidates(
+                harmful_mean=mean_activations(
+                    model, tok, arch, texts["train_harmful"], sites=config.sites,
+                    batch_size=config.batch_size, desc="Activations (harmful)",
+                ),
+                harmless_mean=mean_activations(
+                    model, tok, arch, texts["train_harmless"], sites=config.sites,
+                    batch_size=config.batch_size, desc="Activations (harmless)",
+                ),
+                sites=config.sites,
+                model=loaded.name,
+                revision=loaded.revision,
+                dataset_hashes=hashes,
+            )  # fmt: skip
+            candidates.save(tmp / "candidates.safetensors")
+
+        refusal_ids = refusal_token_ids(tok)
+        selection: Selection | None = None
+        with prof.stage("selection"):
+            if config.layer is None:
+                selection = select_direction(
+                    model,
+                    tok,
+                    candidates,
+                    texts["val_harmful"],
+                    texts["val_harmless"],
+                    refusal_ids,
+                    kl_threshold=config.kl_threshold,
+                    prune_last_layers=config.prune_last_layers,
+                    n_screen=config.n_screen,
+                    n_finalists=config.n_finalists,
+                    strength=config.strength,
+                    batch_size=config.batch_size,
+                )
+                direction = selection.direction
+                (tmp / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
+            else:
+                if config.layer >= arch.n_layers:
+                    raise ConfigError(
+                        f"layer {config.layer} is out of range: the model has {arch.n_layers} "
+                        "layers."
+                    )
+                if config.site not in config.sites:
+                    raise ConfigError(f"site {config.site!r} is not among sites {config.sites}.")
+                if candidates.is_degenerate(config.layer, config.site):
+                    raise ConfigError(
+                        f"layer {config.layer}, site {config.site!r} has no direction: harmful "
+                        "and harmless means are identical there; choose another --layer/--site."
+                    )
+                direction = candidates.direction(config.layer, config.site)
+        spec = EditSpec.uniform(direction, arch.n_layers, config.strength)
+        spec.save(tmp)
+
+        with prof.stage("baseline eval"):
+            baseline_refusals = evaluate_refusals(
+                model,
+                tok,
+                sets["eval_harmful"].prompts,
+                texts["eval_harmful"],
+                judge,
+                categories=sets["eval_harmful"].categories,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
+                desc="Generating (baseline)",
+            )
+            base_lp = next_token_logprobs(
+                model, tok, texts["eval_harmless"], batch_size=config.batch_size
+            )
+
+        with prof.stage("orthogonalize"):
+            probe = texts["eval_harmless"][:4]
+            with ablation_hooks(model, spec):
+                hooked = next_token_logprobs(model, tok, probe, batch_size=config.batch_size)
+            orthogonalize_(model, spec)
+            baked = next_token_logprobs(model, tok, probe, batch_size=config.batch_size)
+            hooks_vs_weights = float((hooked - baked).abs().max())
+
+        with prof.stage("edited eval"):
+            edited_refusals = evaluate_refusals(
+                model,
+                tok,
+                sets["eval_harmful"].prompts,
+                texts["eval_harmful"],
+                judge,
+                categories=sets["eval_harmful"].categories,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
+                desc="Generating (abliterated)",
+            )
+            edited_lp = next_token_logprobs(
+                model, tok, texts["eval_harmless"], batch_size=config.batch_size
+            )
+            kl = float(kl_divergence(base_lp, edited_lp).mean())
+
+        baseline = ModelEval(baseline_refusals)
+        edited = ModelEval(edited_refusals, kl_divergence=kl)
+        record = {
+            "abliterate_version": __version__,
+            "base_model": {"name": loaded.name, "source": loaded.source,
+                           "revision": loaded.revision},
+            "edit": spec.to_dict(),
+            "selection": None if selection is None else {
+                k: v for k, v in selection.to_dict().items() if k != "scores"
+            },
+            "data": data,
+            "metrics": {
+                "baseline_refusal_rate": baseline_refusals.refusal_rate,
+                "refusal_rate": edited_refusals.refusal_rate,
+                "kl_divergence": kl,
+                "judge": judge.name,
+            },
+        }  # fmt: skip
+        export_diff: float | None = None
+        if config.save_model:
+            with prof.stage("export"):
+                save_model(model, tok, tmp / "model", record)
+                export_diff = verify_export(model, tok, tmp / "model", probe)
+        (tmp / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
+
+        report: dict[str, Any] = {
+            "abliterate_version": __version__,
+            "model": {
+                "name": loaded.name,
+                "source": loaded.source,
+                "revision": loaded.revision,
+                "architecture": arch.describe(),
+            },
+            "data": data,
+            "edit": spec.to_dict(),
+            "selection": record["selection"],
+            "checks": {
+                "hooks_vs_weights_max_abs_diff": hooks_vs_weights,
+                "export_reload_max_abs_diff": export_diff,
+            },
+            "baseline": baseline.to_dict(),
+            "edited": edited.to_dict(),
+            "n_examples": config.n_examples,
+            "timings": prof.to_dict(),
+        }
+        write_reports(tmp, report, scores_table(selection) if selection else None)
+    print(summary_table(report))
+    print(f"\nRun directory: {config.out}")
+    return report

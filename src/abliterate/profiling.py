@@ -1,0 +1,79 @@
+"""Wall time and peak memory of each stage of a run.
+
+Peak resident memory is sampled from ``/proc/self/statm`` by a background thread every 50 ms
+while a stage runs (falling back to the process high-water mark where ``/proc`` is missing), so
+each stage reports its own peak rather than the largest peak seen so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_STATM = Path("/proc/self/statm")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    if _STATM.exists():
+        return int(_STATM.read_text().split()[1]) * _PAGE
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class StageProfile:
+    """Measurements of one stage."""
+
+    name: str
+    seconds: float
+    peak_rss_mb: float
+
+
+@dataclass
+class Profiler:
+    """Collects :class:`StageProfile` records; use :meth:`stage` as a context manager."""
+
+    stages: list[StageProfile] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block and sample its peak RSS."""
+        peak = [rss_bytes()]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], rss_bytes())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        log.info("%s ...", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            stop.set()
+            sampler.join()
+            peak[0] = max(peak[0], rss_bytes())
+            profile = StageProfile(name, time.perf_counter() - start, peak[0] / 2**20)
+            self.stages.append(profile)
+            log.info(
+                "%s done in %.1f s (peak RSS %.0f MB)", name, profile.seconds, profile.peak_rss_mb
+            )
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        """``{stage: {"seconds": s, "peak_rss_mb": m}}`` in stage order."""
+        return {
+            s.name: {"seconds": round(s.seconds, 2), "peak_rss_mb": round(s.peak_rss_mb, 1)}
+            for s in self.stages
+        }
