@@ -130,6 +130,7 @@ def test_full_run_on_tiny_model(
         assert key in report["edited"]["completions"][0]
     assert 0.0 <= report["edited"]["refusal_rate"] <= 1.0
     assert report["edited"]["kl_divergence"] >= 0.0
+    assert report["edited"]["kl_divergence_multi_token"] >= 0.0
     assert report["checks"]["export_reload_max_abs_diff"] == 0.0
     assert report["checks"]["hooks_vs_weights_max_abs_diff"] < 1e-3
     for name in ("config.json", "environment.json", "candidates.safetensors", "scores.json",

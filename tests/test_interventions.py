@@ -167,3 +167,27 @@ def test_spec_must_match_model(make_model: Callable[[str], Any]) -> None:
         pass
     with pytest.raises(ValueError, match="d_model"):
         orthogonalize_(model, EditSpec.uniform(random_direction(32), n_layers=4))
+
+
+def test_multi_token_kl_is_zero_for_itself_and_positive_when_edited(
+    make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
+) -> None:
+    from abliterate.scoring import kl_divergence, multi_token_kl, next_token_logprobs
+
+    model = make_model("llama")
+    same, first_same = multi_token_kl(model, tokenizer, texts, n_tokens=5, batch_size=4)
+    assert same == pytest.approx(0.0, abs=1e-6) and first_same == pytest.approx(0.0, abs=1e-6)
+    spec = spec_for(model)
+    multi, first = multi_token_kl(model, tokenizer, texts, spec_q=spec, n_tokens=5, batch_size=4)
+    assert multi > 0 and first > 0
+    # Position 0 of the multi-token measure is exactly the first-token KL.
+    base = next_token_logprobs(model, tokenizer, texts)
+    edited = next_token_logprobs(model, tokenizer, texts, spec=spec)
+    assert first == pytest.approx(float(kl_divergence(base, edited).mean()), rel=1e-3)
+    # Two separate model objects give the same answer as hooks on one.
+    import copy
+
+    other = copy.deepcopy(model)
+    orthogonalize_(other, spec)
+    multi2, _ = multi_token_kl(model, tokenizer, texts, model_q=other, n_tokens=5, batch_size=4)
+    assert multi2 == pytest.approx(multi, rel=1e-3)

@@ -123,6 +123,11 @@ class RunConfig(PromptConfig, ModelConfig):
         "Ablation strength: 1 removes the direction, 0 leaves the model untouched.", default=1.0
     )
     max_new_tokens: int = _help("Tokens generated per evaluation prompt.", default=64)
+    kl_tokens: int = _help(
+        "Positions of the original model's own greedy continuation of each harmless prompt "
+        "over which multi-token KL is averaged (first-token KL understates damage).",
+        default=16,
+    )
     n_examples: int = _help("Side-by-side example completions shown in the report.", default=4)
     save_model: bool = _help("Write the edited model to OUT/model.", default=True)
     seed: int = _help(
@@ -132,7 +137,15 @@ class RunConfig(PromptConfig, ModelConfig):
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.sites = tuple(self.sites)
-        for name in ("n_train", "n_val", "batch_size", "max_new_tokens", "n_screen", "n_finalists"):
+        for name in (
+            "n_train",
+            "n_val",
+            "batch_size",
+            "max_new_tokens",
+            "kl_tokens",
+            "n_screen",
+            "n_finalists",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.n_eval is not None and self.n_eval < 1:

@@ -104,7 +104,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     from abliterate.profiling import Profiler
     from abliterate.prompts import format_chat, resolve_prompts
     from abliterate.report import summary_table, write_reports
-    from abliterate.scoring import kl_divergence, next_token_logprobs, refusal_token_ids
+    from abliterate.scoring import (
+        kl_divergence,
+        multi_token_kl,
+        next_token_logprobs,
+        refusal_token_ids,
+    )
     from abliterate.selection import Selection, scores_table, select_direction
 
     check_output_dir(config.out, config.overwrite)
@@ -219,6 +224,18 @@ def run(config: RunConfig) -> dict[str, Any]:
                 model, tok, texts["eval_harmless"], batch_size=config.batch_size
             )
 
+        with prof.stage("multi-token KL"):
+            # Measured through hooks before the weights are baked; the "orthogonalize" stage
+            # checks that hooks and baked weights agree.
+            kl_multi, _ = multi_token_kl(
+                model,
+                tok,
+                texts["eval_harmless"],
+                spec_q=spec,
+                n_tokens=config.kl_tokens,
+                batch_size=config.batch_size,
+            )
+
         with prof.stage("orthogonalize"):
             probe = texts["eval_harmless"][:4]
             with ablation_hooks(model, spec):
@@ -245,7 +262,11 @@ def run(config: RunConfig) -> dict[str, Any]:
             kl = float(kl_divergence(base_lp, edited_lp).mean())
 
         baseline = ModelEval(baseline_refusals)
-        edited = ModelEval(edited_refusals, kl_divergence=kl)
+        edited = ModelEval(
+            edited_refusals,
+            kl_divergence=kl,
+            extra={"kl_divergence_multi_token": kl_multi, "kl_tokens": config.kl_tokens},
+        )
         record = {
             "abliterate_version": __version__,
             "base_model": {"name": loaded.name, "source": loaded.source,
@@ -259,6 +280,7 @@ def run(config: RunConfig) -> dict[str, Any]:
                 "baseline_refusal_rate": baseline_refusals.refusal_rate,
                 "refusal_rate": edited_refusals.refusal_rate,
                 "kl_divergence": kl,
+                "kl_divergence_multi_token": kl_multi,
                 "judge": judge.name,
             },
         }  # fmt: skip

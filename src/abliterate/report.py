@@ -17,19 +17,21 @@ def summary_table(report: dict[str, Any]) -> str:
     base, edited = report["baseline"], report["edited"]
     n = base["n_prompts"]
     rows = [
-        ("", "refusal rate", "first-token KL"),
+        ("", "refusal rate", "first-token KL", "multi-token KL"),
         (
             "baseline",
             f"{_pct(base['refusal_rate'])} ({round(base['refusal_rate'] * n)}/{n})",
+            "-",
             "-",
         ),
         (
             "abliterated",
             f"{_pct(edited['refusal_rate'])} ({round(edited['refusal_rate'] * n)}/{n})",
             f"{edited['kl_divergence']:.4f}",
+            f"{edited['kl_divergence_multi_token']:.4f}",
         ),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
@@ -51,11 +53,15 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
         "",
         "## Result",
         "",
-        "| model | refusal rate (harmful eval) | first-token KL (harmless eval) |",
-        "|---|---:|---:|",
-        f"| baseline | {_pct(base['refusal_rate'])} of {base['n_prompts']} | - |",
+        "| model | refusal rate (harmful eval) | first-token KL | multi-token KL |",
+        "|---|---:|---:|---:|",
+        f"| baseline | {_pct(base['refusal_rate'])} of {base['n_prompts']} | - | - |",
         f"| abliterated | {_pct(edited['refusal_rate'])} of {edited['n_prompts']} | "
-        f"{edited['kl_divergence']:.4f} |",
+        f"{edited['kl_divergence']:.4f} | {edited['kl_divergence_multi_token']:.4f} |",
+        "",
+        f"KL divergences are KL(original ‖ abliterated) on harmless eval prompts; multi-token KL "
+        f"averages the first {edited['kl_tokens']} positions of the original model's own "
+        "greedy continuations.",
         "",
         f"Judge: `{base['judge']}`. Evaluation prompts: harmful "
         f"`{report['data']['eval_harmful']['name']}`, harmless "

@@ -88,3 +88,69 @@ def kl_divergence(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.T
     # Tokens with p = 0 contribute 0 (not 0 * -inf = NaN when q is 0 there too).
     terms = torch.where(p > 0, p * (p_logprobs - q_logprobs), torch.zeros_like(p))
     return terms.sum(-1).clamp(min=0.0)
+
+
+@torch.inference_mode()
+def multi_token_kl(
+    model_p: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    model_q: PreTrainedModel | None = None,
+    spec_p: EditSpec | None = None,
+    spec_q: EditSpec | None = None,
+    n_tokens: int = 16,
+    batch_size: int = 32,
+) -> tuple[float, float]:
+    """``KL(p ‖ q)`` averaged over the first ``n_tokens`` positions of p's greedy continuations.
+
+    First-token KL is known to understate damage: an edit can leave the first token alone and
+    still derail what follows. Here p (``model_p`` under ``spec_p``) greedily continues each
+    prompt, then both p and q (``model_q``, default ``model_p``, under ``spec_q``) are run on
+    prompt + continuation and the per-position KL is averaged over every generated position
+    (positions after an end-of-sequence token are ignored). Batches are processed one at a
+    time, so memory does not grow with the number of prompts.
+
+    Returns:
+        ``(multi_token_kl, first_token_kl)``, both averaged over prompts, in nats.
+    """
+    q_model = model_p if model_q is None else model_q
+    device = next(model_p.parameters()).device
+    q_device = next(q_model.parameters()).device
+    total, count, first_total = 0.0, 0, 0.0
+    for _, enc in batches(tokenizer, texts, batch_size):
+        enc = enc.to(device)
+        n_prompt = enc["input_ids"].shape[1]
+        with maybe_hooks(model_p, spec_p):
+            seq = model_p.generate(  # type: ignore[operator]
+                **enc,
+                max_new_tokens=n_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (batch, n_prompt + new)
+        new = seq[:, n_prompt:]
+        # A generated position counts until (and including) the first end-of-sequence token.
+        eos = torch.zeros_like(new, dtype=torch.bool)
+        if tokenizer.eos_token_id is not None:
+            eos = new == tokenizer.eos_token_id
+        after_eos = (eos.cumsum(-1) - eos.long()) > 0
+        valid = ~after_eos  # (batch, new)
+        mask = torch.cat([enc["attention_mask"], valid.long()], dim=1)
+        # Logits at positions n_prompt-1 … n_prompt+new-2 predict the generated tokens.
+        with maybe_hooks(model_p, spec_p):
+            lp_p = model_p(input_ids=seq, attention_mask=mask).logits[:, n_prompt - 1 : -1]
+        with maybe_hooks(q_model, spec_q):
+            lp_q = q_model(input_ids=seq.to(q_device), attention_mask=mask.to(q_device)).logits
+        lp_q = lp_q[:, n_prompt - 1 : -1].to(device)
+        lp_p = torch.log_softmax(lp_p.float(), -1)  # (batch, new, vocab)
+        lp_q = torch.log_softmax(lp_q.float(), -1)
+        kl = kl_divergence(lp_p.flatten(0, 1), lp_q.flatten(0, 1)).view(valid.shape)
+        kl = kl.cpu() * valid.cpu()
+        per_prompt = kl.sum(-1) / valid.cpu().sum(-1).clamp(min=1)
+        total += float(per_prompt.sum())
+        first_total += float(kl[:, 0].sum())
+        count += len(per_prompt)
+    return total / count, first_total / count
