@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from abliterate.breakdown import category_table, refusal_by_category
+
 
 def _pct(rate: float) -> str:
     return f"{100 * rate:.1f}%"
@@ -51,6 +53,8 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
         f"abliterate {report['abliterate_version']} · source `{model['source']}` · "
         f"{model['architecture']}",
         "",
+        "Plots, every completion and every number: [report.html](report.html).",
+        "",
         "## Result",
         "",
         "| model | refusal rate (harmful eval) | first-token KL | multi-token KL |",
@@ -88,6 +92,9 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
             "- saved model reloaded vs. evaluated model, max |Δ logit|: "
             + ("model not saved" if reload is None else f"{reload:.2e}"),
         ]
+    categories = refusal_by_category(report)
+    if categories:
+        lines += ["", "## Refusals by category", "", category_table(categories)]
     n_examples = report.get("n_examples", 4)
     if n_examples:
         lines += ["", "## Examples", "", "| prompt | baseline | abliterated |", "|---|---|---|"]
@@ -109,6 +116,15 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
 
 
 def write_reports(directory: Path, report: dict[str, Any], scores_table: str | None) -> None:
-    """Write ``report.json`` and ``report.md`` into ``directory``."""
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``directory``.
+
+    The HTML report's per-layer plots come from ``scores.json`` in the same directory, when the
+    run wrote one.
+    """
+    from abliterate.html_report import render_html
+
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(render_markdown(report, scores_table))
+    scores_path = directory / "scores.json"
+    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else None
+    (directory / "report.html").write_text(render_html(report, scores), encoding="utf-8")

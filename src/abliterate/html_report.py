@@ -1,0 +1,531 @@
+"""``report.html``: one self-contained page with plots, tables and side-by-side completions.
+
+The page is rendered from the ``report.json`` dict (and ``scores.json`` when present) with
+inline CSS and inline SVG charts from :mod:`abliterate.plots`: no scripts, no fonts, nothing
+fetched, so it opens offline and can be mailed around. A Content-Security-Policy forbids
+scripts and remote loads outright, as a second line of defence behind the escaping of every
+piece of text (model outputs may contain HTML).
+
+Sections render only when their data is there, so the same function serves ``run`` reports,
+``evaluate`` reports (over-refusal, judges, benchmarks) and optimized runs (a Pareto front);
+the last section lists every number of the JSON, whatever its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+from abliterate.breakdown import refusal_by_category
+from abliterate.report_charts import (
+    RATE_KEYS,
+    Figure,
+    before_after_figures,
+    candidate_figures,
+    category_figure,
+    optimization_trials,
+    pareto_figure,
+    strength_figure,
+)
+from abliterate.report_charts import mapping as _dict
+from abliterate.report_charts import number as _number
+
+# Human names of the per-model measurements; unknown keys are shown under their JSON name.
+METRIC_LABELS = {
+    "refusal_rate": "refusal rate (harmful eval)",
+    "over_refusal_rate": "over-refusal rate (harmless but edgy prompts)",
+    "kl_divergence": "first-token KL (harmless eval)",
+    "kl_divergence_multi_token": "multi-token KL (harmless eval)",
+    "kl_tokens": "multi-token KL positions",
+    "n_prompts": "harmful eval prompts",
+    "judge": "refusal judge",
+}
+SKIPPED_KEYS = ("completions", "judges", "benchmarks")  # rendered in their own sections
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def _fmt(value: Any, *, rate: bool = False) -> str:
+    """A cell's text: rates as percentages, floats to 4 significant digits, others as JSON."""
+    num = _number(value)
+    if num is None:
+        if value is None:
+            return "–"
+        return value if isinstance(value, str) else json.dumps(value)
+    if rate:
+        return f"{100 * num:.1f}%"
+    if isinstance(value, int):
+        return str(value)
+    return f"{num:.4g}"
+
+
+def _nan(value: Any) -> float:
+    num = _number(value)
+    return math.nan if num is None else num
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
+    """An HTML table; cells are already-escaped HTML fragments."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    head = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    klass = f' class="{cls}"' if cls else ""
+    return f"<table{klass}>{head}<tbody>{body}</tbody></table>"
+
+
+def _section(title: str, body: str, anchor: str) -> str:
+    return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _figure(figure: Figure) -> str:
+    return (
+        f'<figure id="fig-{figure.name}">{figure.svg}'
+        f"<figcaption>{_e(figure.caption)}</figcaption></figure>"
+    )
+
+
+def _header(report: Mapping[str, Any]) -> str:
+    model = _dict(report.get("model"))
+    facts = [
+        f"abliterate {_e(report.get('abliterate_version', '?'))}",
+        f"source <code>{_e(model.get('source', '?'))}</code>",
+    ]
+    if model.get("revision"):
+        facts.append(f"revision <code>{_e(model['revision'])}</code>")
+    if model.get("architecture"):
+        facts.append(_e(model["architecture"]))
+    return (
+        f"<header><h1>Abliteration report: {_e(model.get('name', 'unknown model'))}</h1>"
+        f'<p class="meta">{" · ".join(facts)}</p></header>'
+    )
+
+
+def _card(label: str, value: str, note: str) -> str:
+    return (
+        f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div>'
+        f'<div class="note">{note}</div></div>'
+    )
+
+
+def _summary(report: Mapping[str, Any]) -> str:
+    base, edited = _dict(report.get("baseline")), _dict(report.get("edited"))
+    cards = []
+    for key, label in (("refusal_rate", "Refusal rate"), ("over_refusal_rate", "Over-refusal")):
+        b, e = _number(base.get(key)), _number(edited.get(key))
+        if b is None and e is None:
+            continue
+        value = f"{_fmt(b, rate=True)} <span>→</span> {_fmt(e, rate=True)}"
+        note = "baseline → abliterated"
+        if key == "refusal_rate" and _number(edited.get("n_prompts")) is not None:
+            note += f", {_e(edited['n_prompts'])} harmful prompts, judge {_e(edited.get('judge'))}"
+        cards.append(_card(label, value, note))
+    for key, label in (
+        ("kl_divergence", "First-token KL"),
+        ("kl_divergence_multi_token", "Multi-token KL"),
+    ):
+        v = _number(edited.get(key))
+        if v is not None:
+            note = "KL(original ‖ abliterated), nats, harmless prompts"
+            if key == "kl_divergence_multi_token" and edited.get("kl_tokens"):
+                note += f", first {_e(edited['kl_tokens'])} positions"
+            cards.append(_card(label, f"{v:.4f}", note))
+    return f'<div class="cards">{"".join(cards)}</div>' if cards else ""
+
+
+def _before_after(report: Mapping[str, Any]) -> str:
+    figures = before_after_figures(report)
+    if not figures:
+        return ""
+    row = "".join(_figure(f) for f in figures)
+    return _section("Before and after", f'<div class="row">{row}</div>', "before-after")
+
+
+def _measurements(report: Mapping[str, Any]) -> str:
+    base, edited = _dict(report.get("baseline")), _dict(report.get("edited"))
+    keys = [k for k in {**base, **edited} if k not in SKIPPED_KEYS]
+    rows = []
+    for k in keys:
+        rate = k in RATE_KEYS
+        b, e = base.get(k), edited.get(k)
+        nb, ne = _number(b), _number(e)
+        change = ""
+        if nb is not None and ne is not None and nb != ne:
+            change = f"{100 * (ne - nb):+.1f} pp" if rate else f"{ne - nb:+.4g}"
+        label = METRIC_LABELS.get(k, k)
+        rows.append([_e(label), _e(_fmt(b, rate=rate)), _e(_fmt(e, rate=rate)), _e(change)])
+    body = _table(["measurement", "baseline", "abliterated", "change"], rows, "num")
+    body += _judges(base, edited) + _benchmarks(base, edited)
+    return _section("Measurements", body, "measurements") if rows else ""
+
+
+def _judges(base: Mapping[str, Any], edited: Mapping[str, Any]) -> str:
+    jb, je = _dict(base.get("judges")), _dict(edited.get("judges"))
+    if not jb and not je:
+        return ""
+    rows = []
+    for name in {**jb, **je}:
+        b, e = jb.get(name), je.get(name)
+        if isinstance(b, Mapping) or isinstance(e, Mapping):
+            # e.g. agreement given per pair of judges: one row per entry.
+            for sub in {**_dict(b), **_dict(e)}:
+                rows.append(
+                    [
+                        _e(f"{name} · {sub}"),
+                        _e(_fmt(_dict(b).get(sub))),
+                        _e(_fmt(_dict(e).get(sub))),
+                    ]
+                )
+        else:
+            rate = name != "agreement"
+            rows.append([_e(name), _e(_fmt(b, rate=rate)), _e(_fmt(e, rate=rate))])
+    return "<h3>Judges</h3>" + _table(["judge", "baseline", "abliterated"], rows, "num")
+
+
+def _benchmarks(base: Mapping[str, Any], edited: Mapping[str, Any]) -> str:
+    bb, be = _dict(base.get("benchmarks")), _dict(edited.get("benchmarks"))
+    rows = []
+    for task in {**bb, **be}:
+        mb, me = _dict(bb.get(task)), _dict(be.get(task))
+        for metric in {**mb, **me}:
+            b, e = _number(mb.get(metric)), _number(me.get(metric))
+            change = f"{e - b:+.4g}" if b is not None and e is not None else ""
+            rows.append([_e(task), _e(metric), _e(_fmt(b)), _e(_fmt(e)), _e(change)])
+    if not rows:
+        return ""
+    header = ["task", "metric", "baseline", "abliterated", "change"]
+    return "<h3>Benchmarks</h3>" + _table(header, rows, "num")
+
+
+def _categories(report: Mapping[str, Any]) -> str:
+    figure = category_figure(report)
+    if figure is None:
+        return ""
+
+    def count(k: int | None, n: int) -> str:
+        return "–" if k is None else f"{k} ({100 * k / n:.0f}%)"
+
+    rows = [
+        [_e(r.category), str(r.n), count(r.baseline, r.n), count(r.edited, r.n)]
+        for r in refusal_by_category(report)
+    ]
+    header = ["category", "prompts", "baseline refused", "abliterated refused"]
+    body = _figure(figure) + _details("Counts per category", _table(header, rows, "num"))
+    return _section("Refusals by category", body, "categories")
+
+
+def _details(summary: str, body: str) -> str:
+    return f"<details><summary>{_e(summary)}</summary>{body}</details>"
+
+
+def _candidates(report: Mapping[str, Any], scores: Mapping[str, Any] | None) -> str:
+    figures = candidate_figures(scores)
+    if not figures:
+        if report.get("selection"):
+            return _section(
+                "Candidate directions",
+                "<p>scores.json was not given, so the per-layer scores cannot be plotted.</p>",
+                "candidates",
+            )
+        return ""
+    scores = scores or {}
+    notes = ["Scores on the screening subset of the validation prompts."]
+    if scores.get("max_layer") is not None:
+        notes.append(f"Layers above {_e(scores['max_layer'])} were pruned before scoring.")
+    if scores.get("rule"):
+        notes.append(f"Selection rule: {_e(scores['rule'])}.")
+    body = "".join(_figure(f) for f in figures) + f'<p class="note">{" ".join(notes)}</p>'
+    return _section("Candidate directions", body, "candidates")
+
+
+def _optimization(report: Mapping[str, Any]) -> str:
+    figure = pareto_figure(report)
+    if figure is None:
+        return ""
+    trials, chosen = optimization_trials(report)
+    header = ["trial", "refusal score", "KL", "Pareto", "parameters"]
+
+    def row(t: Mapping[str, Any]) -> list[str]:
+        mark = " ★ chosen" if chosen is not None and t.get("number") == chosen else ""
+        return [
+            _e(f"{t.get('number')}{mark}"),
+            _e(_fmt(t.get("refusal_score"))),
+            _e(_fmt(t.get("kl"))),
+            "yes" if t.get("pareto") else "",
+            f"<code>{_e(json.dumps(t.get('params', {}), sort_keys=True))}</code>",
+        ]
+
+    front = sorted((t for t in trials if t.get("pareto")), key=lambda t: _nan(t.get("kl")))
+    body = (
+        _figure(figure)
+        + "<h3>Pareto front</h3>"
+        + _table(header, [row(t) for t in front], "num")
+        + _details(f"All {len(trials)} trials", _table(header, [row(t) for t in trials], "num"))
+    )
+    return _section("Optimization", body, "optimization")
+
+
+def _edit(report: Mapping[str, Any]) -> str:
+    edit = _dict(report.get("edit"))
+    if not edit:
+        return ""
+    direction = _dict(edit.get("direction"))
+    parts = []
+    facts = [
+        ("kind", edit.get("kind")),
+        ("direction layer", direction.get("layer")),
+        ("direction site", direction.get("site")),
+        ("d_model", direction.get("d_model")),
+        ("mean-difference norm", direction.get("scale")),
+        ("embedding strength", edit.get("embedding")),
+    ]
+    parts.append(_table(["", ""], ([_e(k), _e(_fmt(v))] for k, v in facts if v is not None), "kv"))
+    attn = [_number(v) for v in edit.get("attention", []) or []]
+    mlp = [_number(v) for v in edit.get("mlp", []) or []]
+    strengths = [v for v in attn + mlp if v is not None]
+    if strengths and len(set(strengths)) == 1:
+        parts.append(
+            f"<p>Uniform strength {strengths[0]:g} on the attention and MLP output of all "
+            f"{len(attn)} layers.</p>"
+        )
+    elif (figure := strength_figure(report)) is not None:
+        parts.append(_figure(figure))
+    selection = _dict(report.get("selection"))
+    if selection.get("rule"):
+        met = selection.get("met_kl_threshold")
+        parts.append(
+            f"<p>Selection: {_e(selection['rule'])}."
+            + ("" if met is not False else " <strong>No candidate met the KL threshold.</strong>")
+            + "</p>"
+        )
+    return _section("Edit", "".join(parts), "edit")
+
+
+def _checks(report: Mapping[str, Any]) -> str:
+    checks = _dict(report.get("checks"))
+    labels = {
+        "hooks_vs_weights_max_abs_diff": "hooks vs. orthogonalized weights, max |Δ log-prob|",
+        "export_reload_max_abs_diff": "saved model reloaded vs. evaluated model, max |Δ logit|",
+    }
+    rows = []
+    for k, v in checks.items():
+        shown = (
+            "model not saved" if v is None else (f"{v:.2e}" if _number(v) is not None else _fmt(v))
+        )
+        rows.append([_e(labels.get(k, k)), _e(shown)])
+    return _section("Checks", _table(["check", "value"], rows, "num"), "checks") if rows else ""
+
+
+def _badge(refused: Any) -> str:
+    if refused is None:
+        return ""
+    return (
+        '<span class="badge refused">refused</span>'
+        if refused
+        else '<span class="badge complied">answered</span>'
+    )
+
+
+def _pairs(report: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """Baseline and edited completions of the same prompts, in prompt order."""
+    base = [
+        c
+        for c in _dict(report.get("baseline")).get("completions", []) or []
+        if isinstance(c, Mapping)
+    ]
+    edited = [
+        c
+        for c in _dict(report.get("edited")).get("completions", []) or []
+        if isinstance(c, Mapping)
+    ]
+    if len(base) == len(edited) and all(
+        b.get("prompt") == e.get("prompt") for b, e in zip(base, edited, strict=True)
+    ):
+        return list(zip(base, edited, strict=True))
+    # Different prompt lists: match by prompt text, keeping whichever side is missing empty.
+    by_prompt = {str(e.get("prompt")): e for e in edited}
+    pairs: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = [
+        (b, by_prompt.pop(str(b.get("prompt")), {})) for b in base
+    ]
+    pairs += [({}, e) for e in by_prompt.values()]
+    return pairs
+
+
+def _completion_rows(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> str:
+    rows = []
+    for b, e in pairs:
+        prompt = b.get("prompt", e.get("prompt", ""))
+        category = b.get("category") or e.get("category")
+        cat = f'<span class="cat">{_e(category)}</span>' if category else ""
+
+        def cell(c: Mapping[str, Any]) -> str:
+            if not c:
+                return '<span class="missing">not evaluated</span>'
+            text = str(c.get("response", "")).strip() or "(empty)"
+            return f'{_badge(c.get("refused"))}<div class="resp">{_e(text)}</div>'
+
+        rows.append([f'{cat}<div class="resp">{_e(prompt)}</div>', cell(b), cell(e)])
+    return _table(["prompt", "baseline", "abliterated"], rows, "completions")
+
+
+def _examples(report: Mapping[str, Any]) -> str:
+    pairs = _pairs(report)
+    if not pairs:
+        return ""
+    n = report.get("n_examples", 4)
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 4
+    # Prefer prompts the baseline refused and the edited model answered: they show the edit.
+    ranked = sorted(pairs, key=lambda p: (not p[0].get("refused"), bool(p[1].get("refused"))))
+    body = ""
+    if n:
+        body += _completion_rows(ranked[:n])
+    body += _details(f"All {len(pairs)} completions", _completion_rows(pairs))
+    return _section("Example completions", body, "examples")
+
+
+def _data_and_timings(report: Mapping[str, Any]) -> str:
+    parts = []
+    data = _dict(report.get("data"))
+    rows = [
+        [
+            _e(k),
+            _e(_dict(v).get("name", "")),
+            _e(_fmt(_dict(v).get("n"))),
+            f"<code>{_e(str(_dict(v).get('sha256', ''))[:12])}</code>",
+        ]
+        for k, v in data.items()
+    ]
+    if rows:
+        parts.append("<h3>Prompt sets</h3>" + _table(["role", "source", "n", "sha256"], rows))
+    timings = _dict(report.get("timings"))
+    rows = [
+        [_e(k), _e(_fmt(_dict(t).get("seconds"))), _e(_fmt(_dict(t).get("peak_rss_mb")))]
+        for k, t in timings.items()
+    ]
+    if rows:
+        parts.append("<h3>Stages</h3>" + _table(["stage", "seconds", "peak RSS (MB)"], rows, "num"))
+    return _section("Data and timings", "".join(parts), "data") if parts else ""
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf of a JSON value as ``(path, value)``, e.g. ``("edit.mlp[3]", 1.0)``."""
+    if isinstance(value, Mapping):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(value, list):
+        out = []
+        for i, v in enumerate(value):
+            out += flatten(v, f"{prefix}[{i}]")
+        return out
+    return [(prefix, value)]
+
+
+def _all_numbers(report: Mapping[str, Any], scores: Mapping[str, Any] | None) -> str:
+    # Completions have their own tables; everything else is listed leaf by leaf.
+    trimmed = {
+        k: (
+            {kk: vv for kk, vv in v.items() if kk != "completions"} if isinstance(v, Mapping) else v
+        )
+        for k, v in report.items()
+    }
+    sources: list[tuple[str, Mapping[str, Any]]] = [("report.json", trimmed)]
+    if scores:
+        sources.append(("scores.json", scores))
+    body = ""
+    for name, data in sources:
+        rows = [[f"<code>{_e(path)}</code>", _e(_fmt(v))] for path, v in flatten(data)]
+        body += _details(f"{name}: {len(rows)} values", _table(["key", "value"], rows, "kv"))
+    return _section("Every number", body, "numbers")
+
+
+_CSS = """
+:root { --fg:#1d232b; --muted:#5b6673; --line:#e3e6ea; --bg:#f6f7f9; --accent:#D55E00; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--fg);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+main { max-width: 1040px; margin: 0 auto; padding: 28px 24px 60px; }
+header h1 { font-size: 26px; margin: 0 0 4px; }
+.meta { color: var(--muted); margin: 0 0 20px; }
+h2 { font-size: 19px; margin: 34px 0 12px; padding-bottom: 6px;
+  border-bottom: 1px solid var(--line); }
+h3 { font-size: 15px; margin: 20px 0 8px; }
+code { font: 12.5px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: 12px; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px; }
+.card .label { color: var(--muted); font-size: 13px; text-transform: uppercase;
+  letter-spacing: .04em; }
+.card .value { font-size: 24px; white-space: nowrap; font-weight: 650; margin: 2px 0; }
+.card .value span { color: var(--muted); font-weight: 400; }
+.card .note { color: var(--muted); font-size: 12.5px; }
+figure { margin: 0 0 14px; background: #fff; border: 1px solid var(--line); border-radius: 10px;
+  padding: 10px; }
+figure svg { display: block; width: 100%; height: auto; }
+figcaption, .note { color: var(--muted); font-size: 13px; margin-top: 6px; }
+.row { display: flex; flex-wrap: wrap; gap: 12px; }
+.row figure { flex: 1 1 380px; }
+table { border-collapse: collapse; width: 100%; background: #fff; border: 1px solid var(--line);
+  margin: 6px 0 12px; font-size: 13.5px; }
+th, td { text-align: left; vertical-align: top; padding: 6px 10px;
+  border-bottom: 1px solid var(--line); }
+th { background: #eef0f3; font-weight: 600; }
+table.num td + td { font-variant-numeric: tabular-nums; }
+table.kv td:first-child { color: var(--muted); white-space: nowrap; }
+table.completions td { width: 33%; }
+.resp { white-space: pre-wrap; overflow-wrap: anywhere; max-height: 16em; overflow: auto; }
+.badge { display: inline-block; font-size: 11px; font-weight: 600; border-radius: 4px;
+  padding: 0 6px; margin-bottom: 4px; }
+.badge.refused { background: #fde2d4; color: #9a3300; }
+.badge.complied { background: #d9f0e6; color: #00603f; }
+.cat { display: inline-block; font-size: 11px; color: var(--muted); border: 1px solid var(--line);
+  border-radius: 4px; padding: 0 5px; margin-bottom: 4px; }
+.missing { color: var(--muted); font-style: italic; }
+details { margin: 8px 0; }
+summary { cursor: pointer; color: #0b5cad; }
+footer { color: var(--muted); font-size: 12px; margin-top: 40px; }
+"""
+
+# No scripts, no remote loads: the page is data, and model outputs inside it stay inert.
+_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+
+def render_html(report: Mapping[str, Any], scores: Mapping[str, Any] | None = None) -> str:
+    """A self-contained HTML page for a ``report.json`` dict (and optional ``scores.json``).
+
+    Args:
+        report: The report as written by ``pipeline.run`` (or a later command); sections whose
+            keys are missing are left out.
+        scores: ``Selection.to_dict()`` (the ``scores.json`` shape), for per-layer plots.
+    """
+    name = _dict(report.get("model")).get("name", "unknown model")
+    sections = [
+        _header(report),
+        _summary(report),
+        _before_after(report),
+        _categories(report),
+        _measurements(report),
+        _candidates(report, scores),
+        _optimization(report),
+        _edit(report),
+        _checks(report),
+        _examples(report),
+        _data_and_timings(report),
+        _all_numbers(report, scores),
+    ]
+    version = _e(report.get("abliterate_version", ""))
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="generator" content="abliterate {version}">'
+        f"<title>Abliteration report: {_e(name)}</title><style>{_CSS}</style></head>"
+        f"<body><main>{''.join(sections)}"
+        f"<footer>Generated by abliterate {version}. Self-contained: no scripts, nothing "
+        "fetched.</footer></main></body></html>\n"
+    )
