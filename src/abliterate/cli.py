@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from abliterate import __version__
-from abliterate.config import RunConfig, add_arguments, from_sources, read_config_file
+from abliterate.config import (
+    ChatConfig,
+    RunConfig,
+    add_arguments,
+    from_sources,
+    read_config_file,
+)
 from abliterate.errors import AbliterateError
 
 EXIT_USER_ERROR = 2
@@ -28,6 +34,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _build(RunConfig, args)
     run(config)
     return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from abliterate.chat import chat
+
+    config = _build(ChatConfig, args)
+    # Live columns need a terminal on both ends; pipes get plain sequential text.
+    return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
 
 
 def _build(cls: type[Any], args: argparse.Namespace) -> Any:
@@ -42,6 +56,12 @@ COMMANDS: dict[str, tuple[type[Any], Callable[[argparse.Namespace], int], str]] 
         _cmd_run,
         "Compute candidate refusal directions, select one automatically, remove it from the "
         "weights, evaluate before/after and export the edited model.",
+    ),
+    "chat": (
+        ChatConfig,
+        _cmd_chat,
+        "Chat in the terminal with an edited model and its original; their answers stream "
+        "side by side.",
     ),
 }
 

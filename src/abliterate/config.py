@@ -164,6 +164,41 @@ class RunConfig(PromptConfig, ModelConfig):
             raise ConfigError(f"n_examples must be non-negative, got {self.n_examples}.")
 
 
+@dataclass
+class ChatConfig(ModelConfig):
+    """Configuration of ``abliterate chat``: an edited model and its original, side by side."""
+
+    model: str = field(
+        metadata={
+            "help": "Model to chat with, usually an edited one: a run directory or its model/ "
+            "folder, a local model directory, a hub id, a .gguf file or 'demo'.",
+            "positional": True,
+        }
+    )
+    baseline: str | None = _help(
+        "Original model answering beside it (any MODEL form). Default: the base model recorded "
+        "in MODEL's abliteration.json; without one, MODEL answers alone.",
+        default=None,
+    )
+    system_prompt: str | None = _help(
+        "System prompt for both models (default: the chat template's own).", default=None
+    )
+    max_new_tokens: int = _help("Longest answer, in tokens.", default=256)
+    temperature: float | None = _help(
+        "Sample at this temperature (default: greedy decoding, which is reproducible).",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(
+                f"temperature must be positive, got {self.temperature}; leave it unset for "
+                "greedy decoding."
+            )
+
+
 C = TypeVar("C")
 
 
@@ -190,7 +225,10 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """Add one ``--option`` per dataclass field of ``cls`` (defaults are left to the dataclass)."""
+    """Add one ``--option`` per dataclass field of ``cls`` (defaults are left to the dataclass).
+
+    A field with ``metadata={"positional": True}`` becomes a positional argument instead.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
@@ -219,7 +257,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             kwargs["metavar"] = "DIR"
         else:  # pragma: no cover - a new field type must be taught here explicitly
             raise TypeError(f"unsupported config field type for {f.name}: {tp!r}")
-        parser.add_argument(flag, dest=f.name, **kwargs)
+        if f.metadata.get("positional"):
+            # metadata={"positional": True}: an argument without dashes, optional if defaulted.
+            kwargs["metavar"] = f.name.upper()
+            if default is not None:
+                kwargs["nargs"] = "?"
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(flag, dest=f.name, **kwargs)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
