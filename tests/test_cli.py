@@ -138,6 +138,7 @@ def test_full_run_on_tiny_model(
                  "abliteration.json", "model/abliteration.json", "model/config.json",
                  "model/model.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
+    assert "<svg" in (out / "report.html").read_text(encoding="utf-8")
     env = json.loads((out / "environment.json").read_text())
     assert env["data"]["eval_harmful"]["name"].endswith("harm.txt")
     scores = json.loads((out / "scores.json").read_text())

@@ -126,6 +126,13 @@ def test_write_reports_writes_html_with_scores(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "report.json").read_text()) == sample_report()
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "Refusal score by layer" in html
+    # report.md shows the same charts from plots/*.svg.
+    svgs = sorted(p.name for p in (tmp_path / "plots").glob("*.svg"))
+    assert svgs == sorted(["rates.svg", "kl.svg", "categories.svg", "candidates_refusal.svg",
+                           "candidates_kl.svg"])  # fmt: skip
+    md = (tmp_path / "report.md").read_text()
+    for name in svgs:
+        assert f"(plots/{name})" in md
 
 
 def _browser() -> str | None:
@@ -170,3 +177,16 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert struct.unpack(">II", header[16:24]) == (1200, 2400)
     # A blank page compresses to a few kilobytes; charts and tables do not.
     assert png.stat().st_size > 50_000
+
+
+def test_candidate_sites_keep_their_colours_in_any_order() -> None:
+    from abliterate.plots import PALETTE
+    from abliterate.report_charts import candidate_figures
+
+    scores = sample_scores()
+    scores["scores"].reverse()  # post, mid, pre: the order a run with a degenerate "pre" gives
+    refusal, kl = candidate_figures(scores)
+    for figure in (refusal, kl):
+        strokes = re.findall(r'<polyline [^>]*stroke="(#[0-9A-Fa-f]+)"', figure.svg)
+        assert strokes == list(PALETTE[:3])  # pre, mid, post
+    assert "chosen: 12/pre" in refusal.svg

@@ -9,7 +9,7 @@ Contents::
     candidates.safetensors harmful and harmless means per layer and site (float64)
     scores.json            per-candidate refusal scores and KL (selection)
     direction.{safetensors,json}, edit_spec.json
-    report.json, report.md
+    report.json, report.md, report.html, plots/*.svg
     model/                 the edited model (safetensors) with abliteration.json
 """
 

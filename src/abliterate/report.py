@@ -116,15 +116,21 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
 
 
 def write_reports(directory: Path, report: dict[str, Any], scores_table: str | None) -> None:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``directory``.
+    """Write ``report.json``, ``report.md``, ``report.html`` and ``plots/*.svg`` into
+    ``directory``.
 
-    The HTML report's per-layer plots come from ``scores.json`` in the same directory, when the
-    run wrote one.
+    The per-layer plots come from ``scores.json`` in the same directory, when the run wrote one.
     """
     from abliterate.html_report import render_html
+    from abliterate.report_charts import all_figures, write_figures
 
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (directory / "report.md").write_text(render_markdown(report, scores_table))
     scores_path = directory / "scores.json"
     scores = json.loads(scores_path.read_text()) if scores_path.is_file() else None
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render_markdown(report, scores_table)
+    figures = all_figures(report, scores)
+    if figures:
+        # The same charts as report.html, as SVG files the Markdown can show.
+        markdown += "\n## Plots\n\n" + write_figures(directory / "plots", figures)
+    (directory / "report.md").write_text(markdown)
     (directory / "report.html").write_text(render_html(report, scores), encoding="utf-8")

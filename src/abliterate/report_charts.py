@@ -12,10 +12,12 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from abliterate import plots
 from abliterate.breakdown import refusal_by_category
+from abliterate.config import SITES
 
 RATE_KEYS = ("refusal_rate", "over_refusal_rate")
 KL_KEYS = ("kl_divergence", "kl_divergence_multi_token")
@@ -162,7 +164,12 @@ def candidate_figures(scores: Mapping[str, Any] | None) -> list[Figure]:
     entries = [s for s in scores.get("scores", []) or [] if isinstance(s, Mapping)]
     if not entries:
         return []
-    sites = list(dict.fromkeys(str(s.get("site")) for s in entries))
+    # Residual order (pre, mid, post) keeps each site's colour the same in every report.
+    order: dict[str, int] = {site: i for i, site in enumerate(SITES)}
+    sites = sorted(
+        dict.fromkeys(str(s.get("site")) for s in entries),
+        key=lambda site: order.get(site, len(order)),
+    )
     key = (scores.get("layer"), scores.get("site"))
     chosen = next((s for s in entries if (s.get("layer"), s.get("site")) == key), None)
 
@@ -313,3 +320,24 @@ def strength_figure(report: Mapping[str, Any]) -> Figure | None:
         height=280,
     )
     return Figure("strengths", svg, "Per-layer strength of the edit on each residual writer.")
+
+
+def all_figures(report: Mapping[str, Any], scores: Mapping[str, Any] | None) -> list[Figure]:
+    """Every figure the report's data supports, in reading order."""
+    optional = [category_figure(report), pareto_figure(report), strength_figure(report)]
+    found = [f for f in optional if f is not None]
+    return [*before_after_figures(report), *found[:1], *candidate_figures(scores), *found[1:]]
+
+
+def write_figures(directory: Path, figures: list[Figure]) -> str:
+    """Write each figure to ``directory/NAME.svg``; return Markdown that shows them.
+
+    The Markdown refers to the files relative to the directory's parent (the run directory),
+    so it can be appended to ``report.md``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for f in figures:
+        (directory / f"{f.name}.svg").write_text(f.svg, encoding="utf-8")
+        lines += [f"![{f.caption}]({directory.name}/{f.name}.svg)", ""]
+    return "\n".join(lines)
