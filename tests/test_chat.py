@@ -161,9 +161,8 @@ def test_quit_and_ctrl_c_at_the_prompt_end_the_session(
 
 
 def test_ctrl_c_while_answering_stops_generation_and_drops_the_turn(
-    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, base_dir: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, base_dir: Path
+) -> None:
     sides = _sides(tiny_model_dir, base_dir)
     pieces: list[int] = []
 
@@ -186,9 +185,10 @@ def test_ctrl_c_while_answering_stops_generation_and_drops_the_turn(
     monkeypatch.setattr(chat_mod, "stream_answers", flaky)
     _feed(monkeypatch, ["dropped", "kept"])
     config = ChatConfig(model="unused", max_new_tokens=MAX_NEW)
-    assert chat_mod.chat(config, interactive=True, sides=sides, console=_console()) == 0
+    console = _console()
+    assert chat_mod.chat(config, interactive=True, sides=sides, console=console) == 0
     assert [m["content"] for m in sides[0].history][::2] == ["kept"]
-    assert "this turn is not kept" in capsys.readouterr().out
+    assert "this turn is not kept" in console.file.getvalue()
 
 
 def _console() -> Any:

@@ -303,11 +303,19 @@ def chat(
         console.print(Text(f"Chatting with {names}. {COMMANDS_HELP}.", style="bold"))
     else:
         console = None
+
+    def say(message: str) -> None:
+        if console is None:
+            print(message, flush=True)
+        else:
+            console.print(message, markup=False, highlight=False)
+
     while True:
         try:
             user = _read(console, "[bold cyan]you>[/] ").strip()
         except (EOFError, KeyboardInterrupt):
-            print()
+            if console is not None:
+                console.print()  # leave the shell prompt on a line of its own
             return 0
         if not user:
             continue
@@ -318,9 +326,9 @@ def chat(
             if command == "/reset":
                 for side in sides:
                     side.history.clear()
-                print("(conversation cleared)")
+                say("(conversation cleared)")
             else:
-                print(f"unknown command {command}: {COMMANDS_HELP}.")
+                say(f"unknown command {command}: {COMMANDS_HELP}.")
             continue
         try:
             if console is not None:
@@ -328,7 +336,7 @@ def chat(
             else:
                 answers = _plain_turn(sides, user, config)
         except KeyboardInterrupt:
-            print("\n(interrupted; this turn is not kept)")
+            say("\n(interrupted; this turn is not kept)")
             continue
         for side, answer in zip(sides, answers, strict=True):
             side.remember(user, answer)
