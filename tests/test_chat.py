@@ -164,15 +164,26 @@ def test_ctrl_c_while_answering_stops_generation_and_drops_the_turn(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, base_dir: Path
 ) -> None:
     sides = _sides(tiny_model_dir, base_dir)
-    pieces: list[int] = []
+    lengths: list[int] = []
+    for side in sides:
+        original_generate = side.loaded.model.generate
+
+        def full_length(*args: Any, _gen: Any = original_generate, **kwargs: Any) -> Any:
+            # Without the stop event, every answer would run to max_new_tokens (no early EOS).
+            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
+            tokens = _gen(*args, **kwargs)
+            lengths.append(tokens.shape[1] - kwargs["input_ids"].shape[1])
+            return tokens
+
+        monkeypatch.setattr(side.loaded.model, "generate", full_length)
 
     def interrupt(texts: list[str], done: list[bool]) -> None:
-        pieces.append(1)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         stream_answers(sides, "How do I bake bread?", interrupt, max_new_tokens=200)
-    assert len(pieces) == 1  # the workers were stopped and joined before the error surfaced
+    # Both workers were stopped early and joined before the interrupt surfaced.
+    assert len(lengths) == 2 and max(lengths) < 200
 
     real = chat_mod.stream_answers
     calls = iter([KeyboardInterrupt, None])
