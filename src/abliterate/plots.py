@@ -167,11 +167,14 @@ class _Canvas:
         weight: str = "normal",
         color: str = "#333",
         rotate: float = 0.0,
+        halo: bool = False,
     ) -> None:
         transform = f' transform="rotate({rotate:g} {x:.1f} {y:.1f})"' if rotate else ""
+        # A white outline under the glyphs keeps labels readable where they cross data lines.
+        outline = ' stroke="#fff" stroke-width="3" paint-order="stroke"' if halo else ""
         self.add(
             f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size:g}" text-anchor="{anchor}" '
-            f'font-weight="{weight}" fill="{color}"{transform}>{escape(content)}</text>'
+            f'font-weight="{weight}" fill="{color}"{outline}{transform}>{escape(content)}</text>'
         )
 
     def legend(self, entries: Sequence[tuple[str, str, str]], y: float) -> None:
@@ -261,7 +264,7 @@ def _ref_lines(
             f'<line x1="{left:.1f}" y1="{y:.1f}" x2="{right:.1f}" '
             f'y2="{y:.1f}" stroke="#444" stroke-dasharray="5 4" stroke-width="1.2"/>'
         )
-        canvas.text(right - 4, y - 5, ref.label, size=10.5, anchor="end", color="#333")
+        canvas.text(right - 4, y - 5, ref.label, size=10.5, anchor="end", color="#333", halo=True)
 
 
 def _highlights(canvas: _Canvas, marks: Sequence[Highlight], x_axis: _Axis, y_axis: _Axis) -> None:
@@ -283,6 +286,7 @@ def _highlights(canvas: _Canvas, marks: Sequence[Highlight], x_axis: _Axis, y_ax
             anchor="start" if right_side else "end",
             weight="600",
             color="#111",
+            halo=True,
         )
 
 
