@@ -190,3 +190,23 @@ def test_candidate_sites_keep_their_colours_in_any_order() -> None:
         strokes = re.findall(r'<polyline [^>]*stroke="(#[0-9A-Fa-f]+)"', figure.svg)
         assert strokes == list(PALETTE[:3])  # pre, mid, post
     assert "chosen: 12/pre" in refusal.svg
+
+
+def test_report_command_rerenders_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from abliterate.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps(sample_report(optimized=True)))
+    (run / "scores.json").write_text(json.dumps(sample_scores()))
+    assert main(["report", str(run)]) == 0
+    assert str(run / "report.html") in capsys.readouterr().out
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert sorted(_svg_titles(html)) == sorted(TITLES_OPTIMIZED)
+    assert len(list((run / "plots").glob("*.svg"))) == len(TITLES_OPTIMIZED)
+
+    (run / "scores.json").write_text("{not json")
+    assert main(["report", str(run)]) == 2
+    assert "scores.json is not valid JSON" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "holds no report.json" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from typing import Any
 from abliterate import __version__
 from abliterate.config import (
     ChatConfig,
+    ReportConfig,
     RunConfig,
     add_arguments,
     from_sources,
@@ -44,6 +45,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from abliterate.html_report import write_run_report
+
+    config = _build(ReportConfig, args)
+    print(f"Wrote {write_run_report(config.run)}")
+    return 0
+
+
 def _build(cls: type[Any], args: argparse.Namespace) -> Any:
     values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "verbose")}
     file_values = read_config_file(args.config) if args.config else {}
@@ -62,6 +71,12 @@ COMMANDS: dict[str, tuple[type[Any], Callable[[argparse.Namespace], int], str]] 
         _cmd_chat,
         "Chat in the terminal with an edited model and its original; their answers stream "
         "side by side.",
+    ),
+    "report": (
+        ReportConfig,
+        _cmd_report,
+        "Re-render a run's report.html and plots/ from its report.json and scores.json (for "
+        "runs made by older versions, or after editing the JSON).",
     ),
 }
 

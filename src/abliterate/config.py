@@ -199,6 +199,21 @@ class ChatConfig(ModelConfig):
             )
 
 
+@dataclass
+class ReportConfig:
+    """Configuration of ``abliterate report``: re-render a run's HTML report and plots."""
+
+    run: Path = field(
+        metadata={
+            "help": "Run directory holding report.json (and scores.json, for per-layer plots).",
+            "positional": True,
+        }
+    )
+
+    def __post_init__(self) -> None:
+        self.run = Path(self.run)
+
+
 C = TypeVar("C")
 
 
