@@ -124,7 +124,9 @@ def _summary(report: Mapping[str, Any]) -> str:
         value = f"{_fmt(b, rate=True)} <span>→</span> {_fmt(e, rate=True)}"
         note = "baseline → abliterated"
         if key == "refusal_rate" and _number(edited.get("n_prompts")) is not None:
-            note += f", {_e(edited['n_prompts'])} harmful prompts, judge {_e(edited.get('judge'))}"
+            note += f", {_e(edited['n_prompts'])} harmful prompts"
+        if key == "refusal_rate" and edited.get("judge"):
+            note += f", judge {_e(edited['judge'])}"
         cards.append(_card(label, value, note))
     for key, label in (
         ("kl_divergence", "First-token KL"),
