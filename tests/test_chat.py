@@ -251,3 +251,25 @@ def test_model_without_chat_template_is_a_one_line_error(
     (path / "chat_template.jinja").unlink(missing_ok=True)
     assert main(["chat", str(path), "--device", "cpu"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_temperature_switches_from_greedy_to_sampling(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    side = ChatModel("edited", load_model(str(tiny_model_dir), device="cpu"))
+    seen: list[dict[str, Any]] = []
+    original_generate = side.loaded.model.generate
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append({k: kwargs[k] for k in ("do_sample", "temperature", "top_p", "top_k")})
+        return original_generate(*args, **kwargs)
+
+    monkeypatch.setattr(side.loaded.model, "generate", recording)
+    for temperature in (None, 0.7):
+        (answer,) = stream_answers([side], "hi", lambda t, d: None, max_new_tokens=3,
+                                   temperature=temperature)  # fmt: skip
+        assert isinstance(answer, str)
+    assert seen == [
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None},
+        {"do_sample": True, "temperature": 0.7, "top_p": None, "top_k": None},
+    ]
