@@ -144,3 +144,24 @@ def test_full_run_on_tiny_model(
     scores = json.loads((out / "scores.json").read_text())
     # Candidates from the last 20% of the 4 layers (layer 3) are never scored.
     assert max(s["layer"] for s in scores["scores"]) == scores["max_layer"] == 3 - 0
+
+
+def test_sigterm_leaves_no_partial_directory(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    # Long enough to still be running when the signal arrives.
+    argv = [sys.executable, "-m", "abliterate", "run", "--model", str(tiny_model_dir),
+            "--out", str(out), "--n-train", "8", "--max-new-tokens", "64"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".run.partial-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".run.partial-*")), "the run never started"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err
+    assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))

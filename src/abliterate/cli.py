@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -115,6 +116,11 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    print("abliterate: terminated; no output was written.", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def _configure_logging(verbose: bool) -> None:
     # Stage progress is logged at INFO by default; -v adds debugging details.
     logger = logging.getLogger("abliterate")
@@ -131,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    # `kill` sends SIGTERM, which would end Python without unwinding; turn it into SystemExit so
+    # that context managers run (hooks removed, partial run directories deleted).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.func(args))
     except AbliterateError as exc:
