@@ -210,3 +210,18 @@ def test_report_command_rerenders_a_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert "scores.json is not valid JSON" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "holds no report.json" in capsys.readouterr().err
+
+
+def test_examples_show_the_edit_across_categories() -> None:
+    from abliterate.html_report import pick_examples
+
+    def pair(cat: str, base_refused: bool, edit_refused: bool) -> tuple[dict, dict]:
+        b = {"prompt": cat, "refused": base_refused, "category": cat}
+        return b, {"prompt": cat, "refused": edit_refused, "category": cat}
+
+    pairs = [pair("a", True, False), pair("a", True, False), pair("a", False, False),
+             pair("b", True, True), pair("c", True, False), pair("b", True, False)]  # fmt: skip
+    picked = [(b["category"], b["refused"], e["refused"]) for b, e in pick_examples(pairs, 4)]
+    # Changed-by-the-edit pairs first, one per category before a second one from "a".
+    assert picked == [("a", True, False), ("c", True, False), ("b", True, False),
+                      ("a", True, False)]  # fmt: skip

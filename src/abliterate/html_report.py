@@ -317,9 +317,12 @@ def _checks(report: Mapping[str, Any]) -> str:
     }
     rows = []
     for k, v in checks.items():
-        shown = (
-            "model not saved" if v is None else (f"{v:.2e}" if _number(v) is not None else _fmt(v))
-        )
+        if v is None:
+            shown = "model not saved"
+        elif v == 0:
+            shown = "0 (identical)"
+        else:
+            shown = f"{v:.2e}" if _number(v) is not None else _fmt(v)
         rows.append([_e(labels.get(k, k)), _e(shown)])
     return _section("Checks", _table(["check", "value"], rows, "num"), "checks") if rows else ""
 
@@ -376,17 +379,35 @@ def _completion_rows(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]
     return _table(["prompt", "baseline", "abliterated"], rows, "completions")
 
 
+def pick_examples(
+    pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], n: int
+) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """``n`` (baseline, edited) pairs that show the edit, from as many categories as possible.
+
+    Pairs the baseline refused and the edited model answered come first (they show what the
+    edit changed), then the rest; within that order, one pair per category goes before any
+    second one, so the examples are not all from the first category of the prompt set.
+    """
+    ranked = sorted(pairs, key=lambda p: (not p[0].get("refused"), bool(p[1].get("refused"))))
+    seen: dict[Any, int] = {}
+    order = []
+    for i, (b, e) in enumerate(ranked):
+        category = b.get("category", e.get("category"))
+        seen[category] = seen.get(category, 0) + 1
+        rank = (not b.get("refused"), bool(e.get("refused")))
+        order.append((rank, seen[category], i))
+    return [ranked[i] for *_, i in sorted(order)[:n]]
+
+
 def _examples(report: Mapping[str, Any]) -> str:
     pairs = _pairs(report)
     if not pairs:
         return ""
     n = report.get("n_examples", 4)
     n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 4
-    # Prefer prompts the baseline refused and the edited model answered: they show the edit.
-    ranked = sorted(pairs, key=lambda p: (not p[0].get("refused"), bool(p[1].get("refused"))))
     body = ""
     if n:
-        body += _completion_rows(ranked[:n])
+        body += _completion_rows(pick_examples(pairs, n))
     body += _details(f"All {len(pairs)} completions", _completion_rows(pairs))
     return _section("Example completions", body, "examples")
 
