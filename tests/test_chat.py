@@ -86,6 +86,8 @@ def test_a_run_directory_loads_its_model_and_recorded_baseline(
 ) -> None:
     run = tmp_path / "run"
     run.mkdir()
+    # A run directory's own config.json is the run configuration, not a model's.
+    (run / "config.json").write_text(json.dumps({"model": "demo", "dtype": "auto"}))
     tiny_model_dir.rename(run / "model")
     record = {"base_model": {"name": "tiny", "source": str(base_dir), "revision": None}}
     (run / "model" / "abliteration.json").write_text(json.dumps(record))

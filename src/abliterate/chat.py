@@ -192,9 +192,10 @@ def resolve_baseline(model: str) -> tuple[str, str | None] | None:
 
 
 def _model_path(model: str) -> str:
-    # A run directory holds the edited model under model/; accept the run directory itself.
+    # A run directory holds the edited model under model/ (its own config.json is the run's
+    # configuration, not a model's); accept the run directory itself.
     path = Path(model).expanduser()
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+    if (path / "model" / "config.json").is_file():
         return str(path / "model")
     return model
 
