@@ -3,11 +3,9 @@ match independent generation, commands, interruption, piped and live output."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 from abliterate import chat as chat_mod
 from abliterate.chat import ChatModel, load_sides, resolve_baseline, stream_answers
 from abliterate.cli import build_parser, main
-from abliterate.config import ChatConfig, add_arguments
+from abliterate.config import ChatConfig
 from abliterate.errors import ConfigError
 from abliterate.evaluation import generate
 from abliterate.models import load_model
@@ -55,17 +53,6 @@ def test_model_is_positional_and_values_are_validated() -> None:
         ChatConfig(model="m", temperature=0.0)
     with pytest.raises(ConfigError, match="max_new_tokens must be at least 1"):
         ChatConfig(model="m", max_new_tokens=0)
-
-
-def test_positional_field_with_default_is_optional() -> None:
-    @dataclass
-    class Cfg:
-        path: str = field(default="here", metadata={"help": "h", "positional": True})
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, Cfg)
-    assert vars(parser.parse_args([])) == {}  # the dataclass supplies the default
-    assert parser.parse_args(["there"]).path == "there"
 
 
 def test_baseline_comes_from_the_recorded_base_model(tmp_path: Path, base_dir: Path) -> None:

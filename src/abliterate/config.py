@@ -26,9 +26,14 @@ SITES: tuple[Site, ...] = ("pre", "mid", "post")
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    """A dataclass field with help text (and an optional default or factory)."""
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, *, positional: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with help text (and an optional default or factory).
+
+    ``positional=True`` makes the field a required positional argument on the command line
+    (``abliterate evaluate MODEL``) instead of an ``--option``; the Python API and config files
+    still name it like any other field.
+    """
+    return field(metadata={"help": text, "positional": positional}, **kwargs)
 
 
 @dataclass
@@ -168,12 +173,10 @@ class RunConfig(PromptConfig, ModelConfig):
 class ChatConfig(ModelConfig):
     """Configuration of ``abliterate chat``: an edited model and its original, side by side."""
 
-    model: str = field(
-        metadata={
-            "help": "Model to chat with, usually an edited one: a run directory or its model/ "
-            "folder, a local model directory, a hub id, a .gguf file or 'demo'.",
-            "positional": True,
-        }
+    model: str = _help(
+        "Model to chat with, usually an edited one: a run directory or its model/ folder, a "
+        "local model directory, a hub id, a .gguf file or 'demo'.",
+        positional=True,
     )
     baseline: str | None = _help(
         "Original model answering beside it (any MODEL form). Default: the base model recorded "
@@ -203,11 +206,9 @@ class ChatConfig(ModelConfig):
 class ReportConfig:
     """Configuration of ``abliterate report``: re-render a run's HTML report and plots."""
 
-    run: Path = field(
-        metadata={
-            "help": "Run directory holding report.json (and scores.json, for per-layer plots).",
-            "positional": True,
-        }
+    run: Path = _help(
+        "Run directory holding report.json (and scores.json, for per-layer plots).",
+        positional=True,
     )
 
     def __post_init__(self) -> None:
@@ -240,15 +241,17 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """Add one ``--option`` per dataclass field of ``cls`` (defaults are left to the dataclass).
-
-    A field with ``metadata={"positional": True}`` becomes a positional argument instead.
-    """
+    """Add one ``--option`` per dataclass field of ``cls`` (defaults are left to the dataclass)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            if tp not in (str, Path):  # pragma: no cover - taught explicitly when needed
+                raise TypeError(f"positional config field {f.name} must be a str or Path")
+            parser.add_argument(f.name, type=tp, metavar=f.name.upper(), help=help_text)
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         if default is not None and not isinstance(default, bool):
             shown = ",".join(default) if isinstance(default, tuple) else default
@@ -272,14 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             kwargs["metavar"] = "DIR"
         else:  # pragma: no cover - a new field type must be taught here explicitly
             raise TypeError(f"unsupported config field type for {f.name}: {tp!r}")
-        if f.metadata.get("positional"):
-            # metadata={"positional": True}: an argument without dashes, optional if defaulted.
-            kwargs["metavar"] = f.name.upper()
-            if default is not None:
-                kwargs["nargs"] = "?"
-            parser.add_argument(f.name, **kwargs)
-        else:
-            parser.add_argument(flag, dest=f.name, **kwargs)
+        parser.add_argument(flag, dest=f.name, **kwargs)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
