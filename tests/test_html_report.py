@@ -14,7 +14,7 @@ import pytest
 from report_samples import INJECTION, sample_report, sample_scores
 
 from abliterate.breakdown import refusal_by_category
-from abliterate.html_report import flatten, render_html
+from abliterate.html_report import flatten, render_html, without_completions
 from abliterate.report import render_markdown, write_reports
 
 TITLES_RUN = (
@@ -25,6 +25,7 @@ TITLES_RUN = (
     "KL divergence by layer",
 )
 TITLES_OPTIMIZED = (*TITLES_RUN, "Optimization: refusal vs. KL", "Ablation strength by layer")
+TITLE_OVER_REFUSAL = "Over-refusal by category"
 
 
 def _svg_titles(html: str) -> list[str]:
@@ -40,12 +41,19 @@ def test_run_report_has_every_plot_and_no_optional_section() -> None:
 
 def test_optimized_and_evaluated_report_adds_their_sections() -> None:
     html = render_html(sample_report(optimized=True, evaluated=True), sample_scores())
-    assert sorted(_svg_titles(html)) == sorted(TITLES_OPTIMIZED)
+    assert sorted(_svg_titles(html)) == sorted([*TITLES_OPTIMIZED, TITLE_OVER_REFUSAL])
     assert "<h3>Pareto front</h3>" in html and "6 ★ chosen" in html
     assert "chosen: trial 6" in html
-    assert "arc_easy" in html and "acc_norm" in html  # benchmarks
-    assert "classifier" in html and "agreement · markers~classifier" in html  # judges
+    assert "<h3>Benchmarks</h3>" in html and "abliterate_arithmetic" in html
+    assert "classifier:org/refusal · refusal_rate" in html  # per-judge rates, as percentages
+    assert "classifier:org/refusal · n_unparsed.over_refusal" in html
+    assert "<h3>Judge agreement</h3>" in html and "markers vs classifier:org/refusal" in html
+    assert "fluency · harmful.distinct_1" in html and "reference_cross_entropy" in html
     assert "Over-refusal" in html and "25.0% <span>→</span> 5.0%" in html
+    assert "Over-refusal by category" in html and "All 4 over-refusal completions" in html
+    # Over-refusal completions go to their own section, not into the measurements table.
+    measurements = html.split('id="measurements"')[1].split("</section>")[0]
+    assert "kill -9" not in measurements and "kill -9 &lt;pid&gt;" in html
 
 
 def test_model_output_is_escaped_and_the_page_is_inert() -> None:
@@ -64,15 +72,13 @@ def test_model_output_is_escaped_and_the_page_is_inert() -> None:
 def test_every_number_of_the_json_is_listed() -> None:
     report, scores = sample_report(evaluated=True), sample_scores()
     html = render_html(report, scores)
-    trimmed = {
-        k: {kk: vv for kk, vv in v.items() if kk != "completions"} if isinstance(v, dict) else v
-        for k, v in report.items()
-    }
-    leaves = flatten(trimmed)
+    leaves = flatten(without_completions(report))
+    assert not any("completions" in path for path, _ in leaves)
+    assert ("edited.over_refusal.by_category.medical", 0.1) in leaves
     assert f"report.json: {len(leaves)} values" in html
     assert f"scores.json: {len(flatten(scores))} values" in html
     for path in ("edited.kl_divergence_multi_token", "edit.mlp[23]", "baseline.benchmarks"
-                 ".arc_easy.acc", "checks.hooks_vs_weights_max_abs_diff"):  # fmt: skip
+                 ".abliterate_arithmetic.acc", "checks.hooks_vs_weights_max_abs_diff"):  # fmt: skip
         assert f"<code>{path}</code>" in html
 
 
@@ -158,13 +164,14 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     if browser is None:
         pytest.skip("no Chromium or Chrome on PATH (make test installs Debian's chromium as root)")
     page = tmp_path / "report.html"
-    page.write_text(render_html(sample_report(optimized=True), sample_scores()), encoding="utf-8")
+    report = sample_report(optimized=True, evaluated=True)
+    page.write_text(render_html(report, sample_scores()), encoding="utf-8")
     url = page.as_uri()
 
     dom = _chromium(browser, tmp_path / "profile-dom", "--dump-dom", url).stdout
     # The browser parsed every chart as SVG, with its title, and no injected element survived.
-    assert dom.count("<svg") == len(TITLES_OPTIMIZED)
-    for title in TITLES_OPTIMIZED:
+    assert dom.count("<svg") == len(TITLES_OPTIMIZED) + 1
+    for title in (*TITLES_OPTIMIZED, TITLE_OVER_REFUSAL):
         assert f"<title>{title}</title>" in dom
     assert "<script" not in dom and "<img" not in dom
     assert "&lt;script&gt;" in dom

@@ -15,69 +15,33 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from html import escape
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from abliterate.breakdown import refusal_by_category
 from abliterate.errors import ConfigError
 from abliterate.report_charts import (
-    RATE_KEYS,
     Figure,
     before_after_figures,
     candidate_figures,
     category_figure,
     optimization_trials,
+    over_refusal_figure,
     pareto_figure,
     strength_figure,
 )
 from abliterate.report_charts import mapping as _dict
 from abliterate.report_charts import number as _number
-
-# Human names of the per-model measurements; unknown keys are shown under their JSON name.
-METRIC_LABELS = {
-    "refusal_rate": "refusal rate (harmful eval)",
-    "over_refusal_rate": "over-refusal rate (harmless but edgy prompts)",
-    "kl_divergence": "first-token KL (harmless eval)",
-    "kl_divergence_multi_token": "multi-token KL (harmless eval)",
-    "kl_tokens": "multi-token KL positions",
-    "n_prompts": "harmful eval prompts",
-    "judge": "refusal judge",
-}
-SKIPPED_KEYS = ("completions", "judges", "benchmarks")  # rendered in their own sections
-
-
-def _e(value: Any) -> str:
-    return escape(str(value), quote=True)
-
-
-def _fmt(value: Any, *, rate: bool = False) -> str:
-    """A cell's text: rates as percentages, floats to 4 significant digits, others as JSON."""
-    num = _number(value)
-    if num is None:
-        if value is None:
-            return "–"
-        return value if isinstance(value, str) else json.dumps(value)
-    if rate:
-        return f"{100 * num:.1f}%"
-    if isinstance(value, int):
-        return str(value)
-    return f"{num:.4g}"
+from abliterate.report_tables import esc as _e
+from abliterate.report_tables import flatten, measurement_tables
+from abliterate.report_tables import fmt as _fmt
+from abliterate.report_tables import table as _table
 
 
 def _nan(value: Any) -> float:
     num = _number(value)
     return math.nan if num is None else num
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
-    """An HTML table; cells are already-escaped HTML fragments."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    head = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    klass = f' class="{cls}"' if cls else ""
-    return f"<table{klass}>{head}<tbody>{body}</tbody></table>"
 
 
 def _section(title: str, body: str, anchor: str) -> str:
@@ -150,59 +114,8 @@ def _before_after(report: Mapping[str, Any]) -> str:
 
 
 def _measurements(report: Mapping[str, Any]) -> str:
-    base, edited = _dict(report.get("baseline")), _dict(report.get("edited"))
-    keys = [k for k in {**base, **edited} if k not in SKIPPED_KEYS]
-    rows = []
-    for k in keys:
-        rate = k in RATE_KEYS
-        b, e = base.get(k), edited.get(k)
-        nb, ne = _number(b), _number(e)
-        change = ""
-        if nb is not None and ne is not None and nb != ne:
-            change = f"{100 * (ne - nb):+.1f} pp" if rate else f"{ne - nb:+.4g}"
-        label = METRIC_LABELS.get(k, k)
-        rows.append([_e(label), _e(_fmt(b, rate=rate)), _e(_fmt(e, rate=rate)), _e(change)])
-    body = _table(["measurement", "baseline", "abliterated", "change"], rows, "num")
-    body += _judges(base, edited) + _benchmarks(base, edited)
-    return _section("Measurements", body, "measurements") if rows else ""
-
-
-def _judges(base: Mapping[str, Any], edited: Mapping[str, Any]) -> str:
-    jb, je = _dict(base.get("judges")), _dict(edited.get("judges"))
-    if not jb and not je:
-        return ""
-    rows = []
-    for name in {**jb, **je}:
-        b, e = jb.get(name), je.get(name)
-        if isinstance(b, Mapping) or isinstance(e, Mapping):
-            # e.g. agreement given per pair of judges: one row per entry.
-            for sub in {**_dict(b), **_dict(e)}:
-                rows.append(
-                    [
-                        _e(f"{name} · {sub}"),
-                        _e(_fmt(_dict(b).get(sub))),
-                        _e(_fmt(_dict(e).get(sub))),
-                    ]
-                )
-        else:
-            rate = name != "agreement"
-            rows.append([_e(name), _e(_fmt(b, rate=rate)), _e(_fmt(e, rate=rate))])
-    return "<h3>Judges</h3>" + _table(["judge", "baseline", "abliterated"], rows, "num")
-
-
-def _benchmarks(base: Mapping[str, Any], edited: Mapping[str, Any]) -> str:
-    bb, be = _dict(base.get("benchmarks")), _dict(edited.get("benchmarks"))
-    rows = []
-    for task in {**bb, **be}:
-        mb, me = _dict(bb.get(task)), _dict(be.get(task))
-        for metric in {**mb, **me}:
-            b, e = _number(mb.get(metric)), _number(me.get(metric))
-            change = f"{e - b:+.4g}" if b is not None and e is not None else ""
-            rows.append([_e(task), _e(metric), _e(_fmt(b)), _e(_fmt(e)), _e(change)])
-    if not rows:
-        return ""
-    header = ["task", "metric", "baseline", "abliterated", "change"]
-    return "<h3>Benchmarks</h3>" + _table(header, rows, "num")
+    body = measurement_tables(report)
+    return _section("Measurements", body, "measurements") if body else ""
 
 
 def _categories(report: Mapping[str, Any]) -> str:
@@ -220,6 +133,19 @@ def _categories(report: Mapping[str, Any]) -> str:
     header = ["category", "prompts", "baseline refused", "abliterated refused"]
     body = _figure(figure) + _details("Counts per category", _table(header, rows, "num"))
     return _section("Refusals by category", body, "categories")
+
+
+def _over_refusal(report: Mapping[str, Any]) -> str:
+    """Over-refusal by category and its completions side by side (``evaluate`` reports)."""
+    base, edited = _dict(report.get("baseline")), _dict(report.get("edited"))
+    figure = over_refusal_figure(report)
+    pairs = _pairs(_completions(base.get("over_refusal")), _completions(edited.get("over_refusal")))
+    if figure is None and not pairs:
+        return ""
+    body = _figure(figure) if figure else ""
+    if pairs:
+        body += _details(f"All {len(pairs)} over-refusal completions", _completion_rows(pairs))
+    return _section("Over-refusal", body, "over-refusal")
 
 
 def _details(summary: str, body: str) -> str:
@@ -337,18 +263,15 @@ def _badge(refused: Any) -> str:
     )
 
 
-def _pairs(report: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+def _completions(block: Any) -> list[Mapping[str, Any]]:
+    rows = _dict(block).get("completions")
+    return [c for c in rows if isinstance(c, Mapping)] if isinstance(rows, list) else []
+
+
+def _pairs(
+    base: list[Mapping[str, Any]], edited: list[Mapping[str, Any]]
+) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
     """Baseline and edited completions of the same prompts, in prompt order."""
-    base = [
-        c
-        for c in _dict(report.get("baseline")).get("completions", []) or []
-        if isinstance(c, Mapping)
-    ]
-    edited = [
-        c
-        for c in _dict(report.get("edited")).get("completions", []) or []
-        if isinstance(c, Mapping)
-    ]
     if len(base) == len(edited) and all(
         b.get("prompt") == e.get("prompt") for b, e in zip(base, edited, strict=True)
     ):
@@ -400,7 +323,7 @@ def pick_examples(
 
 
 def _examples(report: Mapping[str, Any]) -> str:
-    pairs = _pairs(report)
+    pairs = _pairs(_completions(report.get("baseline")), _completions(report.get("edited")))
     if not pairs:
         return ""
     n = report.get("n_examples", 4)
@@ -436,29 +359,18 @@ def _data_and_timings(report: Mapping[str, Any]) -> str:
     return _section("Data and timings", "".join(parts), "data") if parts else ""
 
 
-def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Every leaf of a JSON value as ``(path, value)``, e.g. ``("edit.mlp[3]", 1.0)``."""
+def without_completions(value: Any) -> Any:
+    """``value`` with every ``"completions"`` entry removed, at any depth."""
     if isinstance(value, Mapping):
-        out: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
+        return {k: without_completions(v) for k, v in value.items() if k != "completions"}
     if isinstance(value, list):
-        out = []
-        for i, v in enumerate(value):
-            out += flatten(v, f"{prefix}[{i}]")
-        return out
-    return [(prefix, value)]
+        return [without_completions(v) for v in value]
+    return value
 
 
 def _all_numbers(report: Mapping[str, Any], scores: Mapping[str, Any] | None) -> str:
     # Completions have their own tables; everything else is listed leaf by leaf.
-    trimmed = {
-        k: (
-            {kk: vv for kk, vv in v.items() if kk != "completions"} if isinstance(v, Mapping) else v
-        )
-        for k, v in report.items()
-    }
+    trimmed = without_completions(report)
     sources: list[tuple[str, Mapping[str, Any]]] = [("report.json", trimmed)]
     if scores:
         sources.append(("scores.json", scores))
@@ -533,6 +445,7 @@ def render_html(report: Mapping[str, Any], scores: Mapping[str, Any] | None = No
         _summary(report),
         _before_after(report),
         _categories(report),
+        _over_refusal(report),
         _measurements(report),
         _candidates(report, scores),
         _optimization(report),

@@ -141,6 +141,41 @@ def category_figure(report: Mapping[str, Any]) -> Figure | None:
     )
 
 
+def over_refusal_figure(report: Mapping[str, Any]) -> Figure | None:
+    """Grouped bars of the over-refusal rate per category (``over_refusal.by_category``)."""
+    base = mapping(mapping(report.get("baseline")).get("over_refusal")).get("by_category")
+    edited = mapping(mapping(report.get("edited")).get("over_refusal")).get("by_category")
+    base, edited = mapping(base), mapping(edited)
+    categories = sorted({*base, *edited})
+    if not categories:
+        return None
+    series = [
+        plots.BarSeries(
+            "baseline", [number(base.get(c)) for c in categories], plots.BASELINE_COLOR
+        ),
+        plots.BarSeries(
+            "abliterated", [number(edited.get(c)) for c in categories], plots.EDITED_COLOR
+        ),
+    ]
+    if not any(number(v) is not None for s in series for v in s.values):
+        return None
+    svg = plots.bar_chart(
+        categories,
+        [s for s in series if any(v is not None for v in s.values)],
+        title="Over-refusal by category",
+        y_label="fraction refused",
+        y_max=1.0,
+        value_format=_pct,
+        width=960,
+        height=340,
+    )
+    caption = (
+        "Harmless but sensitive-sounding prompts the judge counted as refused, per category; "
+        "lower is better."
+    )
+    return Figure("over_refusal", svg, caption)
+
+
 def _g(value: Any) -> str:
     num = number(value)
     return "–" if num is None else f"{num:.4g}"
@@ -324,9 +359,14 @@ def strength_figure(report: Mapping[str, Any]) -> Figure | None:
 
 def all_figures(report: Mapping[str, Any], scores: Mapping[str, Any] | None) -> list[Figure]:
     """Every figure the report's data supports, in reading order."""
-    optional = [category_figure(report), pareto_figure(report), strength_figure(report)]
-    found = [f for f in optional if f is not None]
-    return [*before_after_figures(report), *found[:1], *candidate_figures(scores), *found[1:]]
+    head = [category_figure(report), over_refusal_figure(report)]
+    tail = [pareto_figure(report), strength_figure(report)]
+    return [
+        *before_after_figures(report),
+        *(f for f in head if f is not None),
+        *candidate_figures(scores),
+        *(f for f in tail if f is not None),
+    ]
 
 
 def write_figures(directory: Path, figures: list[Figure]) -> str:
