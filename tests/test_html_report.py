@@ -108,6 +108,7 @@ def test_category_breakdown_counts() -> None:
     [
         {},
         {"model": {"name": "m"}, "baseline": {"refusal_rate": 1.0}, "edited": {"refusal_rate": 0}},
+        {"baseline": None, "edited": {"refusal_rate": 0.5, "judges": {"markers": 0.5}}},
         {"baseline": {"completions": [{"prompt": "p", "response": "r", "refused": True}]},
          "edited": {"completions": []}, "optimization": {"trials": [{"number": 1}]},
          "edit": {"attention": [None, "x"]}, "checks": {"export_reload_max_abs_diff": None}},
@@ -116,6 +117,12 @@ def test_category_breakdown_counts() -> None:
 def test_partial_reports_render(report: dict[str, Any]) -> None:
     html = render_html(report, {"scores": []})
     assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+
+
+def test_report_without_baseline_shows_the_model_alone() -> None:
+    report = {"baseline": None, "baseline_model": None, "edited": {"refusal_rate": 0.25}}
+    html = render_html(report)
+    assert "25.0%</div>" in html and "no baseline measured" in html and "→" not in html
 
 
 def test_markdown_report_links_html_and_breaks_down_categories() -> None:

@@ -65,6 +65,9 @@ def _header(report: Mapping[str, Any]) -> str:
         facts.append(f"revision <code>{_e(model['revision'])}</code>")
     if model.get("architecture"):
         facts.append(_e(model["architecture"]))
+    baseline = _dict(report.get("baseline_model"))
+    if baseline.get("name"):
+        facts.append(f"baseline <code>{_e(baseline['name'])}</code>")
     return (
         f"<header><h1>Abliteration report: {_e(model.get('name', 'unknown model'))}</h1>"
         f'<p class="meta">{" · ".join(facts)}</p></header>'
@@ -85,8 +88,11 @@ def _summary(report: Mapping[str, Any]) -> str:
         b, e = _number(base.get(key)), _number(edited.get(key))
         if b is None and e is None:
             continue
-        value = f"{_fmt(b, rate=True)} <span>→</span> {_fmt(e, rate=True)}"
-        note = "baseline → abliterated"
+        if b is None:  # an evaluate report without a baseline model
+            value, note = _fmt(e, rate=True), "no baseline measured"
+        else:
+            value = f"{_fmt(b, rate=True)} <span>→</span> {_fmt(e, rate=True)}"
+            note = "baseline → abliterated"
         if key == "refusal_rate" and _number(edited.get("n_prompts")) is not None:
             note += f", {_e(edited['n_prompts'])} harmful prompts"
         if key == "refusal_rate" and edited.get("judge"):
