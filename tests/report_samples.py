@@ -105,18 +105,34 @@ def sample_report(*, optimized: bool = False, evaluated: bool = False) -> dict[s
                                                       "acc_stderr": 0.04}},
             )  # fmt: skip
     if optimized:
+        # The shape `abliterate run --optimize` writes (optimize branch).
         trials = []
         for n in range(30):
             kl = 0.01 * math.exp(n % 10 / 2.5)
-            score = 3.0 - 2.2 * math.log10(1 + 100 * kl) + (n % 3) * 0.4
-            trials.append(
-                {"number": n, "refusal_score": round(score, 4), "kl": round(kl, 5),
-                 "params": {"layer": 10 + n % 5, "max_weight": round(0.5 + n / 40, 3)},
-                 "pareto": n % 3 == 0 and n < 10}
-            )  # fmt: skip
-        report["optimization"] = {"trials": trials, "chosen": 6}
-        report["edit"]["attention"] = [round(0.2 + 0.8 * math.exp(-((i - 12) / 5) ** 2), 3)
-                                       for i in range(24)]  # fmt: skip
+            prob = min(0.95, max(0.02, 0.9 - 0.3 * math.log10(1 + 100 * kl) + (n % 3) * 0.08))
+            trial = {
+                "number": n,
+                "refusal_score": round(prob, 4),
+                "kl": round(kl, 5),
+                "params": {"layer": 10 + n % 5, "max_weight": round(0.5 + n / 40, 3)},
+                "pareto": n % 3 == 0 and n < 10,
+            }
+            if trial["pareto"]:
+                trial["confirmed_refusal_rate"] = round(prob * 0.9, 3)
+            trials.append(trial)
+        report["optimization"] = {
+            "objectives": [
+                "refusal_prob (harmful val, next token)",
+                "kl (harmless val, first token)",
+            ],
+            "trials": trials,
+            "chosen": trials[6],
+            "rule": "lowest KL among front trials whose confirmed refusal rate is at most 10%",
+            "baseline": {"refusal_prob": 0.93, "refusal_score": 2.6},
+        }
+        report["edit"]["attention"] = [
+            round(0.2 + 0.8 * math.exp(-(((i - 12) / 5) ** 2)), 3) for i in range(24)
+        ]
     return report
 
 

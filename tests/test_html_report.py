@@ -43,7 +43,11 @@ def test_optimized_and_evaluated_report_adds_their_sections() -> None:
     html = render_html(sample_report(optimized=True, evaluated=True), sample_scores())
     assert sorted(_svg_titles(html)) == sorted([*TITLES_OPTIMIZED, TITLE_OVER_REFUSAL])
     assert "<h3>Pareto front</h3>" in html and "6 ★ chosen" in html
-    assert "chosen: trial 6" in html
+    assert "chosen: trial 6" in html and "Choice: lowest KL among front trials" in html
+    # The trials hold the objective the search named, and confirmations when it made them.
+    assert "<th>refusal prob</th>" in html and "<th>confirmed refusal rate</th>" in html
+    pareto = html.split('id="fig-pareto"')[1].split("</svg>")[0]
+    assert "unedited model" in pareto
     assert "<h3>Benchmarks</h3>" in html and "abliterate_arithmetic" in html
     assert "classifier:org/refusal · refusal_rate" in html  # per-judge rates, as percentages
     assert "classifier:org/refusal · n_unparsed.over_refusal" in html

@@ -29,6 +29,7 @@ from abliterate.report_charts import (
     optimization_trials,
     over_refusal_figure,
     pareto_figure,
+    refusal_objective,
     strength_figure,
 )
 from abliterate.report_charts import mapping as _dict
@@ -183,21 +184,29 @@ def _optimization(report: Mapping[str, Any]) -> str:
     if figure is None:
         return ""
     trials, chosen = optimization_trials(report)
-    header = ["trial", "refusal score", "KL", "Pareto", "parameters"]
+    confirmed = any("confirmed_refusal_rate" in t for t in trials)
+    header = ["trial", refusal_objective(report).replace("_", " "), "KL", "Pareto"]
+    header += ["confirmed refusal rate"] if confirmed else []
+    header += ["parameters"]
 
     def row(t: Mapping[str, Any]) -> list[str]:
         mark = " ★ chosen" if chosen is not None and t.get("number") == chosen else ""
-        return [
+        cells = [
             _e(f"{t.get('number')}{mark}"),
             _e(_fmt(t.get("refusal_score"))),
             _e(_fmt(t.get("kl"))),
             "yes" if t.get("pareto") else "",
-            f"<code>{_e(json.dumps(t.get('params', {}), sort_keys=True))}</code>",
         ]
+        if confirmed:
+            cells.append(_e(_fmt(t.get("confirmed_refusal_rate"), rate=True)))
+        params = json.dumps(t.get("params", {}), sort_keys=True)
+        return [*cells, f"<code>{_e(params)}</code>"]
 
     front = sorted((t for t in trials if t.get("pareto")), key=lambda t: _nan(t.get("kl")))
+    rule = _dict(report.get("optimization")).get("rule")
     body = (
         _figure(figure)
+        + (f"<p>Choice: {_e(rule)}.</p>" if rule else "")
         + "<h3>Pareto front</h3>"
         + _table(header, [row(t) for t in front], "num")
         + _details(f"All {len(trials)} trials", _table(header, [row(t) for t in trials], "num"))

@@ -285,6 +285,18 @@ def optimization_trials(report: Mapping[str, Any]) -> tuple[list[Mapping[str, An
     return [t for t in trials if isinstance(t, Mapping)], chosen
 
 
+def refusal_objective(report: Mapping[str, Any]) -> str:
+    """Name of the quantity in the trials' ``refusal_score`` field.
+
+    The search names its objectives (``"refusal_prob (harmful val, next token)"``); the first
+    word of the first one says whether trials hold a probability or log-odds.
+    """
+    objectives = mapping(report.get("optimization")).get("objectives")
+    if isinstance(objectives, list) and objectives and isinstance(objectives[0], str):
+        return objectives[0].split()[0]
+    return "refusal_score"
+
+
 def pareto_figure(report: Mapping[str, Any]) -> Figure | None:
     """Scatter of optimization trials (refusal score vs. KL), the Pareto front joined, the
     chosen trial ringed."""
@@ -314,6 +326,10 @@ def pareto_figure(report: Mapping[str, Any]) -> Figure | None:
         for t in drawable
         if chosen is not None and t.get("number") == chosen
     ]
+    objective = refusal_objective(report)
+    # The unedited model's value of the refusal objective, when the search recorded it.
+    baseline = number(mapping(mapping(report.get("optimization")).get("baseline")).get(objective))
+    refs = [plots.RefLine(baseline, "unedited model")] if baseline is not None else []
     svg = plots.scatter_chart(
         [
             plots.Series("trials", points(rest), "#A7B0BA", [tip(t) for t in rest]),
@@ -322,15 +338,16 @@ def pareto_figure(report: Mapping[str, Any]) -> Figure | None:
         joined=[False, True],
         title="Optimization: refusal vs. KL",
         x_label="KL divergence (nats)" + (", log scale" if log_x else ""),
-        y_label="refusal score",
+        y_label=objective.replace("_", " "),
         highlights=highlights,
+        ref_lines=refs,
         log_x=log_x,
         width=960,
         height=380,
     )
     caption = (
         f"{len(trials)} trials; the front joins those that no other trial beats on both refusal "
-        "score and KL. Lower left is better."
+        "and KL. Lower left is better."
     )
     return Figure("pareto", svg, caption)
 
