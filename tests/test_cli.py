@@ -165,3 +165,23 @@ def test_sigterm_leaves_no_partial_directory(tmp_path: Path, tiny_model_dir: Pat
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated" in err
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_saved_direction_is_reapplied_without_selection(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = tmp_path / "first"
+    assert main(["run", "--model", str(tiny_model_dir), "--out", str(first), *TINY_RUN]) == 0
+    second = tmp_path / "second"
+    argv = ["run", "--model", str(tiny_model_dir), "--out", str(second), *TINY_RUN,
+            "--direction", str(first / "direction.safetensors"), "--no-save-model"]  # fmt: skip
+    assert main(argv) == 0
+    a = json.loads((first / "report.json").read_text())
+    b = json.loads((second / "report.json").read_text())
+    assert a["edit"] == b["edit"]
+    assert a["edited"]["kl_divergence"] == pytest.approx(b["edited"]["kl_divergence"], rel=1e-5)
+    assert not (second / "scores.json").exists() and not (second / "model").exists()
+    assert b["checks"]["export_reload_max_abs_diff"] is None
+    msg = _error_of(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
+                     "--direction", str(tmp_path / "nope.safetensors")], capsys)  # fmt: skip
+    assert "not found" in msg

@@ -93,7 +93,7 @@ class PromptConfig:
     n_eval: int | None = _help(
         "Cap on evaluation prompts of each kind (default: all of them).", default=None
     )
-    batch_size: int = _help("Prompts per forward pass.", default=32)
+    batch_size: int = _help("Prompts per forward pass or generation batch.", default=64)
 
 
 @dataclass
@@ -122,6 +122,11 @@ class RunConfig(PromptConfig, ModelConfig):
     n_finalists: int = _help("Candidates re-scored on the whole validation split.", default=8)
     layer: int | None = _help(
         "Skip selection: use the direction of this layer (with --site).", default=None
+    )
+    direction: Path | None = _help(
+        "Skip activations and selection: apply this saved direction (the direction.safetensors "
+        "of an earlier run; its direction.json must sit beside it).",
+        default=None,
     )
     site: Site = _help("Site used with --layer.", default="pre")
     strength: float = _help(
@@ -165,6 +170,10 @@ class RunConfig(PromptConfig, ModelConfig):
             raise ConfigError(f"site must be one of {SITES}, got {self.site!r}.")
         if self.layer is not None and self.layer < 0:
             raise ConfigError(f"layer must be non-negative, got {self.layer}.")
+        if self.direction is not None:
+            self.direction = Path(self.direction)
+            if self.layer is not None:
+                raise ConfigError("pass either direction or layer, not both.")
         if self.n_examples < 0:
             raise ConfigError(f"n_examples must be non-negative, got {self.n_examples}.")
 
@@ -272,7 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             kwargs["metavar"] = f.name.upper() if tp is str else tp.__name__.upper()
         elif tp is Path:
             kwargs["type"] = Path
-            kwargs["metavar"] = "DIR"
+            kwargs["metavar"] = "PATH"
         else:  # pragma: no cover - a new field type must be taught here explicitly
             raise TypeError(f"unsupported config field type for {f.name}: {tp!r}")
         parser.add_argument(flag, dest=f.name, **kwargs)

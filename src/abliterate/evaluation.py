@@ -19,7 +19,26 @@ from abliterate.profiling import progress
 from abliterate.prompts import batches
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def greedy_tokens(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    enc: BatchEncoding,
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """Greedy continuation of a left-padded batch: ``(batch, prompt_len + new)`` token ids."""
+    return model.generate(  # type: ignore[operator]
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        # Greedy decoding: clear any sampling defaults the model's generation config carries.
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 @torch.inference_mode()
@@ -38,16 +57,7 @@ def generate(
     n_batches = -(-len(texts) // batch_size)
     for idx, enc in progress(batches(tokenizer, texts, batch_size), total=n_batches, desc=desc):
         enc = enc.to(device)
-        tokens = model.generate(  # type: ignore[operator]
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            # Greedy decoding: clear any sampling defaults the model's generation config carries.
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        tokens = greedy_tokens(model, tokenizer, enc, max_new_tokens)
         new = tokens[:, enc["input_ids"].shape[1] :]  # (batch, new_tokens)
         for row, i in enumerate(idx):
             out[i] = str(tokenizer.decode(new[row], skip_special_tokens=True)).strip()

@@ -26,11 +26,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
 from abliterate.config import RunConfig, to_dict
 from abliterate.errors import ConfigError, OutputDirError
+
+if TYPE_CHECKING:
+    from abliterate.architecture import Architecture
+    from abliterate.directions import Direction
+    from abliterate.models import LoadedModel
+    from abliterate.profiling import Profiler
+    from abliterate.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +96,95 @@ def _environment(config: RunConfig, loaded: Any, data: dict[str, Any]) -> dict[s
     }
 
 
+def _choose_direction(
+    config: RunConfig,
+    loaded: LoadedModel,
+    arch: Architecture,
+    texts: dict[str, list[str]],
+    data: dict[str, Any],
+    refusal_ids: list[int],
+    prof: Profiler,
+    tmp: Path,
+) -> tuple[Direction, Selection | None]:
+    """The direction to remove: a saved one, a given layer's, or the automatically selected one.
+
+    Writes ``candidates.safetensors`` (and ``scores.json`` when selecting) into ``tmp``.
+    """
+    from abliterate.activations import mean_activations
+    from abliterate.directions import Candidates, Direction
+    from abliterate.selection import select_direction
+
+    model, tok = loaded.model, loaded.tokenizer
+    if config.direction is not None:
+        if not config.direction.with_suffix(".json").is_file():
+            raise ConfigError(
+                f"direction {config.direction} not found (both {config.direction.stem}"
+                ".safetensors and .json are needed)."
+            )
+        direction = Direction.load(config.direction)
+        if direction.d_model != arch.d_model:
+            raise ConfigError(
+                f"direction {config.direction} has d_model={direction.d_model} but the model "
+                f"has {arch.d_model}: it was computed for another model."
+            )
+        return direction, None
+
+    with prof.stage("activations"):
+        hashes = {k: str(data[k]["sha256"]) for k in ("train_harmful", "train_harmless")}
+        candidates = Candidates(
+            harmful_mean=mean_activations(
+                model, tok, arch, texts["train_harmful"], sites=config.sites,
+                batch_size=config.batch_size, desc="Activations (harmful)",
+            ),
+            harmless_mean=mean_activations(
+                model, tok, arch, texts["train_harmless"], sites=config.sites,
+                batch_size=config.batch_size, desc="Activations (harmless)",
+            ),
+            sites=config.sites,
+            model=loaded.name,
+            revision=loaded.revision,
+            dataset_hashes=hashes,
+        )  # fmt: skip
+        candidates.save(tmp / "candidates.safetensors")
+
+    if config.layer is not None:
+        if config.layer >= arch.n_layers:
+            raise ConfigError(
+                f"layer {config.layer} is out of range: the model has {arch.n_layers} layers."
+            )
+        if config.site not in config.sites:
+            raise ConfigError(f"site {config.site!r} is not among sites {config.sites}.")
+        if candidates.is_degenerate(config.layer, config.site):
+            raise ConfigError(
+                f"layer {config.layer}, site {config.site!r} has no direction: harmful "
+                "and harmless means are identical there; choose another --layer/--site."
+            )
+        return candidates.direction(config.layer, config.site), None
+
+    with prof.stage("selection"):
+        selection = select_direction(
+            model,
+            tok,
+            candidates,
+            texts["val_harmful"],
+            texts["val_harmless"],
+            refusal_ids,
+            kl_threshold=config.kl_threshold,
+            prune_last_layers=config.prune_last_layers,
+            n_screen=config.n_screen,
+            n_finalists=config.n_finalists,
+            strength=config.strength,
+            batch_size=config.batch_size,
+        )
+    (tmp / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
+    return selection.direction, selection
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Run the whole pipeline and return the report (also written to ``config.out``)."""
     import torch
 
-    from abliterate.activations import mean_activations
     from abliterate.architecture import resolve_architecture
-    from abliterate.directions import Candidates
     from abliterate.evaluation import ModelEval, evaluate_refusals
     from abliterate.export import save_model, verify_export
     from abliterate.interventions import EditSpec, ablation_hooks, orthogonalize_
@@ -110,7 +199,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         next_token_logprobs,
         refusal_token_ids,
     )
-    from abliterate.selection import Selection, scores_table, select_direction
+    from abliterate.selection import scores_table
 
     check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)
@@ -153,58 +242,10 @@ def run(config: RunConfig) -> dict[str, Any]:
         env = _environment(config, loaded, data)
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
 
-        with prof.stage("activations"):
-            hashes = {k: str(data[k]["sha256"]) for k in ("train_harmful", "train_harmless")}
-            candidates = Candidates(
-                harmful_mean=mean_activations(
-                    model, tok, arch, texts["train_harmful"], sites=config.sites,
-                    batch_size=config.batch_size, desc="Activations (harmful)",
-                ),
-                harmless_mean=mean_activations(
-                    model, tok, arch, texts["train_harmless"], sites=config.sites,
-                    batch_size=config.batch_size, desc="Activations (harmless)",
-                ),
-                sites=config.sites,
-                model=loaded.name,
-                revision=loaded.revision,
-                dataset_hashes=hashes,
-            )  # fmt: skip
-            candidates.save(tmp / "candidates.safetensors")
-
         refusal_ids = refusal_token_ids(tok)
-        selection: Selection | None = None
-        with prof.stage("selection"):
-            if config.layer is None:
-                selection = select_direction(
-                    model,
-                    tok,
-                    candidates,
-                    texts["val_harmful"],
-                    texts["val_harmless"],
-                    refusal_ids,
-                    kl_threshold=config.kl_threshold,
-                    prune_last_layers=config.prune_last_layers,
-                    n_screen=config.n_screen,
-                    n_finalists=config.n_finalists,
-                    strength=config.strength,
-                    batch_size=config.batch_size,
-                )
-                direction = selection.direction
-                (tmp / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
-            else:
-                if config.layer >= arch.n_layers:
-                    raise ConfigError(
-                        f"layer {config.layer} is out of range: the model has {arch.n_layers} "
-                        "layers."
-                    )
-                if config.site not in config.sites:
-                    raise ConfigError(f"site {config.site!r} is not among sites {config.sites}.")
-                if candidates.is_degenerate(config.layer, config.site):
-                    raise ConfigError(
-                        f"layer {config.layer}, site {config.site!r} has no direction: harmful "
-                        "and harmless means are identical there; choose another --layer/--site."
-                    )
-                direction = candidates.direction(config.layer, config.site)
+        direction, selection = _choose_direction(
+            config, loaded, arch, texts, data, refusal_ids, prof, tmp
+        )
         spec = EditSpec.uniform(direction, arch.n_layers, config.strength)
         spec.save(tmp)
 

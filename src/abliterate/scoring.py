@@ -114,6 +114,8 @@ def multi_token_kl(
     Returns:
         ``(multi_token_kl, first_token_kl)``, both averaged over prompts, in nats.
     """
+    from abliterate.evaluation import greedy_tokens
+
     q_model = model_p if model_q is None else model_q
     device = next(model_p.parameters()).device
     q_device = next(q_model.parameters()).device
@@ -122,15 +124,7 @@ def multi_token_kl(
         enc = enc.to(device)
         n_prompt = enc["input_ids"].shape[1]
         with maybe_hooks(model_p, spec_p):
-            seq = model_p.generate(  # type: ignore[operator]
-                **enc,
-                max_new_tokens=n_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # (batch, n_prompt + new)
+            seq = greedy_tokens(model_p, tokenizer, enc, n_tokens)  # (batch, n_prompt + new)
         new = seq[:, n_prompt:]
         # A generated position counts until (and including) the first end-of-sequence token.
         eos = torch.zeros_like(new, dtype=torch.bool)
