@@ -133,12 +133,18 @@ def multi_token_kl(
         after_eos = (eos.cumsum(-1) - eos.long()) > 0
         valid = ~after_eos  # (batch, new)
         mask = torch.cat([enc["attention_mask"], valid.long()], dim=1)
-        # Logits at positions n_prompt-1 … n_prompt+new-2 predict the generated tokens.
+        # Logits at positions n_prompt-1 … n_prompt+new-2 predict the generated tokens; only the
+        # last new+1 positions are projected onto the vocabulary (the prompt's logits would
+        # cost batch × prompt_len × vocab floats for nothing).
+        keep = new.shape[1] + 1
         with maybe_hooks(model_p, spec_p):
-            lp_p = model_p(input_ids=seq, attention_mask=mask).logits[:, n_prompt - 1 : -1]
+            out_p = model_p(input_ids=seq, attention_mask=mask, logits_to_keep=keep)
+        lp_p = out_p.logits[:, :-1]
         with maybe_hooks(q_model, spec_q):
-            lp_q = q_model(input_ids=seq.to(q_device), attention_mask=mask.to(q_device)).logits
-        lp_q = lp_q[:, n_prompt - 1 : -1].to(device)
+            out_q = q_model(
+                input_ids=seq.to(q_device), attention_mask=mask.to(q_device), logits_to_keep=keep
+            )
+        lp_q = out_q.logits[:, :-1].to(device)
         lp_p = torch.log_softmax(lp_p.float(), -1)  # (batch, new, vocab)
         lp_q = torch.log_softmax(lp_q.float(), -1)
         kl = kl_divergence(lp_p.flatten(0, 1), lp_q.flatten(0, 1)).view(valid.shape)
