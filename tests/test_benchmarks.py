@@ -18,8 +18,6 @@ from abliterate.benchmarks import (
 )
 from abliterate.errors import BenchmarkError
 
-pytest.importorskip("lm_eval")
-
 
 def test_local_tasks_are_shipped_with_valid_items() -> None:
     names = local_task_names()

@@ -148,3 +148,15 @@ def test_config_positional_model_and_benchmark_lists() -> None:
 
     args = build_parser().parse_args(["evaluate", "some/dir", "--benchmarks", "a", "b,c"])
     assert args.model == "some/dir" and args.benchmarks == ["a", "b,c"]
+
+
+def test_capped_over_refusal_set_covers_every_category() -> None:
+    from abliterate.evaluate import spread_head
+    from abliterate.prompts import builtin
+
+    full = builtin("over_refusal")
+    cats = set(full.categories or ())
+    capped = spread_head(full, 10)
+    assert len(capped) == 10 and set(capped.categories or ()) == cats
+    assert set(capped.prompts) <= set(full.prompts)
+    assert spread_head(full, None) is full and len(spread_head(full, 1000)) == len(full)

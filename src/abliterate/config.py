@@ -208,8 +208,9 @@ class EvaluateConfig(ModelConfig):
         "System prompt for the chat template (default: the template's own).", default=None
     )
     n_eval: int | None = _help(
-        "Cap on the prompts of each set (harmful, harmless, over-refusal, reference answers); "
-        "default: all of them. Use it to keep CPU runs short.",
+        "Cap on the prompts of each set (harmful, harmless, over-refusal, reference answers; "
+        "over-refusal prompts are taken evenly across categories); default: all of them. Use "
+        "it to keep CPU runs short.",
         default=None,
     )
     judge: str = _help(
@@ -299,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             parser.add_argument(f.name, type=tp, metavar=f.name.upper(), help=help_text)
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        if default is not None and not isinstance(default, bool):
+        if default not in (None, ()) and not isinstance(default, bool):
             shown = ",".join(default) if isinstance(default, tuple) else default
             help_text = f"{help_text} (default: {shown})"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}

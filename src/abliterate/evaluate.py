@@ -67,6 +67,32 @@ class EvalSets:
         return out
 
 
+def spread_head(prompts: PromptSet, n: int | None) -> PromptSet:
+    """At most ``n`` prompts taken round-robin across categories, in file order within each.
+
+    The over-refusal set is stored category by category, so its first ``n`` prompts would all
+    come from one category; a capped evaluation should still cover every category.
+    """
+    from abliterate.prompts import PromptSet
+
+    if n is None or n >= len(prompts) or not prompts.categories:
+        return prompts.head(n)
+    queues: dict[str, list[int]] = {}
+    for i, cat in enumerate(prompts.categories):
+        queues.setdefault(cat, []).append(i)
+    picked: list[int] = []
+    while len(picked) < n:
+        for queue in queues.values():
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    picked.sort()
+    return PromptSet(
+        f"{prompts.name}[spread:{n}]",
+        tuple(prompts.prompts[i] for i in picked),
+        tuple(prompts.categories[i] for i in picked),
+    )
+
+
 def load_sets(config: EvaluateConfig) -> EvalSets:
     """Every prompt set of the evaluation, capped at ``n_eval`` each."""
     from abliterate.metrics import reference_answers
@@ -79,7 +105,7 @@ def load_sets(config: EvaluateConfig) -> EvalSets:
     return EvalSets(
         harmful=resolve_prompts(config.eval_harmful, "harmful", "eval", col).head(n),
         harmless=resolve_prompts(config.eval_harmless, "harmless", "eval", col).head(n),
-        over_refusal=over.head(n),
+        over_refusal=spread_head(over, n),
         reference=reference_answers().head(n),
     )
 
