@@ -51,17 +51,13 @@ class EvalSets:
 
     def record(self) -> dict[str, Any]:
         """Names, sizes and content hashes, for ``report.json`` and ``environment.json``."""
+        named = {
+            "eval_harmful": self.harmful,
+            "eval_harmless": self.harmless,
+            "over_refusal": self.over_refusal,
+        }
         out: dict[str, Any] = {
-            f"eval_{k}" if k != "over_refusal" else k: {
-                "name": s.name,
-                "n": len(s),
-                "sha256": s.sha256,
-            }
-            for k, s in (
-                ("harmful", self.harmful),
-                ("harmless", self.harmless),
-                ("over_refusal", self.over_refusal),
-            )
+            k: {"name": s.name, "n": len(s), "sha256": s.sha256} for k, s in named.items()
         }
         out["reference_answers"] = {"name": self.reference.name, "n": len(self.reference)}
         return out
