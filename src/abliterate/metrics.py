@@ -99,20 +99,20 @@ def reference_cross_entropy(
         # Right padding: positions keep their natural indices and padding sits after the answer.
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)  # -100: not scored (prompt and padding)
         for row, (p, a) in enumerate(chunk):
-            seq = p + a
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            labels[row, len(p) : len(seq)] = torch.tensor(a)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logits = logits[:, :-1].float().cpu()  # (batch, width - 1, vocab) predicts labels[:, 1:]
-        target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
-        )
-        total += float(loss)
-        count += int((target != -100).sum())
+            ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[row, : len(p) + len(a)] = 1
+        # Only positions from the shortest prompt's last token on predict answer tokens; keeping
+        # just those logits saves most of the (batch, width, vocab) tensor on large vocabularies.
+        first = min(len(p) for p, _ in chunk) - 1
+        logits = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=width - first
+        ).logits  # (batch, width - first, vocab); index j is position first + j
+        for row, (p, a) in enumerate(chunk):
+            pred = logits[row, len(p) - 1 - first : len(p) + len(a) - 1 - first].float()
+            target = torch.tensor(a, device=pred.device)
+            total += float(torch.nn.functional.cross_entropy(pred, target, reduction="sum"))
+            count += len(a)
     return total / count
 
 
