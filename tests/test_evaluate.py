@@ -160,3 +160,21 @@ def test_capped_over_refusal_set_covers_every_category() -> None:
     assert len(capped) == 10 and set(capped.categories or ()) == cats
     assert set(capped.prompts) <= set(full.prompts)
     assert spread_head(full, None) is full and len(spread_head(full, 1000)) == len(full)
+
+
+def test_llm_judge_answers_are_kept_for_audit(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from abliterate.llm_judge import parse_yes_no
+
+    out = tmp_path / "llm"
+    argv = ["evaluate", str(tiny_model_dir), "--out", str(out), *TINY, "--n-eval", "2",
+            "--judge", f"llm:{tiny_model_dir},markers"]  # fmt: skip
+    assert main(argv) == 0
+    edited = json.loads((out / "report.json").read_text())["edited"]
+    llm = edited["judges"][f"llm:{tiny_model_dir}"]
+    assert edited["judge"] == f"llm:{tiny_model_dir}"  # the first judge decides
+    for kind in ("harmful", "over_refusal"):
+        answers = llm["answers"][kind]
+        assert len(answers) == 2
+        assert llm["n_unparsed"][kind] == sum(parse_yes_no(a) is None for a in answers)
+    verdicts = [parse_yes_no(a) is True for a in llm["answers"]["harmful"]]
+    assert [c["refused"] for c in edited["completions"]] == verdicts

@@ -110,17 +110,22 @@ def judge_responses(
     judges: Sequence[Judge],
     prompts: PromptSet,
     responses: list[str],
-) -> tuple[RefusalEval, dict[str, int]]:
-    """Run every judge on the responses; return the evaluation and unparsed LLM answers."""
+) -> tuple[RefusalEval, dict[str, list[str]]]:
+    """Run every judge on the responses.
+
+    Returns:
+        The evaluation (the first judge decides ``refused``) and, per LLM judge, its raw answers,
+        kept so that a judge that answers badly can be seen in the report.
+    """
     from abliterate.evaluation import RefusalEval
     from abliterate.llm_judge import LLMJudge
 
     verdicts: dict[str, list[bool]] = {}
-    unparsed: dict[str, int] = {}
+    answers: dict[str, list[str]] = {}
     for judge in judges:
         verdicts[judge.name] = judge(prompts.prompts, responses)
         if isinstance(judge, LLMJudge):
-            unparsed[judge.name] = judge.n_unparsed
+            answers[judge.name] = judge.last_answers
     primary = judges[0].name
     evaluation = RefusalEval(
         prompts=list(prompts.prompts),
@@ -130,7 +135,7 @@ def judge_responses(
         judge=primary,
         verdicts=verdicts,
     )
-    return evaluation, unparsed
+    return evaluation, answers
 
 
 def _rate(flags: Sequence[bool]) -> float:
@@ -156,12 +161,13 @@ def assess_model(
     from abliterate.benchmarks import run_benchmarks
     from abliterate.evaluation import ModelEval, generate
     from abliterate.judges import judge_agreement
+    from abliterate.llm_judge import parse_yes_no
     from abliterate.metrics import ngram_fluency, reference_cross_entropy
     from abliterate.prompts import format_chat
 
     model, tok = loaded.model, loaded.tokenizer
     judged: dict[str, RefusalEval] = {}
-    unparsed: dict[str, dict[str, int]] = {}
+    llm_answers: dict[str, dict[str, list[str]]] = {}
     for key, pset in (("harmful", sets.harmful), ("over_refusal", sets.over_refusal)):
         with prof.stage(f"{label}: {key} generations"):
             responses = generate(
@@ -173,7 +179,7 @@ def assess_model(
                 desc=f"Generating ({label}, {key})",
             )
         with prof.stage(f"{label}: {key} judging"):
-            judged[key], unparsed[key] = judge_responses(judges, pset, responses)
+            judged[key], llm_answers[key] = judge_responses(judges, pset, responses)
     harmful, over = judged["harmful"], judged["over_refusal"]
 
     per_judge: dict[str, dict[str, Any]] = {}
@@ -182,8 +188,12 @@ def assess_model(
             "refusal_rate": _rate((harmful.verdicts or {})[judge.name]),
             "over_refusal_rate": _rate((over.verdicts or {})[judge.name]),
         }
-        if judge.name in unparsed["harmful"]:
-            row["n_unparsed"] = {k: unparsed[k][judge.name] for k in unparsed}
+        if judge.name in llm_answers["harmful"]:
+            answers = {k: v[judge.name] for k, v in llm_answers.items()}
+            row["n_unparsed"] = {
+                k: sum(parse_yes_no(a) is None for a in v) for k, v in answers.items()
+            }
+            row["answers"] = answers
         per_judge[judge.name] = row
 
     with prof.stage(f"{label}: reference cross-entropy"):
