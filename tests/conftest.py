@@ -3,6 +3,7 @@ the supported families, all built in-process (no network, no downloads)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,24 @@ def texts(tokenizer: Any) -> list[str]:
             "def add(a, b)",
         ],
     )
+
+
+@pytest.fixture
+def classifier_dir(tmp_path: Path, tokenizer: Any) -> Path:
+    """A tiny random DistilBERT refusal classifier (labels NORMAL / REJECTION) saved to disk."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+        max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NORMAL", 1: "REJECTION"}, label2id={"NORMAL": 0, "REJECTION": 1},
+    )  # fmt: skip
+    model = DistilBertForSequenceClassification(config).eval()
+    path = tmp_path / "classifier"
+    model.save_pretrained(path)
+    tok = copy.deepcopy(tokenizer)
+    tok.model_input_names = ["input_ids", "attention_mask"]  # DistilBERT takes no token types
+    tok.padding_side = "right"
+    tok.save_pretrained(path)
+    return path

@@ -19,6 +19,7 @@ from typing import Any
 from abliterate import __version__
 from abliterate.config import (
     ChatConfig,
+    EvaluateConfig,
     ReportConfig,
     RunConfig,
     add_arguments,
@@ -35,6 +36,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _build(RunConfig, args)
     run(config)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from abliterate.evaluate import evaluate
+
+    config = _build(EvaluateConfig, args)
+    evaluate(config)
     return 0
 
 
@@ -66,6 +75,13 @@ COMMANDS: dict[str, tuple[type[Any], Callable[[argparse.Namespace], int], str]] 
         _cmd_run,
         "Compute candidate refusal directions, select one automatically, remove it from the "
         "weights, evaluate before/after and export the edited model.",
+    ),
+    "evaluate": (
+        EvaluateConfig,
+        _cmd_evaluate,
+        "Evaluate MODEL (optionally against --baseline BASE): refusal and over-refusal rates by "
+        "one or more judges, KL divergences, reference cross-entropy, fluency and "
+        "lm-evaluation-harness benchmarks.",
     ),
     "chat": (
         ChatConfig,

@@ -224,6 +224,99 @@ class ReportConfig:
         self.run = Path(self.run)
 
 
+@dataclass
+class EvaluateConfig(ModelConfig):
+    """Configuration of ``abliterate evaluate``: measure a model, optionally against a baseline."""
+
+    model: str = _help(
+        "Model to evaluate: 'demo', a hub id (ORG/NAME), a local model directory (for example "
+        "the model/ folder of a run) or a .gguf file.",
+        default="demo",
+        positional=True,
+    )
+    baseline: str | None = _help(
+        "Baseline model to compare with (same forms as MODEL, same tokenizer). Needed for the "
+        "KL divergences, which compare the two models' next-token distributions.",
+        default=None,
+    )
+    out: Path = _help("Run directory to create.", default=Path("runs/evaluate"))
+    overwrite: bool = _help("Replace the run directory if it exists.", default=False)
+    eval_harmful: str | None = _help(
+        "Harmful prompts for the refusal rate (file, or hf:ORG/NAME[:split[:column]]). "
+        "Default: the built-in set's eval split.",
+        default=None,
+    )
+    eval_harmless: str | None = _help(
+        "Harmless prompts for the KL divergences. Default: the built-in set's eval split.",
+        default=None,
+    )
+    over_refusal: str | None = _help(
+        "Harmless but sensitive-sounding prompts for the over-refusal rate. Default: the "
+        "built-in over-refusal set.",
+        default=None,
+    )
+    prompt_column: str | None = _help(
+        "Column or field holding the prompt in .csv/.jsonl/.parquet files (default: detect).",
+        default=None,
+    )
+    system_prompt: str | None = _help(
+        "System prompt for the chat template (default: the template's own).", default=None
+    )
+    n_eval: int | None = _help(
+        "Cap on the prompts of each set (harmful, harmless, over-refusal, reference answers; "
+        "over-refusal prompts are taken evenly across categories); default: all of them. Use "
+        "it to keep CPU runs short.",
+        default=None,
+    )
+    judge: str = _help(
+        "Comma-separated refusal judges; the first one decides each completion's 'refused', all "
+        "are reported with their pairwise agreement. 'markers': refusal phrases; "
+        "'classifier:MODEL[#LABEL]': a local or hub sequence-classification model, LABEL being "
+        "its label that means refusal (detected when it contains 'refus' or 'reject'); "
+        "'llm:MODEL': a local chat model (load_model forms) asked a fixed yes/no question; "
+        "'llm:http(s)://HOST/v1#NAME': an OpenAI-compatible endpoint serving model NAME, API "
+        "key from $ABLITERATE_JUDGE_API_KEY. Example: markers,classifier:ORG/NAME,llm:demo.",
+        default="markers",
+    )
+    benchmarks: tuple[str, ...] = _help(
+        "lm-evaluation-harness tasks (needs abliterate[eval]): the built-in offline tasks "
+        "abliterate_general_knowledge and abliterate_arithmetic, or any lm-eval task name "
+        "(hub datasets need network). Comma- or space-separated.",
+        default=(),
+    )
+    benchmark_limit: int | None = _help(
+        "Cap on the items of each benchmark task (default: all of them).", default=None
+    )
+    batch_size: int = _help("Prompts per forward pass.", default=32)
+    max_new_tokens: int = _help("Tokens generated per evaluation prompt.", default=64)
+    kl_tokens: int = _help(
+        "Positions of the baseline's own greedy continuation of each harmless prompt over "
+        "which multi-token KL is averaged.",
+        default=16,
+    )
+    n_examples: int = _help("Side-by-side example completions shown in the report.", default=4)
+    seed: int = _help("Random seed (generation is greedy).", default=0)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if isinstance(self.benchmarks, str):
+            self.benchmarks = (self.benchmarks,)
+        self.benchmarks = tuple(
+            name.strip() for item in self.benchmarks for name in item.split(",") if name.strip()
+        )
+        for name in ("batch_size", "max_new_tokens", "kl_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("n_eval", "benchmark_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1 or unset, got {value}.")
+        if not self.judge.strip():
+            raise ConfigError("judge must name at least one judge, for example 'markers'.")
+        if self.n_examples < 0:
+            raise ConfigError(f"n_examples must be non-negative, got {self.n_examples}.")
+
+
 C = TypeVar("C")
 
 
@@ -262,7 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             parser.add_argument(f.name, type=tp, metavar=f.name.upper(), help=help_text)
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        if default is not None and not isinstance(default, bool):
+        if default not in (None, ()) and not isinstance(default, bool):
             shown = ",".join(default) if isinstance(default, tuple) else default
             help_text = f"{help_text} (default: {shown})"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}

@@ -38,3 +38,11 @@ class PromptSetError(AbliterateError):
 
 class OutputDirError(AbliterateError):
     """The output directory exists and is not empty, or cannot be written."""
+
+
+class JudgeError(AbliterateError):
+    """A refusal judge is unknown, misconfigured, or its model or endpoint failed."""
+
+
+class BenchmarkError(AbliterateError):
+    """A benchmark task is unknown, or lm-evaluation-harness is missing or failed."""

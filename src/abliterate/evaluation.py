@@ -73,6 +73,8 @@ class RefusalEval:
     refused: list[bool]
     categories: list[str] | None = None
     judge: str = "markers"
+    # Every judge's verdicts when several ran (``refused`` is the first judge's), by judge name.
+    verdicts: dict[str, list[bool]] | None = None
 
     @property
     def refusal_rate(self) -> float:
@@ -86,6 +88,8 @@ class RefusalEval:
             row: dict[str, Any] = {"prompt": p, "response": r, "refused": f}
             if self.categories:
                 row["category"] = self.categories[i]
+            if self.verdicts and len(self.verdicts) > 1:
+                row["judges"] = {name: v[i] for name, v in self.verdicts.items()}
             rows.append(row)
         return rows
 

@@ -134,3 +134,151 @@ def write_reports(directory: Path, report: dict[str, Any], scores_table: str | N
         markdown += "\n## Plots\n\n" + write_figures(directory / "plots", figures)
     (directory / "report.md").write_text(markdown)
     (directory / "report.html").write_text(render_html(report, scores), encoding="utf-8")
+
+
+# --- ``abliterate evaluate`` reports ----------------------------------------------------------
+# The evaluate report has the run report's "baseline"/"edited" shape (baseline may be None) plus
+# over-refusal, per-judge rates, reference cross-entropy, fluency and benchmark scores.
+
+
+def _num(value: float | None, fmt: str = ".4f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _eval_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    rows = [("baseline", report["baseline"])] if report.get("baseline") else []
+    return [*rows, ("model", report["edited"])]
+
+
+def evaluation_summary_table(report: dict[str, Any]) -> str:
+    """The evaluate command's table (refusal, over-refusal, KL, CE), as plain text."""
+    header = ("", "refusal", "over-refusal", "first-token KL", "multi-token KL", "reference CE")
+    rows = [header]
+    for label, m in _eval_rows(report):
+        rows.append(
+            (
+                label,
+                _pct(m["refusal_rate"]),
+                _pct(m["over_refusal_rate"]),
+                _num(m.get("kl_divergence")),
+                _num(m.get("kl_divergence_multi_token")),
+                _num(m["reference_cross_entropy"], ".3f"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def render_evaluation_markdown(report: dict[str, Any]) -> str:
+    """A self-contained Markdown report of ``abliterate evaluate``."""
+    model, edited = report["model"], report["edited"]
+    rows = _eval_rows(report)
+    base_model = report.get("baseline_model")
+    lines = [
+        f"# Evaluation report: {model['name']}",
+        "",
+        f"abliterate {report['abliterate_version']} · source `{model['source']}` · "
+        f"{model['architecture']}"
+        + (f" · baseline `{base_model['name']}`" if base_model else " · no baseline"),
+        "",
+        "## Result",
+        "",
+        "| model | refusal (harmful) | over-refusal | first-token KL | multi-token KL "
+        "| reference CE (nats/token) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in rows:
+        lines.append(
+            f"| {label} | {_pct(m['refusal_rate'])} of {m['n_prompts']} | "
+            f"{_pct(m['over_refusal_rate'])} of {m['over_refusal']['n_prompts']} | "
+            f"{_num(m.get('kl_divergence'))} | {_num(m.get('kl_divergence_multi_token'))} | "
+            f"{m['reference_cross_entropy']:.3f} |"
+        )
+    lines.append("")
+    if "kl_tokens" in edited:
+        lines.append(
+            "KL divergences are KL(baseline ‖ model) on harmless prompts; multi-token KL averages "
+            f"the first {edited['kl_tokens']} positions of the baseline's own greedy "
+            "continuations."
+        )
+    else:
+        lines.append("No baseline was given, so no KL divergence was measured.")
+    data = report["data"]
+    lines += [
+        "",
+        f"Prompts: harmful `{data['eval_harmful']['name']}`, harmless "
+        f"`{data['eval_harmless']['name']}`, over-refusal `{data['over_refusal']['name']}`, "
+        f"reference answers `{data['reference_answers']['name']}`.",
+        "",
+        "## Judges",
+        "",
+        f"The first judge (`{report['judges'][0]}`) decides each completion's verdict.",
+        "",
+        "| model | judge | refusal | over-refusal |",
+        "|---|---|---:|---:|",
+    ]
+    for label, m in rows:
+        for name, j in m["judges"].items():
+            lines.append(
+                f"| {label} | `{name}` | {_pct(j['refusal_rate'])} | "
+                f"{_pct(j['over_refusal_rate'])} |"
+            )
+    if len(report["judges"]) > 1:
+        lines += ["", "| model | prompts | judges | agreement | Cohen's kappa |",
+                  "|---|---|---|---:|---:|"]  # fmt: skip
+        for label, m in rows:
+            for kind, pairs in m["judge_agreement"].items():
+                for p in pairs:
+                    lines.append(
+                        f"| {label} | {kind} | `{p['judges'][0]}` vs `{p['judges'][1]}` | "
+                        f"{_pct(p['agreement'])} | {_num(p['cohen_kappa'], '.3f')} |"
+                    )
+    lines += ["", "## Over-refusal by category", "", "| model | category | over-refusal |",
+              "|---|---|---:|"]  # fmt: skip
+    for label, m in rows:
+        for cat, rate in m["over_refusal"]["by_category"].items():
+            lines.append(f"| {label} | {cat} | {_pct(rate)} |")
+    lines += ["", "## Fluency of generated answers", "",
+              "Mean over answers of distinct-n (share of unique word n-grams) and n-gram entropy "
+              "(bits).", "",
+              "| model | prompts | distinct-1 | distinct-2 | distinct-3 | entropy-1 | entropy-2 "
+              "| entropy-3 |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for label, m in rows:
+        for kind, f in m["fluency"].items():
+            cells = [_num(f[f"distinct_{n}"], ".3f") for n in (1, 2, 3)]
+            cells += [_num(f[f"entropy_{n}"], ".2f") for n in (1, 2, 3)]
+            lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
+    if "benchmarks" in edited:
+        lines += ["", "## Benchmarks (lm-evaluation-harness, zero-shot)", "",
+                  "| model | task | items | acc | acc_norm |",
+                  "|---|---|---:|---:|---:|"]  # fmt: skip
+        for label, m in rows:
+            for task, s in m["benchmarks"].items():
+                lines.append(
+                    f"| {label} | {task} | {s['n']} | {_num(s.get('acc'), '.3f')} ± "
+                    f"{_num(s.get('acc_stderr'), '.3f')} | {_num(s.get('acc_norm'), '.3f')} |"
+                )
+    n_examples = report.get("n_examples", 4)
+    if n_examples and report.get("baseline"):
+        lines += ["", "## Examples", "", "| prompt | baseline | model |", "|---|---|---|"]
+        pairs = list(zip(report["baseline"]["completions"], edited["completions"], strict=True))
+        pairs.sort(key=lambda p: (not p[0]["refused"], p[1]["refused"]))
+        for b, e in pairs[:n_examples]:
+            lines.append(
+                f"| {_quote(b['prompt'])} | {_quote(b['response'])} | {_quote(e['response'])} |"
+            )
+    timings = report.get("timings", {})
+    if timings:
+        lines += ["", "## Stages", "", "| stage | seconds | peak RSS (MB) |", "|---|---:|---:|"]
+        for name, t in timings.items():
+            lines.append(f"| {name} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation_reports(directory: Path, report: dict[str, Any]) -> None:
+    """Write the evaluate command's ``report.json``, ``report.md`` and ``report.html``."""
+    from abliterate.html_report import render_html
+
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(render_evaluation_markdown(report))
+    (directory / "report.html").write_text(render_html(report), encoding="utf-8")
