@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from abliterate import __version__
-from abliterate.config import RunConfig, add_arguments, from_sources, read_config_file
+from abliterate.config import (
+    OptimizeConfig,
+    RunConfig,
+    add_arguments,
+    from_sources,
+    read_config_file,
+)
 from abliterate.errors import AbliterateError
 
 EXIT_USER_ERROR = 2
@@ -27,6 +33,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _build(RunConfig, args)
     run(config)
+    return 0
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from abliterate.pipeline import run
+
+    run(_build(OptimizeConfig, args))
     return 0
 
 
@@ -42,6 +55,13 @@ COMMANDS: dict[str, tuple[type[Any], Callable[[argparse.Namespace], int], str]] 
         _cmd_run,
         "Compute candidate refusal directions, select one automatically, remove it from the "
         "weights, evaluate before/after and export the edited model.",
+    ),
+    "optimize": (
+        OptimizeConfig,
+        _cmd_optimize,
+        "Like 'run --optimize': search directions and per-layer strengths for the fewest "
+        "refusals at the lowest KL (resumable Optuna study), confirm the Pareto front, then "
+        "evaluate once on held-out prompts and export.",
     ),
 }
 

@@ -8,7 +8,8 @@ Contents::
     environment.json       versions, model source and revision, prompt-set hashes, seed
     candidates.safetensors harmful and harmless means per layer and site (float64)
     scores.json            per-candidate refusal scores and KL (selection)
-    direction.{safetensors,json}, edit_spec.json
+    optimization.json      every search trial, the Pareto front and the choice (--optimize)
+    direction.{safetensors,json}, edit_spec.json (+ layer_directions.safetensors)
     report.json, report.md
     model/                 the edited model (safetensors) with abliteration.json
 """
@@ -89,6 +90,50 @@ def _environment(config: RunConfig, loaded: Any, data: dict[str, Any]) -> dict[s
     }
 
 
+def _optimize(
+    config: RunConfig,
+    model: Any,
+    tok: Any,
+    candidates: Any,
+    sets: dict[str, Any],
+    texts: dict[str, list[str]],
+    data: dict[str, Any],
+    refusal_ids: list[int],
+    judge: Any,
+) -> Any:
+    """The ``--optimize`` search: validation prompts only; the eval split is never passed in."""
+    from abliterate.optimize import default_storage, optimize_edit
+
+    fingerprint = {
+        "model": candidates.model,
+        "revision": candidates.revision,
+        "data": {k: data[k]["sha256"] for k in ("train_harmful", "train_harmless",
+                                                 "val_harmful", "val_harmless")},
+    }  # fmt: skip
+    return optimize_edit(
+        model,
+        tok,
+        candidates,
+        harmful_val=texts["val_harmful"],
+        harmful_val_prompts=sets["val_harmful"].prompts,
+        harmless_val=texts["val_harmless"],
+        refusal_ids=refusal_ids,
+        judge=judge,
+        site=config.site,
+        storage=config.storage or default_storage(config.out),
+        study_name=config.study_name,
+        fingerprint=fingerprint,
+        n_trials=config.trials,
+        refusal_target=config.refusal_target,
+        max_confirm=config.max_confirm,
+        prune_last_layers=config.prune_last_layers,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        trial=config.trial,
+    )
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Run the whole pipeline and return the report (also written to ``config.out``)."""
     import torch
@@ -101,6 +146,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     from abliterate.interventions import EditSpec, ablation_hooks, orthogonalize_
     from abliterate.judges import MarkerJudge
     from abliterate.models import load_model
+    from abliterate.optimize import SearchResult
     from abliterate.profiling import Profiler
     from abliterate.prompts import format_chat, resolve_prompts
     from abliterate.report import summary_table, write_reports
@@ -173,8 +219,16 @@ def run(config: RunConfig) -> dict[str, Any]:
 
         refusal_ids = refusal_token_ids(tok)
         selection: Selection | None = None
-        with prof.stage("selection"):
-            if config.layer is None:
+        search: SearchResult | None = None
+        with prof.stage("search" if config.optimize else "selection"):
+            if config.optimize:
+                search = _optimize(config, model, tok, candidates, sets, texts, data, refusal_ids,
+                                   judge)  # fmt: skip
+                direction = search.spec.direction
+                (tmp / "optimization.json").write_text(
+                    json.dumps(search.to_dict(), indent=2) + "\n"
+                )
+            elif config.layer is None:
                 selection = select_direction(
                     model,
                     tok,
@@ -206,6 +260,8 @@ def run(config: RunConfig) -> dict[str, Any]:
                     )
                 direction = candidates.direction(config.layer, config.site)
         spec = EditSpec.uniform(direction, arch.n_layers, config.strength)
+        if search is not None:
+            spec = search.spec
         spec.save(tmp)
 
         with prof.stage("baseline eval"):
@@ -275,6 +331,9 @@ def run(config: RunConfig) -> dict[str, Any]:
             "selection": None if selection is None else {
                 k: v for k, v in selection.to_dict().items() if k != "scores"
             },
+            "optimization": None if search is None else {
+                k: v for k, v in search.to_dict().items() if k != "trials"
+            },
             "data": data,
             "metrics": {
                 "baseline_refusal_rate": baseline_refusals.refusal_rate,
@@ -311,6 +370,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             "n_examples": config.n_examples,
             "timings": prof.to_dict(),
         }
+        if search is not None:
+            report["optimization"] = search.to_dict()
         write_reports(tmp, report, scores_table(selection) if selection else None)
     print(summary_table(report))
     print(f"\nRun directory: {config.out}")

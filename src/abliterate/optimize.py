@@ -1,0 +1,728 @@
+"""Optimized abliteration: a multi-objective Optuna search over how the direction is removed.
+
+A single mean-difference direction removed at full strength from every writer takes most
+refusals away but also moves the model on harmless prompts. This module searches a richer edit
+space (:class:`EditParams`) for edits that refuse less *and* move harmless prompts less:
+
+* direction source: a fractional layer position (interpolating the two neighbouring layers'
+  directions), or each layer its own direction; optionally *projected* (orthogonal to the
+  harmless mean, see :meth:`~abliterate.directions.Candidates.direction`);
+* a strength :class:`Profile` across layers for the attention outputs and one for the MLP
+  outputs (peak, position of the peak, width, edge strength; 0 outside the window);
+* plain or norm-preserving weight edits (:data:`~abliterate.interventions.EDIT_MODES`).
+
+Every point of the space is an :class:`~abliterate.interventions.EditSpec`, so it is scored
+through hooks and baked into the weights by the same code.
+
+The search never generates text. Each trial costs one forward pass (last position only) over
+the harmful and harmless *validation* prompts: the objectives are the mean next-token refusal
+probability on harmful prompts and the first-token KL divergence on harmless prompts, both
+minimised with multi-objective TPE. Only Pareto-front trials are then *confirmed* by
+generating answers to the harmful validation prompts and judging them, and the chosen trial is
+(:func:`choose`) the lowest-KL confirmed trial whose refusal rate is at most the target. The
+evaluation prompts are not touched here: the caller evaluates the chosen edit on them once.
+
+The study lives in Optuna storage (by default a SQLite file beside the run directory), so a
+killed run resumes where it stopped and several workers can share one study: trials of a worker
+that died (same host and a dead process id, or a stale heartbeat) are marked failed and not
+counted, and the search runs until the number of *completed* trials reaches the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from abliterate.config import Site
+from abliterate.directions import Candidates, Direction
+from abliterate.errors import ConfigError
+from abliterate.evaluation import generate
+from abliterate.interventions import EditSpec, maybe_hooks
+from abliterate.judges import Judge
+from abliterate.scoring import kl_divergence, next_token_logprobs, refusal_scores
+
+if TYPE_CHECKING:
+    import optuna
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# Bump when the meaning of a stored parameter changes, so an old study is not resumed by
+# mistake (its trials would describe different edits).
+SPACE_VERSION = 1
+COMPONENTS = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Strength of one kind of writer across layers: a peak that falls off linearly.
+
+    ``strength(i) = peak * (1 - (1 - edge) * |i - position| / width)`` for layers within
+    ``width`` of ``position``, and 0 (untouched) beyond.
+
+    Attributes:
+        peak: Strength at ``position`` (1 removes the direction completely).
+        position: Fractional layer index of the peak.
+        width: Distance in layers at which the strength has fallen to ``edge * peak``.
+        edge: Strength at the window's edge, as a fraction of the peak.
+    """
+
+    peak: float
+    position: float
+    width: float
+    edge: float
+
+    def __post_init__(self) -> None:
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        if not 0.0 <= self.edge <= 1.0:
+            raise ValueError(f"edge must be in [0, 1], got {self.edge}")
+
+    def strengths(self, n_layers: int) -> tuple[float, ...]:
+        """Per-layer strengths."""
+        out = []
+        for i in range(n_layers):
+            distance = abs(i - self.position)
+            if distance > self.width:
+                out.append(0.0)
+            else:
+                out.append(self.peak * (1.0 - (1.0 - self.edge) * distance / self.width))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """One point of the search space; :meth:`to_spec` turns it into an :class:`EditSpec`.
+
+    Attributes:
+        direction_layer: Fractional layer position of the global direction.
+        per_layer: Each layer's writers remove that layer's own direction (the embedding,
+            untouched by the search, and degenerate layers use the global one).
+        projected: Directions are made orthogonal to the harmless mean.
+        norm_preserving: Edit in norm-preserving mode instead of plain projection.
+        attention, mlp: Strength profiles of the two kinds of writer.
+    """
+
+    direction_layer: float
+    per_layer: bool
+    projected: bool
+    norm_preserving: bool
+    attention: Profile
+    mlp: Profile
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat ``{name: value}`` as stored in the Optuna study."""
+        out: dict[str, Any] = {
+            "direction_layer": self.direction_layer,
+            "per_layer": self.per_layer,
+            "projected": self.projected,
+            "norm_preserving": self.norm_preserving,
+        }
+        for component in COMPONENTS:
+            for key, value in asdict(getattr(self, component)).items():
+                out[f"{component}_{key}"] = value
+        return out
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EditParams:
+        """Inverse of :meth:`to_params`."""
+        profiles = {
+            c: Profile(
+                peak=float(params[f"{c}_peak"]),
+                position=float(params[f"{c}_position"]),
+                width=float(params[f"{c}_width"]),
+                edge=float(params[f"{c}_edge"]),
+            )
+            for c in COMPONENTS
+        }
+        return cls(
+            direction_layer=float(params["direction_layer"]),
+            per_layer=bool(params["per_layer"]),
+            projected=bool(params["projected"]),
+            norm_preserving=bool(params["norm_preserving"]),
+            attention=profiles["attention"],
+            mlp=profiles["mlp"],
+        )
+
+    def to_spec(self, candidates: Candidates, site: Site) -> EditSpec:
+        """The edit these parameters describe, with directions taken at ``site``."""
+        n = candidates.n_layers
+        direction = candidates.direction_at(self.direction_layer, site, projected=self.projected)
+        layer_directions: tuple[Direction, ...] | None = None
+        if self.per_layer:
+            layer_directions = tuple(
+                direction
+                if candidates.is_degenerate(i, site)
+                else candidates.direction(i, site, projected=self.projected)
+                for i in range(n)
+            )
+        return EditSpec(
+            direction=direction,
+            embedding=0.0,
+            attention=self.attention.strengths(n),
+            mlp=self.mlp.strengths(n),
+            layer_directions=layer_directions,
+            mode="norm_preserving" if self.norm_preserving else "plain",
+        )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Bounds of the searched parameters for a model of ``n_layers`` layers.
+
+    The direction may come from ``min_layer`` to ``max_layer`` (the last layers are pruned as in
+    selection: they encode output tokens rather than the concept); peaks may sit anywhere.
+    Peak strengths start above 0 because a zero peak is the unedited model, which the search
+    need not rediscover, and stop at 1.5 because overshooting a little can cancel what the
+    other layers' writers add back.
+    """
+
+    n_layers: int
+    min_layer: float
+    max_layer: float
+    peak: tuple[float, float] = (0.2, 1.5)
+
+    def suggest(self, trial: optuna.Trial) -> EditParams:
+        """Sample one point (every parameter always, which multivariate TPE needs)."""
+        last = float(self.n_layers - 1)
+        direction_layer = trial.suggest_float("direction_layer", self.min_layer, self.max_layer)
+        per_layer = trial.suggest_categorical("per_layer", [False, True])
+        projected = trial.suggest_categorical("projected", [False, True])
+        norm_preserving = trial.suggest_categorical("norm_preserving", [False, True])
+        profiles = {}
+        for c in COMPONENTS:
+            profiles[c] = Profile(
+                peak=trial.suggest_float(f"{c}_peak", *self.peak),
+                position=trial.suggest_float(f"{c}_position", 0.0, last),
+                width=trial.suggest_float(f"{c}_width", 1.0, float(self.n_layers)),
+                edge=trial.suggest_float(f"{c}_edge", 0.0, 1.0),
+            )
+        return EditParams(
+            direction_layer=direction_layer,
+            per_layer=bool(per_layer),
+            projected=bool(projected),
+            norm_preserving=bool(norm_preserving),
+            attention=profiles["attention"],
+            mlp=profiles["mlp"],
+        )
+
+    def seeds(self) -> list[EditParams]:
+        """Starting points enqueued in a new study.
+
+        The classic edit (one mid-depth direction at full strength everywhere) at three depths,
+        and a gentler variant of each: a projected, norm-preserving direction whose strength
+        peaks at the direction's own layer and fades towards both ends. They give TPE a
+        compliant corner of the front from the first trials on.
+        """
+        n = self.n_layers
+        out = []
+        for frac in (0.4, 0.5, 0.6):
+            layer = min(max(frac * (n - 1), self.min_layer), self.max_layer)
+            everywhere = Profile(peak=1.0, position=(n - 1) / 2, width=float(n), edge=1.0)
+            out.append(EditParams(layer, False, False, False, everywhere, everywhere))
+            fading = Profile(peak=1.0, position=layer, width=n / 2, edge=0.5)
+            out.append(EditParams(layer, False, True, True, fading, fading))
+        return out
+
+
+class CheapObjective:
+    """The generation-free objectives of one edit: refusal probability and first-token KL.
+
+    Args:
+        harmful, harmless: Chat-formatted validation texts.
+        refusal_ids: Token ids whose probability makes up the refusal probability.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        refusal_ids: Sequence[int],
+        batch_size: int = 32,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.harmful, self.harmless = list(harmful), list(harmless)
+        self.refusal_ids = list(refusal_ids)
+        self.batch_size = batch_size
+        self.base_harmless = next_token_logprobs(model, tokenizer, harmless, batch_size=batch_size)
+        base_harmful = next_token_logprobs(model, tokenizer, harmful, batch_size=batch_size)
+        self.baseline = self._refusal(base_harmful)
+
+    def _refusal(self, logprobs: torch.Tensor) -> dict[str, float]:
+        # Mean probability that the answer opens like a refusal: bounded and close in meaning
+        # to a refusal *rate*, unlike the mean log-odds, which a few prompts can dominate.
+        prob = torch.logsumexp(logprobs[:, self.refusal_ids], dim=-1).exp()
+        return {
+            "refusal_prob": float(prob.mean()),
+            "refusal_score": float(refusal_scores(logprobs, self.refusal_ids).mean()),
+        }
+
+    def __call__(self, spec: EditSpec) -> dict[str, float]:
+        """``{"refusal_prob", "refusal_score", "kl"}`` of ``spec`` on the validation prompts."""
+        kw = {"spec": spec, "batch_size": self.batch_size}
+        harmful = next_token_logprobs(self.model, self.tokenizer, self.harmful, **kw)  # type: ignore[arg-type]
+        harmless = next_token_logprobs(self.model, self.tokenizer, self.harmless, **kw)  # type: ignore[arg-type]
+        kl = float(kl_divergence(self.base_harmless, harmless).mean())
+        return {**self._refusal(harmful), "kl": kl}
+
+
+@dataclass
+class TrialRecord:
+    """One finished trial as reported (the ``report.json`` ``optimization.trials`` entries)."""
+
+    number: int
+    refusal_score: float
+    kl: float
+    params: dict[str, Any]
+    pareto: bool = False
+    confirmed_refusal_rate: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; ``confirmed_refusal_rate`` only for confirmed trials."""
+        out = asdict(self)
+        if self.confirmed_refusal_rate is None:
+            del out["confirmed_refusal_rate"]
+        return out
+
+
+@dataclass
+class SearchResult:
+    """The outcome of :func:`optimize_edit`."""
+
+    spec: EditSpec
+    chosen: TrialRecord
+    trials: list[TrialRecord]
+    rule: str
+    met_target: bool
+    refusal_target: float
+    baseline: dict[str, float]
+    storage: str
+    study_name: str
+    n_trials: int
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` ``optimization`` entry."""
+        return {
+            "objectives": [
+                "refusal_prob (harmful val, next token)",
+                "kl (harmless val, first token)",
+            ],
+            "trials": [t.to_dict() for t in self.trials],
+            "chosen": self.chosen.to_dict(),
+            "rule": self.rule,
+            "met_refusal_target": self.met_target,
+            "refusal_target": self.refusal_target,
+            "baseline": self.baseline,
+            "storage": self.storage,
+            "study_name": self.study_name,
+            "n_trials": self.n_trials,
+            "seconds": self.seconds,
+        }
+
+
+# --- the study ---------------------------------------------------------------------------
+
+
+def default_storage(out: Path) -> str:
+    """``sqlite:///OUT.study.db``: beside the run directory, so it outlives a failed run."""
+    path = out.resolve()
+    return f"sqlite:///{path.with_name(path.name + '.study.db')}"
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials whose worker is gone as FAIL; returns their numbers.
+
+    A worker on this host is gone when its process id no longer exists (a killed run, resumed
+    at once). Workers elsewhere are judged by Optuna's heartbeat, when the storage has one.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    storage = study._storage  # the public Study API cannot change another trial's state
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(t.user_attrs.get("worker", ""))
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed.append(t.number)
+    if failed:
+        log.info("marked %d trial(s) of dead workers as failed: %s", len(failed), failed)
+    return failed
+
+
+def open_study(
+    storage: str, study_name: str, fingerprint: dict[str, Any], seed: int
+) -> optuna.Study:
+    """Create or resume the study, refusing one made for a different model or prompts.
+
+    Raises:
+        ConfigError: the stored study's fingerprint differs from ``fingerprint``.
+    """
+    try:
+        import optuna
+    except ImportError as exc:
+        raise ConfigError("--optimize needs optuna: pip install 'abliterate[optimize]'.") from exc
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats (how workers on other machines are found dead) are marked experimental.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+    # The seed is offset by the number of stored trials so a resumed run does not replay the
+    # random start-up samples that the killed run already evaluated.
+    existing = optuna.get_all_study_names(rdb)
+    n_stored = 0
+    if study_name in existing:
+        n_stored = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
+    sampler = optuna.samplers.TPESampler(
+        seed=seed + n_stored, multivariate=True, n_startup_trials=8, constant_liar=True
+    )
+    study = optuna.create_study(
+        storage=rdb,
+        study_name=study_name,
+        directions=["minimize", "minimize"],
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", fingerprint)
+    elif stored != fingerprint:
+        changed = sorted(
+            k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
+        )
+        raise ConfigError(
+            f"study '{study_name}' in {storage} was made for a different configuration "
+            f"(differs in: {', '.join(changed)}); pass another --study-name or --storage, or "
+            "delete the stored study to start again."
+        )
+    return study
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's completed trials, in trial order."""
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def run_trials(
+    study: optuna.Study,
+    space: SearchSpace,
+    evaluate: Callable[[EditParams], dict[str, float]],
+    n_trials: int,
+) -> None:
+    """Run trials until ``n_trials`` are complete in the study (from any worker)."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    fail_dead_trials(study)
+    if not study.trials:
+        for params in space.seeds():
+            study.enqueue_trial(params.to_params(), skip_if_exists=True)
+    remaining = n_trials - len(completed(study))
+    if remaining <= 0:
+        log.info("the study already has %d completed trials", len(completed(study)))
+        return
+    log.info("running %d trial(s) (%d already completed)", remaining, len(completed(study)))
+    worker = _worker_id()
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", worker)
+        values = evaluate(space.suggest(trial))
+        for key, value in values.items():
+            trial.set_user_attr(key, value)
+        log.info(
+            "trial %d: refusal prob %.3f, KL %.4f",
+            trial.number,
+            values["refusal_prob"],
+            values["kl"],
+        )
+        return values["refusal_prob"], values["kl"]
+
+    study.optimize(
+        objective,
+        n_trials=remaining,
+        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+        gc_after_trial=False,
+        show_progress_bar=False,
+    )
+
+
+def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Records not dominated in (refusal_score, kl), sorted by KL."""
+    front = [
+        r
+        for r in records
+        if not any(
+            o.refusal_score <= r.refusal_score
+            and o.kl <= r.kl
+            and (o.refusal_score < r.refusal_score or o.kl < r.kl)
+            for o in records
+        )
+    ]
+    return sorted(front, key=lambda r: (r.kl, r.refusal_score))
+
+
+def choose(
+    front: Sequence[TrialRecord],
+    confirm: Callable[[TrialRecord], float],
+    target: float,
+    max_confirm: int,
+) -> tuple[TrialRecord, bool]:
+    """The lowest-KL front trial whose confirmed refusal rate is at most ``target``.
+
+    Along the front (sorted by KL) refusals fall as KL rises, so the first trial that meets
+    the target is found by bisection: the most compliant end is confirmed first, then the
+    midpoint of the interval that still contains the boundary, at most ``max_confirm`` times.
+    Each confirmation's rate is stored on the record. Returns ``(chosen, met_target)``; when no
+    confirmed trial meets the target, the one with the lowest confirmed rate (then KL).
+    """
+    if not front:
+        raise ValueError("the study has no completed trials to choose from")
+    budget = [max_confirm]
+
+    def rate(i: int) -> float:
+        rec = front[i]
+        if rec.confirmed_refusal_rate is None:
+            budget[0] -= 1
+            rec.confirmed_refusal_rate = confirm(rec)
+        return rec.confirmed_refusal_rate
+
+    lo, hi = -1, len(front) - 1  # invariant: front[hi] meets the target, front[lo] does not
+    if rate(hi) <= target:
+        while hi - lo > 1 and budget[0] > 0:
+            mid = (lo + hi) // 2
+            if rate(mid) <= target:
+                hi = mid
+            else:
+                lo = mid
+    confirmed = [r for r in front if r.confirmed_refusal_rate is not None]
+    meeting = [r for r in confirmed if r.confirmed_refusal_rate <= target]  # type: ignore[operator]
+    if meeting:
+        return min(meeting, key=lambda r: r.kl), True
+    return min(confirmed, key=lambda r: (r.confirmed_refusal_rate, r.kl)), False
+
+
+def optimize_edit(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    candidates: Candidates,
+    *,
+    harmful_val: Sequence[str],
+    harmful_val_prompts: Sequence[str],
+    harmless_val: Sequence[str],
+    refusal_ids: Sequence[int],
+    judge: Judge,
+    site: Site,
+    storage: str,
+    study_name: str,
+    fingerprint: dict[str, Any],
+    n_trials: int,
+    refusal_target: float,
+    max_confirm: int,
+    prune_last_layers: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    trial: int | None = None,
+) -> SearchResult:
+    """Search the edit space on validation prompts and choose an edit (see module docstring).
+
+    Args:
+        harmful_val, harmless_val: Chat-formatted validation texts.
+        harmful_val_prompts: The raw harmful validation instructions (for the judge).
+        trial: Skip the automatic choice and use this trial number of the study.
+    """
+    from abliterate.selection import max_candidate_layer
+
+    n = candidates.n_layers
+    degenerate_first = candidates.is_degenerate(0, site)
+    space = SearchSpace(
+        n_layers=n,
+        min_layer=1.0 if degenerate_first else 0.0,
+        max_layer=float(max(max_candidate_layer(n, prune_last_layers), 1)),
+    )
+    fingerprint = {**fingerprint, "space_version": SPACE_VERSION, "site": site, "n_layers": n,
+                   "prune_last_layers": prune_last_layers}  # fmt: skip
+    study = open_study(storage, study_name, fingerprint, seed)
+    objective = CheapObjective(
+        model, tokenizer, harmful_val, harmless_val, refusal_ids, batch_size=batch_size
+    )
+    started = time.perf_counter()
+    run_trials(study, space, lambda p: objective(p.to_spec(candidates, site)), n_trials)
+    search_seconds = time.perf_counter() - started
+
+    records = [
+        TrialRecord(
+            number=t.number,
+            refusal_score=float(t.values[0]),
+            kl=float(t.values[1]),
+            params=dict(t.params),
+        )
+        for t in completed(study)
+    ]
+    if not records:
+        raise ConfigError(f"study '{study_name}' has no completed trials; raise --trials.")
+    front = pareto_front(records)
+    for r in front:
+        r.pareto = True
+
+    def confirm(record: TrialRecord) -> float:
+        spec = EditParams.from_params(record.params).to_spec(candidates, site)
+        with maybe_hooks(model, spec):
+            responses = generate(
+                model,
+                tokenizer,
+                harmful_val,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                desc=f"Confirming trial {record.number}",
+            )
+        refused = judge(list(harmful_val_prompts), responses)
+        rate = sum(refused) / len(refused)
+        log.info("trial %d: confirmed refusal rate %.3f", record.number, rate)
+        return rate
+
+    started = time.perf_counter()
+    if trial is not None:
+        by_number = {r.number: r for r in records}
+        if trial not in by_number:
+            raise ConfigError(
+                f"trial {trial} is not a completed trial of study '{study_name}'; completed: "
+                f"{', '.join(str(k) for k in sorted(by_number))}."
+            )
+        chosen = by_number[trial]
+        chosen.confirmed_refusal_rate = confirm(chosen)
+        met = chosen.confirmed_refusal_rate <= refusal_target
+        rule = f"trial {trial}, chosen by the user (--trial)"
+    else:
+        chosen, met = choose(front, confirm, refusal_target, max_confirm)
+        rule = (
+            "lowest first-token KL among Pareto-front trials whose judged refusal rate on the "
+            f"harmful validation prompts is at most {refusal_target:g} (front confirmed by "
+            f"bisection along KL, at most {max_confirm} generations)"
+        )
+        if not met:
+            rule += (
+                "; no confirmed trial met the target, so the one with the lowest confirmed "
+                "refusal rate was chosen"
+            )
+            log.warning("no confirmed trial reached the refusal target %.3f", refusal_target)
+    confirm_seconds = time.perf_counter() - started
+    spec = EditParams.from_params(chosen.params).to_spec(candidates, site)
+    return SearchResult(
+        spec=spec,
+        chosen=chosen,
+        trials=records,
+        rule=rule,
+        met_target=met,
+        refusal_target=refusal_target,
+        baseline=objective.baseline,
+        storage=storage,
+        study_name=study_name,
+        n_trials=n_trials,
+        seconds={"search": round(search_seconds, 2), "confirm": round(confirm_seconds, 2)},
+    )
+
+
+def pareto_table(optimization: dict[str, Any]) -> str:
+    """A Markdown table of the Pareto-front trials (from the ``optimization`` report entry)."""
+    chosen = optimization["chosen"]["number"]
+    front = [t for t in optimization["trials"] if t["pareto"]]
+    front.sort(key=lambda t: t["kl"])
+    lines = [
+        "| trial | refusal prob (val) | first-token KL (val) | judged refusals (val) | "
+        "direction layer | attn peak @ pos | MLP peak @ pos | per-layer | projected | "
+        "norm-pres. | |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|:---|",
+    ]
+    for t in front:
+        p = t["params"]
+        rate = t.get("confirmed_refusal_rate")
+        lines.append(
+            f"| {t['number']} | {t['refusal_score']:.3f} | {t['kl']:.4f} | "
+            f"{'' if rate is None else f'{100 * rate:.1f}%'} | {p['direction_layer']:.2f} | "
+            f"{p['attention_peak']:.2f} @ {p['attention_position']:.1f} | "
+            f"{p['mlp_peak']:.2f} @ {p['mlp_position']:.1f} | {_yes(p['per_layer'])} | "
+            f"{_yes(p['projected'])} | {_yes(p['norm_preserving'])} | "
+            f"{'◀ chosen' if t['number'] == chosen else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def front_plot(optimization: dict[str, Any], width: int = 60, height: int = 16) -> str:
+    """A text scatter plot of every trial: KL (x, log scale) against refusal probability (y).
+
+    ``·`` is a trial, ``o`` a Pareto-front trial, ``*`` the chosen one.
+    """
+    trials = optimization["trials"]
+    kls = [max(t["kl"], 1e-6) for t in trials]
+    lo, hi = math.log10(min(kls)), math.log10(max(kls))
+    span = (hi - lo) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+    for t, kl in sorted(zip(trials, kls, strict=True), key=lambda p: p[0]["pareto"]):
+        x = round((math.log10(kl) - lo) / span * (width - 1))
+        y = round((1.0 - min(max(t["refusal_score"], 0.0), 1.0)) * (height - 1))
+        mark = "o" if t["pareto"] else "·"
+        if t["number"] == optimization["chosen"]["number"]:
+            mark = "*"
+        if grid[y][x] not in ("*",):
+            grid[y][x] = mark
+    rows = ["refusal prob", "1.0 ┤" + "".join(grid[0])]
+    rows += ["    │" + "".join(r) for r in grid[1:-1]]
+    rows += ["0.0 ┤" + "".join(grid[-1]), "    └" + "─" * width]
+    rows.append(f"     KL {10**lo:.2g} … {10**hi:.2g} (log scale)")
+    return "\n".join(rows)
+
+
+def describe_edit(edit: dict[str, Any]) -> str:
+    """One paragraph describing an optimized edit (from its ``EditSpec.to_dict``)."""
+    d = edit["direction"]
+    source = (
+        "each layer's own direction"
+        if edit.get("layer_directions")
+        else f"the direction at layer position {float(d['layer']):.2f}, site `{d['site']}`"
+    )
+    touched = [i for i, (a, m) in enumerate(zip(edit["attention"], edit["mlp"], strict=True))
+               if a or m]  # fmt: skip
+    span = f"layers {touched[0]}–{touched[-1]}" if touched else "no layer"
+    return (
+        f"Removed {source}{' (projected off the harmless mean)' if d.get('projected') else ''} "
+        f"in {edit.get('mode', 'plain').replace('_', '-')} mode from {span}: peak attention "
+        f"strength {max(edit['attention']):.2f}, peak MLP strength {max(edit['mlp']):.2f}, "
+        f"embedding {edit['embedding']:g}."
+    )
