@@ -16,6 +16,7 @@ import torch
 
 from abliterate.architecture import Architecture
 from abliterate.config import SITES, Site
+from abliterate.profiling import progress
 from abliterate.prompts import batches
 
 if TYPE_CHECKING:
@@ -86,15 +87,11 @@ def mean_activations(
     Returns:
         ``(n_layers, len(sites), d_model)`` float64 tensor on the CPU.
     """
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     total = torch.zeros(arch.n_layers, len(sites), arch.d_model, dtype=torch.float64)
     n_batches = -(-len(texts) // batch_size)
     with capture_last_token(arch, sites, total):
-        for _, enc in tqdm(
-            batches(tokenizer, texts, batch_size), total=n_batches, desc=desc, disable=None
-        ):
+        for _, enc in progress(batches(tokenizer, texts, batch_size), total=n_batches, desc=desc):
             # Only the hooks' side effect is needed: skip the vocabulary projection entirely.
             arch.body(**enc.to(device))
     return total / len(texts)

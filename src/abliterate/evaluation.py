@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from abliterate.judges import Judge
+from abliterate.profiling import progress
 from abliterate.prompts import batches
 
 if TYPE_CHECKING:
@@ -32,14 +33,10 @@ def generate(
     desc: str = "Generating",
 ) -> list[str]:
     """Greedy continuations of chat-formatted ``texts``, decoded without special tokens."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     out: list[str] = [""] * len(texts)
     n_batches = -(-len(texts) // batch_size)
-    for idx, enc in tqdm(
-        batches(tokenizer, texts, batch_size), total=n_batches, desc=desc, disable=None
-    ):
+    for idx, enc in progress(batches(tokenizer, texts, batch_size), total=n_batches, desc=desc):
         enc = enc.to(device)
         tokens = model.generate(  # type: ignore[operator]
             **enc,

@@ -12,12 +12,14 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _STATM = Path("/proc/self/statm")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -77,3 +79,24 @@ class Profiler:
             s.name: {"seconds": round(s.seconds, 2), "peak_rss_mb": round(s.peak_rss_mb, 1)}
             for s in self.stages
         }
+
+
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
+    """A progress bar over ``iterable``: live on a terminal, a line every 30 s in logs.
+
+    tqdm's own TTY detection would hide the bar entirely in CI and piped runs, leaving minutes
+    of silence; printing at a long interval keeps logs short and still shows progress.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    yield from tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        mininterval=0.1 if interactive else 30.0,
+        dynamic_ncols=interactive,
+        ascii=not interactive,
+    )

@@ -27,6 +27,7 @@ import torch
 from abliterate.config import Site
 from abliterate.directions import Candidates, Direction
 from abliterate.interventions import EditSpec
+from abliterate.profiling import progress
 from abliterate.scoring import kl_divergence, next_token_logprobs, refusal_scores
 
 if TYPE_CHECKING:
@@ -136,8 +137,6 @@ def select_direction(
         harmful_val, harmless_val: Chat-formatted validation texts.
         refusal_ids: Token ids whose probability makes up the refusal score.
     """
-    from tqdm.auto import tqdm
-
     n_layers = candidates.n_layers
     max_layer = max_candidate_layer(n_layers, prune_last_layers)
     screen_harmful, screen_harmless = harmful_val[:n_screen], harmless_val[:n_screen]
@@ -156,7 +155,7 @@ def select_direction(
         for site in candidates.sites
         if not candidates.is_degenerate(layer, site)
     ]
-    for layer, site in tqdm(keys, desc="Screening candidates", disable=None):
+    for layer, site in progress(keys, desc="Screening candidates"):
         direction = candidates.direction(layer, site)
         twin = next((s for d, s in seen if torch.equal(d.vector, direction.vector)), None)
         if twin is not None:
@@ -183,7 +182,7 @@ def select_direction(
     distinct = [s for s in scores if s.same_as is None]
     distinct.sort(key=lambda s: _rank_key(s.screen_refusal, s.screen_kl, kl_threshold))
     finalists = distinct[:n_finalists]
-    for score in tqdm(finalists, desc="Scoring finalists", disable=None):
+    for score in progress(finalists, desc="Scoring finalists"):
         spec = EditSpec.uniform(directions[score.key], n_layers, strength)
         score.refusal, score.kl = _measure(
             model, tokenizer, spec, harmful_val, harmless_val, base_full, refusal_ids, batch_size
