@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-LOCK = "/tmp/abliterate-demo.lock"
+LOCK = os.environ.get("ABLITERATE_DEMO_LOCK", "/tmp/abliterate-demo.lock")
 HERETIC_VERSION = "1.4.0"
 HERETIC_STARTUP_FRACTION = 60 / 200  # heretic's default n_startup_trials / n_trials
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def heretic_args(args: argparse.Namespace, prompts: dict[str, Path], model_dir: 
         "--device-map", "cpu",
         "--batch-size", str(args.batch_size),
         "--max-response-length", str(args.max_new_tokens),
-        "--system-prompt", default_system_prompt(model_dir),
+        "--system-prompt", args.system_prompt or default_system_prompt(model_dir),
         "--n-trials", str(args.heretic_trials),
         "--n-startup-trials", str(startup),
         "--seed", str(args.seed),
@@ -397,6 +397,16 @@ def main() -> None:
     )
     parser.add_argument("--refusal-target", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="heretic's model (default: the demo model's cached directory); "
+        "for dry runs of the heretic phases on a tiny model",
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, help="default: the one the model's chat template inserts"
+    )
     parser.add_argument("--edited", type=Path)  # for _evaluate
     parser.add_argument("--out", type=Path)  # for _evaluate
     args = parser.parse_args()  # fmt: skip
@@ -408,7 +418,7 @@ def main() -> None:
 
     from abliterate.demo import ensure_demo_model
 
-    model_dir = ensure_demo_model()
+    model_dir = args.model_dir or ensure_demo_model()
     phases = (["setup", "abliterate", "heretic", "heretic-export", "heretic-eval", "table"]
               if args.phase == "all" else [args.phase])  # fmt: skip
     for phase in phases:
