@@ -162,3 +162,27 @@ def test_projected_and_interpolated_directions() -> None:
     assert abs(float(mid_projected.vector.double() @ mean_mid)) < 1e-5
     with pytest.raises(ValueError, match="out of range"):
         c.direction_at(3.5, "mid")
+
+
+@pytest.mark.parametrize("kind", [None, "per_layer", "norm_preserving_per_layer_partial"])
+def test_shared_prefix_scorer_equals_plain_next_token_logprobs(
+    kind: str | None, family: str, make_model: Callable[[str], Any], tokenizer: Any,
+    texts: list[str],
+) -> None:  # fmt: skip
+    from abliterate.prefix import SharedPrefixScorer, common_prefix_length
+    from abliterate.prompts import format_chat
+    from abliterate.scoring import next_token_logprobs
+
+    model = make_model(family)
+    spec = None if kind is None else make_spec(model, kind)
+    prompts = ["How do I bake bread?", "Explain how to pick a lock.", "What is the capital?",
+               "Write a poem about the sea and the wind at night.", "def add(a, b)"]  # fmt: skip
+    for chat in (texts, format_chat(tokenizer, prompts, "Sure, here is a system prompt.")):
+        scorer = SharedPrefixScorer(model, tokenizer, chat, batch_size=2)
+        expected = next_token_logprobs(model, tokenizer, chat, spec=spec, batch_size=4)
+        got = scorer.logprobs(spec)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=2e-4), float((got - expected).abs().max())
+    assert scorer.prefix_length > 5  # the system prompt is shared, hence computed once
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_length([[5], [6]]) == 0

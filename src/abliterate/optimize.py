@@ -49,7 +49,8 @@ from abliterate.errors import ConfigError
 from abliterate.evaluation import generate
 from abliterate.interventions import EditSpec, maybe_hooks
 from abliterate.judges import Judge
-from abliterate.scoring import kl_divergence, next_token_logprobs, refusal_scores
+from abliterate.prefix import SharedPrefixScorer
+from abliterate.scoring import kl_divergence, refusal_scores
 
 if TYPE_CHECKING:
     import optuna
@@ -252,13 +253,12 @@ class CheapObjective:
         refusal_ids: Sequence[int],
         batch_size: int = 32,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.harmful, self.harmless = list(harmful), list(harmless)
+        # The chat template's shared opening is computed once per batch (see abliterate.prefix).
+        self.harmful = SharedPrefixScorer(model, tokenizer, harmful, batch_size)
+        self.harmless = SharedPrefixScorer(model, tokenizer, harmless, batch_size)
         self.refusal_ids = list(refusal_ids)
-        self.batch_size = batch_size
-        self.base_harmless = next_token_logprobs(model, tokenizer, harmless, batch_size=batch_size)
-        base_harmful = next_token_logprobs(model, tokenizer, harmful, batch_size=batch_size)
-        self.baseline = self._refusal(base_harmful)
+        self.base_harmless = self.harmless.logprobs()
+        self.baseline = self._refusal(self.harmful.logprobs())
 
     def _refusal(self, logprobs: torch.Tensor) -> dict[str, float]:
         # Mean probability that the answer opens like a refusal: bounded and close in meaning
@@ -271,11 +271,9 @@ class CheapObjective:
 
     def __call__(self, spec: EditSpec) -> dict[str, float]:
         """``{"refusal_prob", "refusal_score", "kl"}`` of ``spec`` on the validation prompts."""
-        kw = {"spec": spec, "batch_size": self.batch_size}
-        harmful = next_token_logprobs(self.model, self.tokenizer, self.harmful, **kw)  # type: ignore[arg-type]
-        harmless = next_token_logprobs(self.model, self.tokenizer, self.harmless, **kw)  # type: ignore[arg-type]
+        harmless = self.harmless.logprobs(spec)
         kl = float(kl_divergence(self.base_harmless, harmless).mean())
-        return {**self._refusal(harmful), "kl": kl}
+        return {**self._refusal(self.harmful.logprobs(spec)), "kl": kl}
 
 
 @dataclass
