@@ -20,9 +20,9 @@ Two refinements are part of the spec:
 * *norm-preserving* mode: each residual write vector (a column of a Linear writer's weight, a
   row of the embedding) is projected and then rescaled to its original norm, so the edit only
   rotates what a writer can write instead of also shrinking it. This is no longer a projection
-  of the writer's *output*, so its hook recomputes the output from the input with the edited
-  weight, cached while the hooks are active; hooks and baked weights then run the very same
-  tensors. Biases are only projected (a bias is one constant offset, not a family of write
+  of the writer's *output* alone: the edited weight is ``(W - s d dᵀW) diag(r)`` with ``r`` the
+  per-column rescaling, so its hooks scale the writer's input by ``r`` and project its output.
+  Biases are only projected (a bias is one constant offset, not a family of write
   vectors whose relative sizes matter).
 """
 
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from abliterate.architecture import Architecture, resolve_architecture
@@ -172,10 +171,14 @@ def edit_write_vectors(
     rf = rows.float()
     edited = rf - strength * (rf @ d).unsqueeze(-1) * d
     if mode == "norm_preserving":
-        old = rf.norm(dim=-1, keepdim=True)
-        new = edited.norm(dim=-1, keepdim=True)
-        edited = edited * torch.where(new > 0, old / new.clamp(min=1e-30), torch.ones_like(new))
+        edited = edited * _norm_scales(rf, edited).unsqueeze(-1)
     return edited
+
+
+def _norm_scales(rows: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """Per row, ``|row| / |edited row|`` (1 where the edit left nothing to rescale)."""
+    old, new = rows.norm(dim=-1), edited.norm(dim=-1)
+    return torch.where(new > 0, old / new.clamp(min=1e-30), torch.ones_like(new))
 
 
 def _check(spec: EditSpec, arch: Architecture) -> None:
@@ -203,6 +206,14 @@ def _writers(spec: EditSpec, arch: Architecture) -> Iterator[tuple[nn.Module, fl
     for module, strength, vector in triples:
         if strength != 0.0:
             yield module, strength, vector
+
+
+@torch.no_grad()
+def _column_scales(linear: nn.Linear, d: torch.Tensor, strength: float) -> torch.Tensor:
+    """``(d_in,)`` norm-preserving rescaling of each write vector (weight column)."""
+    columns = linear.weight.detach().T.float()  # (d_in, d_model)
+    dd = d.to(columns.device, torch.float32)
+    return _norm_scales(columns, columns - strength * (columns @ dd).unsqueeze(-1) * dd)
 
 
 def _edited_linear(
@@ -247,22 +258,28 @@ def ablation_hooks(model: nn.Module, spec: EditSpec) -> Iterator[None]:
 
         return hook
 
-    def recomputing_hook(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-        def hook(_module: nn.Module, inputs: Any, _output: torch.Tensor) -> torch.Tensor:
-            return F.linear(inputs[0], weight, bias)  # (batch, pos, d_model)
+    def input_scaling_hook(scales: torch.Tensor) -> Any:
+        def hook(_module: nn.Module, inputs: Any) -> Any:
+            return (inputs[0] * scales.to(inputs[0].dtype), *inputs[1:])  # (batch, pos, d_in)
 
         return hook
 
     try:
         for module, strength, vector in _writers(spec, arch):
-            if spec.mode == "plain":
-                hook = projecting_hook(vector, strength)
-            elif isinstance(module, nn.Embedding):
-                hook = rescaling_hook(vector, strength)
-            else:
-                weight, bias = _edited_linear(module, vector, strength, spec.mode)  # type: ignore[arg-type]
-                hook = recomputing_hook(weight, bias)
-            handles.append(module.register_forward_hook(hook))
+            if spec.mode == "norm_preserving" and isinstance(module, nn.Embedding):
+                handles.append(module.register_forward_hook(rescaling_hook(vector, strength)))
+                continue
+            if spec.mode == "norm_preserving":
+                # The norm-preserving weight is (W - s d dᵀW) diag(r), with r the per-column
+                # rescaling, so its output is the projection of W (r ⊙ x) (bias included, which
+                # is only projected): scale the input, then project the output as in plain mode.
+                # No weight copy and no second matrix product.
+                handles.append(
+                    module.register_forward_pre_hook(
+                        input_scaling_hook(_column_scales(module, vector, strength))  # type: ignore[arg-type]
+                    )
+                )
+            handles.append(module.register_forward_hook(projecting_hook(vector, strength)))
         yield
     finally:
         for h in handles:
