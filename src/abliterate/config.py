@@ -103,7 +103,7 @@ class SearchConfig:
     )
     trials: int = _help(
         "Completed search trials to reach (a resumed study counts the trials it already has).",
-        default=40,
+        default=32,
     )
     storage: str | None = _help(
         "Optuna storage URL of the study (e.g. sqlite:///study.db, postgresql://...). Default: "
@@ -120,7 +120,7 @@ class SearchConfig:
         default=0.05,
     )
     max_confirm: int = _help(
-        "Most Pareto-front trials confirmed by generating and judging answers.", default=5
+        "Most Pareto-front trials confirmed by generating and judging answers.", default=4
     )
     trial: int | None = _help(
         "Skip the automatic choice and use this trial number of the study.", default=None

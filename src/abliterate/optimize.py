@@ -220,20 +220,24 @@ class SearchSpace:
     def seeds(self) -> list[EditParams]:
         """Starting points enqueued in a new study.
 
-        The classic edit (one mid-depth direction at full strength everywhere) at three depths,
-        and a gentler variant of each: a projected, norm-preserving direction whose strength
-        peaks at the direction's own layer and fades towards both ends. They give TPE a
-        compliant corner of the front from the first trials on.
+        The classic edit (one direction at full strength from every writer) at 60, 70 and 80%
+        depth, where the demo model's refusal direction is strongest (selection on
+        Qwen2.5-Coder-0.5B-Instruct prefers layers 17 to 19 of 24), and a gentler variant of
+        each: strength peaking at the direction's own layer and fading to half over half the
+        stack. They give TPE a compliant corner of the front from the first trials on.
         """
         n = self.n_layers
         out = []
-        for frac in (0.4, 0.5, 0.6):
+        for frac in (0.6, 0.7, 0.8):
             layer = min(max(frac * (n - 1), self.min_layer), self.max_layer)
             everywhere = Profile(peak=1.0, position=(n - 1) / 2, width=float(n), edge=1.0)
             out.append(EditParams(layer, False, False, False, everywhere, everywhere))
+        for frac in (0.6, 0.7, 0.8):
+            layer = min(max(frac * (n - 1), self.min_layer), self.max_layer)
             fading = Profile(peak=1.0, position=layer, width=n / 2, edge=0.5)
-            out.append(EditParams(layer, False, True, True, fading, fading))
-        return out
+            out.append(EditParams(layer, False, False, False, fading, fading))
+        # Small models clamp several depths to the same layer; each point once.
+        return list(dict.fromkeys(out))
 
 
 class CheapObjective:
