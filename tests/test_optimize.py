@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_killed_study_resumes_without_repeating_finished_trials(
         seen.append(params.to_params())
         return objective(params.to_spec(candidates, "pre"))
 
-    study = open_study(storage, "s", fingerprint, seed=0)
+    study = open_study(storage, "s", fingerprint)
     with pytest.raises(KeyboardInterrupt):
         run_trials(study, space, evaluate, budget)
     first = {t.number: t.params for t in completed(study)}
@@ -139,7 +140,7 @@ def test_killed_study_resumes_without_repeating_finished_trials(
         resumed.append(params.to_params())
         return objective(params.to_spec(candidates, "pre"))
 
-    study = open_study(storage, "s", fingerprint, seed=0)
+    study = open_study(storage, "s", fingerprint)
     run_trials(study, space, evaluate_again, budget)
     done = completed(study)
     assert len(done) == budget
@@ -149,16 +150,16 @@ def test_killed_study_resumes_without_repeating_finished_trials(
 
     assert study.trials[orphan.number].state == TrialState.FAIL
     # Running again with the budget reached evaluates nothing.
-    run_trials(open_study(storage, "s", fingerprint, seed=0), space, evaluate_again, budget)
+    run_trials(open_study(storage, "s", fingerprint), space, evaluate_again, budget)
     assert len(resumed) == budget - len(first)
     # A study made for another configuration is not resumed by mistake.
     with pytest.raises(ConfigError, match="different configuration"):
-        open_study(storage, "s", {"model": "other"}, seed=0)
+        open_study(storage, "s", {"model": "other"})
 
 
 def test_seeded_trials_are_scored_exactly_as_specs(tiny_setup: Any, tmp_path: Path) -> None:
     candidates, objective, space = tiny_setup
-    study = open_study(f"sqlite:///{tmp_path / 'db'}", "s", {}, seed=0)
+    study = open_study(f"sqlite:///{tmp_path / 'db'}", "s", {})
     run_trials(study, space, lambda p: objective(p.to_spec(candidates, "pre")), 3)
     for t in completed(study):
         spec = EditParams.from_params(t.params).to_spec(candidates, "pre")
@@ -235,3 +236,41 @@ def test_optimize_rejects_conflicting_options(tiny_model_dir: Path, tmp_path: Pa
         RunConfig(trial=2)
     with pytest.raises(ConfigError, match="trials"):
         RunConfig(optimize=True, trials=0)
+
+
+_WORKER = """
+import sys, time
+from abliterate.optimize import SearchSpace, open_study, run_trials
+
+def evaluate(params):
+    time.sleep(0.05)
+    return {"refusal_prob": params.attention.peak / 2, "kl": params.mlp.peak / 3}
+
+study = open_study(sys.argv[1], "shared", {"model": "fake"})
+# Both workers use the same seed, as users running one command twice would.
+run_trials(study, SearchSpace(n_layers=6, min_layer=1.0, max_layer=4.0), evaluate, 14, seed=0)
+"""
+
+
+def test_two_worker_processes_share_one_study(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    open_study(storage, "shared", {"model": "fake"})  # create it before the workers race
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, storage, str(seed)], env=env)
+        for seed in (1, 2)
+    ]
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    study = open_study(storage, "shared", {"model": "fake"})
+    done = completed(study)
+    # Each worker stops once the study holds 14 completed trials; a trial already in flight
+    # in the other worker may still finish.
+    assert 14 <= len(done) <= 15
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both did part of the work
+    params = [json.dumps(t.params, sort_keys=True) for t in done]
+    dups = [
+        (t.number, t.user_attrs["worker"])
+        for t, p in zip(done, params, strict=True)
+        if params.count(p) > 1
+    ]
+    assert not dups, dups

@@ -382,9 +382,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-def open_study(
-    storage: str, study_name: str, fingerprint: dict[str, Any], seed: int
-) -> optuna.Study:
+def open_study(storage: str, study_name: str, fingerprint: dict[str, Any]) -> optuna.Study:
     """Create or resume the study, refusing one made for a different model or prompts.
 
     Raises:
@@ -399,20 +397,10 @@ def open_study(
     # Heartbeats (how workers on other machines are found dead) are marked experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
-    # The seed is offset by the number of stored trials so a resumed run does not replay the
-    # random start-up samples that the killed run already evaluated.
-    existing = optuna.get_all_study_names(rdb)
-    n_stored = 0
-    if study_name in existing:
-        n_stored = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
-    sampler = optuna.samplers.TPESampler(
-        seed=seed + n_stored, multivariate=True, n_startup_trials=8, constant_liar=True
-    )
     study = optuna.create_study(
         storage=rdb,
         study_name=study_name,
         directions=["minimize", "minimize"],
-        sampler=sampler,
         load_if_exists=True,
     )
     stored = study.user_attrs.get("fingerprint")
@@ -430,6 +418,61 @@ def open_study(
     return study
 
 
+def trial_seeded_sampler(seeds: Sequence[dict[str, Any]], seed: int) -> optuna.samplers.BaseSampler:
+    """Multivariate TPE whose randomness depends only on ``seed`` and the trial number.
+
+    Trial number ``i < len(seeds)`` takes the parameters ``seeds[i]``; every later trial is
+    sampled by a TPE sampler seeded with ``(seed, trial number)``. The storage hands out each
+    trial number once, so parallel workers never duplicate a trial (two workers with one seed
+    and one history would otherwise sample the same point, and two can pop the same
+    ``enqueue_trial`` entry from a SQLite study), while a single worker's study is reproducible
+    and a resumed one, being past the seed numbers, is not seeded again.
+    """
+    from optuna.samplers import BaseSampler, TPESampler
+
+    cache: dict[int, BaseSampler] = {}
+
+    def base(number: int) -> BaseSampler:
+        if number not in cache:
+            cache.clear()
+            # TPE keeps no state but its random generator; it reads the history from the study.
+            cache[number] = TPESampler(
+                seed=(seed * 100_003 + number) % 2**32,
+                multivariate=True,
+                n_startup_trials=8,
+                constant_liar=True,
+            )
+        return cache[number]
+
+    class TrialSeeded(BaseSampler):
+        def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
+            if trial.number < len(seeds):
+                return {}
+            return base(trial.number).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> Any:
+            if trial.number < len(seeds):
+                return {}
+            return base(trial.number).sample_relative(study, trial, search_space)
+
+        def sample_independent(
+            self, study: Any, trial: Any, param_name: str, param_distribution: Any
+        ) -> Any:
+            if trial.number < len(seeds):
+                return seeds[trial.number][param_name]
+            return base(trial.number).sample_independent(
+                study, trial, param_name, param_distribution
+            )
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            base(trial.number).before_trial(study, trial)
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            base(trial.number).after_trial(study, trial, state, values)
+
+    return TrialSeeded()
+
+
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The study's completed trials, in trial order."""
     from optuna.trial import TrialState
@@ -442,15 +485,14 @@ def run_trials(
     space: SearchSpace,
     evaluate: Callable[[EditParams], dict[str, float]],
     n_trials: int,
+    seed: int = 0,
 ) -> None:
     """Run trials until ``n_trials`` are complete in the study (from any worker)."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     fail_dead_trials(study)
-    if not study.trials:
-        for params in space.seeds():
-            study.enqueue_trial(params.to_params(), skip_if_exists=True)
+    study.sampler = trial_seeded_sampler([p.to_params() for p in space.seeds()], seed)
     remaining = n_trials - len(completed(study))
     if remaining <= 0:
         log.info("the study already has %d completed trials", len(completed(study)))
@@ -576,12 +618,12 @@ def optimize_edit(
     )
     fingerprint = {**fingerprint, "space_version": SPACE_VERSION, "site": site, "n_layers": n,
                    "prune_last_layers": prune_last_layers}  # fmt: skip
-    study = open_study(storage, study_name, fingerprint, seed)
+    study = open_study(storage, study_name, fingerprint)
     objective = CheapObjective(
         model, tokenizer, harmful_val, harmless_val, refusal_ids, batch_size=batch_size
     )
     started = time.perf_counter()
-    run_trials(study, space, lambda p: objective(p.to_spec(candidates, site)), n_trials)
+    run_trials(study, space, lambda p: objective(p.to_spec(candidates, site)), n_trials, seed)
     search_seconds = time.perf_counter() - started
 
     records = [
