@@ -18,18 +18,9 @@ from abliterate.architecture import resolve_architecture
 from abliterate.cli import main
 from abliterate.directions import Candidates
 from abliterate.errors import ConfigError
-from abliterate.optimize import (
-    CheapObjective,
-    EditParams,
-    Profile,
-    SearchSpace,
-    TrialRecord,
-    choose,
-    completed,
-    open_study,
-    pareto_front,
-    run_trials,
-)
+from abliterate.optimize import CheapObjective, EditParams, Profile, SearchSpace
+from abliterate.pareto import TrialRecord, choose, pareto_front
+from abliterate.study import completed, open_study, run_trials
 
 pytest.importorskip("optuna")
 
@@ -240,7 +231,8 @@ def test_optimize_rejects_conflicting_options(tiny_model_dir: Path, tmp_path: Pa
 
 _WORKER = """
 import sys, time
-from abliterate.optimize import SearchSpace, open_study, run_trials
+from abliterate.optimize import SearchSpace
+from abliterate.study import open_study, run_trials
 
 def evaluate(params):
     time.sleep(0.05)

@@ -25,20 +25,16 @@ evaluation prompts are not touched here: the caller evaluates the chosen edit on
 The study lives in Optuna storage (by default a SQLite file beside the run directory), so a
 killed run resumes where it stopped and several workers can share one study: trials of a worker
 that died (same host and a dead process id, or a stale heartbeat) are marked failed and not
-counted, and the search runs until the number of *completed* trials reaches the budget.
+counted, and the search runs until the number of *completed* trials reaches the budget (see
+:mod:`abliterate.study`; the front and the choice rule are in :mod:`abliterate.pareto`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import socket
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,8 +45,10 @@ from abliterate.errors import ConfigError
 from abliterate.evaluation import generate
 from abliterate.interventions import EditSpec, maybe_hooks
 from abliterate.judges import Judge
+from abliterate.pareto import TrialRecord, choose, pareto_front
 from abliterate.prefix import SharedPrefixScorer
 from abliterate.scoring import kl_divergence, refusal_scores
+from abliterate.study import completed, open_study, run_trials
 
 if TYPE_CHECKING:
     import optuna
@@ -281,25 +279,6 @@ class CheapObjective:
 
 
 @dataclass
-class TrialRecord:
-    """One finished trial as reported (the ``report.json`` ``optimization.trials`` entries)."""
-
-    number: int
-    refusal_score: float
-    kl: float
-    params: dict[str, Any]
-    pareto: bool = False
-    confirmed_refusal_rate: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; ``confirmed_refusal_rate`` only for confirmed trials."""
-        out = asdict(self)
-        if self.confirmed_refusal_rate is None:
-            del out["confirmed_refusal_rate"]
-        return out
-
-
-@dataclass
 class SearchResult:
     """The outcome of :func:`optimize_edit`."""
 
@@ -333,248 +312,6 @@ class SearchResult:
             "n_trials": self.n_trials,
             "seconds": self.seconds,
         }
-
-
-# --- the study ---------------------------------------------------------------------------
-
-
-def default_storage(out: Path) -> str:
-    """``sqlite:///OUT.study.db``: beside the run directory, so it outlives a failed run."""
-    path = out.resolve()
-    return f"sqlite:///{path.with_name(path.name + '.study.db')}"
-
-
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials whose worker is gone as FAIL; returns their numbers.
-
-    A worker on this host is gone when its process id no longer exists (a killed run, resumed
-    at once). Workers elsewhere are judged by Optuna's heartbeat, when the storage has one.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    optuna.storages.fail_stale_trials(study)
-    host = socket.gethostname()
-    storage = study._storage  # the public Study API cannot change another trial's state
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = str(t.user_attrs.get("worker", ""))
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            failed.append(t.number)
-    if failed:
-        log.info("marked %d trial(s) of dead workers as failed: %s", len(failed), failed)
-    return failed
-
-
-def open_study(storage: str, study_name: str, fingerprint: dict[str, Any]) -> optuna.Study:
-    """Create or resume the study, refusing one made for a different model or prompts.
-
-    Raises:
-        ConfigError: the stored study's fingerprint differs from ``fingerprint``.
-    """
-    try:
-        import optuna
-    except ImportError as exc:
-        raise ConfigError("--optimize needs optuna: pip install 'abliterate[optimize]'.") from exc
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats (how workers on other machines are found dead) are marked experimental.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
-    study = optuna.create_study(
-        storage=rdb,
-        study_name=study_name,
-        directions=["minimize", "minimize"],
-        load_if_exists=True,
-    )
-    stored = study.user_attrs.get("fingerprint")
-    if stored is None:
-        study.set_user_attr("fingerprint", fingerprint)
-    elif stored != fingerprint:
-        changed = sorted(
-            k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
-        )
-        raise ConfigError(
-            f"study '{study_name}' in {storage} was made for a different configuration "
-            f"(differs in: {', '.join(changed)}); pass another --study-name or --storage, or "
-            "delete the stored study to start again."
-        )
-    return study
-
-
-def trial_seeded_sampler(seeds: Sequence[dict[str, Any]], seed: int) -> optuna.samplers.BaseSampler:
-    """Multivariate TPE whose randomness depends only on ``seed`` and the trial number.
-
-    Trial number ``i < len(seeds)`` takes the parameters ``seeds[i]``; every later trial is
-    sampled by a TPE sampler seeded with ``(seed, trial number)``. The storage hands out each
-    trial number once, so parallel workers never duplicate a trial (two workers with one seed
-    and one history would otherwise sample the same point, and two can pop the same
-    ``enqueue_trial`` entry from a SQLite study), while a single worker's study is reproducible
-    and a resumed one, being past the seed numbers, is not seeded again.
-    """
-    from optuna.samplers import BaseSampler, TPESampler
-
-    cache: dict[int, BaseSampler] = {}
-
-    def base(number: int) -> BaseSampler:
-        if number not in cache:
-            cache.clear()
-            # TPE keeps no state but its random generator; it reads the history from the study.
-            cache[number] = TPESampler(
-                seed=(seed * 100_003 + number) % 2**32,
-                multivariate=True,
-                n_startup_trials=8,
-                constant_liar=True,
-            )
-        return cache[number]
-
-    class TrialSeeded(BaseSampler):
-        def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
-            if trial.number < len(seeds):
-                return {}
-            return base(trial.number).infer_relative_search_space(study, trial)
-
-        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> Any:
-            if trial.number < len(seeds):
-                return {}
-            return base(trial.number).sample_relative(study, trial, search_space)
-
-        def sample_independent(
-            self, study: Any, trial: Any, param_name: str, param_distribution: Any
-        ) -> Any:
-            if trial.number < len(seeds):
-                return seeds[trial.number][param_name]
-            return base(trial.number).sample_independent(
-                study, trial, param_name, param_distribution
-            )
-
-        def before_trial(self, study: Any, trial: Any) -> None:
-            base(trial.number).before_trial(study, trial)
-
-        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-            base(trial.number).after_trial(study, trial, state, values)
-
-    return TrialSeeded()
-
-
-def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The study's completed trials, in trial order."""
-    from optuna.trial import TrialState
-
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def run_trials(
-    study: optuna.Study,
-    space: SearchSpace,
-    evaluate: Callable[[EditParams], dict[str, float]],
-    n_trials: int,
-    seed: int = 0,
-) -> None:
-    """Run trials until ``n_trials`` are complete in the study (from any worker)."""
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
-
-    fail_dead_trials(study)
-    study.sampler = trial_seeded_sampler([p.to_params() for p in space.seeds()], seed)
-    remaining = n_trials - len(completed(study))
-    if remaining <= 0:
-        log.info("the study already has %d completed trials", len(completed(study)))
-        return
-    log.info("running %d trial(s) (%d already completed)", remaining, len(completed(study)))
-    worker = _worker_id()
-
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
-        trial.set_user_attr("worker", worker)
-        values = evaluate(space.suggest(trial))
-        for key, value in values.items():
-            trial.set_user_attr(key, value)
-        log.info(
-            "trial %d: refusal prob %.3f, KL %.4f",
-            trial.number,
-            values["refusal_prob"],
-            values["kl"],
-        )
-        return values["refusal_prob"], values["kl"]
-
-    study.optimize(
-        objective,
-        n_trials=remaining,
-        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
-        gc_after_trial=False,
-        show_progress_bar=False,
-    )
-
-
-def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
-    """Records not dominated in (refusal_score, kl), sorted by KL."""
-    front = [
-        r
-        for r in records
-        if not any(
-            o.refusal_score <= r.refusal_score
-            and o.kl <= r.kl
-            and (o.refusal_score < r.refusal_score or o.kl < r.kl)
-            for o in records
-        )
-    ]
-    return sorted(front, key=lambda r: (r.kl, r.refusal_score))
-
-
-def choose(
-    front: Sequence[TrialRecord],
-    confirm: Callable[[TrialRecord], float],
-    target: float,
-    max_confirm: int,
-) -> tuple[TrialRecord, bool]:
-    """The lowest-KL front trial whose confirmed refusal rate is at most ``target``.
-
-    Along the front (sorted by KL) refusals fall as KL rises, so the first trial that meets
-    the target is found by bisection: the most compliant end is confirmed first, then the
-    midpoint of the interval that still contains the boundary, at most ``max_confirm`` times.
-    Each confirmation's rate is stored on the record. Returns ``(chosen, met_target)``; when no
-    confirmed trial meets the target, the one with the lowest confirmed rate (then KL).
-    """
-    if not front:
-        raise ValueError("the study has no completed trials to choose from")
-    budget = [max_confirm]
-
-    def rate(i: int) -> float:
-        rec = front[i]
-        if rec.confirmed_refusal_rate is None:
-            budget[0] -= 1
-            rec.confirmed_refusal_rate = confirm(rec)
-        return rec.confirmed_refusal_rate
-
-    lo, hi = -1, len(front) - 1  # invariant: front[hi] meets the target, front[lo] does not
-    if rate(hi) <= target:
-        while hi - lo > 1 and budget[0] > 0:
-            mid = (lo + hi) // 2
-            if rate(mid) <= target:
-                hi = mid
-            else:
-                lo = mid
-    confirmed = [r for r in front if r.confirmed_refusal_rate is not None]
-    meeting = [r for r in confirmed if r.confirmed_refusal_rate <= target]  # type: ignore[operator]
-    if meeting:
-        return min(meeting, key=lambda r: r.kl), True
-    return min(confirmed, key=lambda r: (r.confirmed_refusal_rate, r.kl)), False
 
 
 def optimize_edit(
@@ -696,77 +433,4 @@ def optimize_edit(
         study_name=study_name,
         n_trials=n_trials,
         seconds={"search": round(search_seconds, 2), "confirm": round(confirm_seconds, 2)},
-    )
-
-
-def pareto_table(optimization: dict[str, Any]) -> str:
-    """A Markdown table of the Pareto-front trials (from the ``optimization`` report entry)."""
-    chosen = optimization["chosen"]["number"]
-    front = [t for t in optimization["trials"] if t["pareto"]]
-    front.sort(key=lambda t: t["kl"])
-    lines = [
-        "| trial | refusal prob (val) | first-token KL (val) | judged refusals (val) | "
-        "direction layer | attn peak @ pos | MLP peak @ pos | per-layer | projected | "
-        "norm-pres. | |",
-        "|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|:---|",
-    ]
-    for t in front:
-        p = t["params"]
-        rate = t.get("confirmed_refusal_rate")
-        lines.append(
-            f"| {t['number']} | {t['refusal_score']:.3f} | {t['kl']:.4f} | "
-            f"{'' if rate is None else f'{100 * rate:.1f}%'} | {p['direction_layer']:.2f} | "
-            f"{p['attention_peak']:.2f} @ {p['attention_position']:.1f} | "
-            f"{p['mlp_peak']:.2f} @ {p['mlp_position']:.1f} | {_yes(p['per_layer'])} | "
-            f"{_yes(p['projected'])} | {_yes(p['norm_preserving'])} | "
-            f"{'◀ chosen' if t['number'] == chosen else ''} |"
-        )
-    return "\n".join(lines)
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def front_plot(optimization: dict[str, Any], width: int = 60, height: int = 16) -> str:
-    """A text scatter plot of every trial: KL (x, log scale) against refusal probability (y).
-
-    ``·`` is a trial, ``o`` a Pareto-front trial, ``*`` the chosen one.
-    """
-    trials = optimization["trials"]
-    kls = [max(t["kl"], 1e-6) for t in trials]
-    lo, hi = math.log10(min(kls)), math.log10(max(kls))
-    span = (hi - lo) or 1.0
-    grid = [[" "] * width for _ in range(height)]
-    for t, kl in sorted(zip(trials, kls, strict=True), key=lambda p: p[0]["pareto"]):
-        x = round((math.log10(kl) - lo) / span * (width - 1))
-        y = round((1.0 - min(max(t["refusal_score"], 0.0), 1.0)) * (height - 1))
-        mark = "o" if t["pareto"] else "·"
-        if t["number"] == optimization["chosen"]["number"]:
-            mark = "*"
-        if grid[y][x] not in ("*",):
-            grid[y][x] = mark
-    rows = ["refusal prob", "1.0 ┤" + "".join(grid[0])]
-    rows += ["    │" + "".join(r) for r in grid[1:-1]]
-    rows += ["0.0 ┤" + "".join(grid[-1]), "    └" + "─" * width]
-    rows.append(f"     KL {10**lo:.2g} … {10**hi:.2g} (log scale)")
-    return "\n".join(rows)
-
-
-def describe_edit(edit: dict[str, Any]) -> str:
-    """One paragraph describing an optimized edit (from its ``EditSpec.to_dict``)."""
-    d = edit["direction"]
-    source = (
-        "each layer's own direction"
-        if edit.get("layer_directions")
-        else f"the direction at layer position {float(d['layer']):.2f}, site `{d['site']}`"
-    )
-    touched = [i for i, (a, m) in enumerate(zip(edit["attention"], edit["mlp"], strict=True))
-               if a or m]  # fmt: skip
-    span = f"layers {touched[0]}–{touched[-1]}" if touched else "no layer"
-    return (
-        f"Removed {source}{' (projected off the harmless mean)' if d.get('projected') else ''} "
-        f"in {edit.get('mode', 'plain').replace('_', '-')} mode from {span}: peak attention "
-        f"strength {max(edit['attention']):.2f}, peak MLP strength {max(edit['mlp']):.2f}, "
-        f"embedding {edit['embedding']:g}."
     )

@@ -102,7 +102,8 @@ def _optimize(
     judge: Any,
 ) -> Any:
     """The ``--optimize`` search: validation prompts only; the eval split is never passed in."""
-    from abliterate.optimize import default_storage, optimize_edit
+    from abliterate.optimize import optimize_edit
+    from abliterate.study import default_storage
 
     fingerprint = {
         "model": candidates.model,

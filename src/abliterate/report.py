@@ -72,7 +72,7 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
     ]
     opt = report.get("optimization")
     if opt:
-        from abliterate.optimize import describe_edit, front_plot, pareto_table
+        from abliterate.pareto import describe_edit, front_plot, pareto_table
 
         lines += [
             describe_edit(report["edit"]),
