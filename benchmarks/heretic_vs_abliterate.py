@@ -316,11 +316,16 @@ def table(args: argparse.Namespace) -> str:
         report = json.loads(Path(ab["report"]).read_text())
         e, b = report["edited"], report["baseline"]
         rows["baseline (unedited)"] = {"refusal_rate": b["refusal_rate"], "n": b["n_prompts"]}
+        chosen = report["optimization"]["chosen"]
         rows["abliterate optimize"] = {
             "refusal_rate": e["refusal_rate"], "n": e["n_prompts"],
             "kl": e["kl_divergence"], "kl_multi": e["kl_divergence_multi_token"],
             "wall": ab["wall_seconds"], "search_wall": ab["search_seconds"],
-            "trials": report["optimization"]["n_trials"],
+            "trials": len(report["optimization"]["trials"]),
+            "val": {"trial": chosen["number"], "n": report["data"]["val_harmful"]["n"],
+                    "refusals": round(chosen["confirmed_refusal_rate"]
+                                      * report["data"]["val_harmful"]["n"]),
+                    "kl": chosen["kl"]},
         }  # fmt: skip
     search = work / "heretic" / "search.json"
     evaluated = work / "heretic" / "eval.json"
@@ -333,6 +338,11 @@ def table(args: argparse.Namespace) -> str:
             h = json.loads(evaluated.read_text())
             row.update(refusal_rate=h["refusal_rate"], n=h["n_prompts"], kl=h["kl_divergence"],
                        kl_multi=h["kl_divergence_multi_token"])  # fmt: skip
+        if done:
+            # heretic's own validation-time numbers for the trial it would offer.
+            chosen = pick_heretic_trial(heretic_front(s["trials"]), args.refusal_target)
+            row["val"] = {"trial": chosen["index"], "refusals": chosen["refusals"],
+                          "n": chosen["n_bad"], "kl": chosen["kl"]}  # fmt: skip
         rows[f"heretic {HERETIC_VERSION}"] = row
     (work / "results.json").write_text(json.dumps({"settings": vars_json(args), "rows": rows},
                                                   indent=2) + "\n")  # fmt: skip
@@ -353,6 +363,18 @@ def table(args: argparse.Namespace) -> str:
             f"{cell(r, 'trials', 'd')} | {_minutes(r.get('search_wall'))} | "
             f"{_minutes(r.get('wall'))} |"
         )
+    lines += [
+        "",
+        "Search-time numbers of each tool's chosen trial (validation prompts, each tool's own "
+        "judge: abliterate's marker judge on its confirmation generations, heretic's markers):",
+        "",
+        "| model | trial | refusals (val) | first-token KL (val) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        if "val" in r:
+            v = r["val"]
+            lines.append(f"| {name} | {v['trial']} | {v['refusals']}/{v['n']} | {v['kl']:.4f} |")
     md = "\n".join(lines) + "\n"
     (work / "results.md").write_text(md)
     return md
