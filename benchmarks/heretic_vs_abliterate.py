@@ -154,6 +154,7 @@ def run_heretic(args: argparse.Namespace, exe: Path, model_dir: Path) -> dict[st
     # COLAB_GPU makes heretic ask its menu questions with input() instead of a terminal UI,
     # so they can be answered (or, here, ended) through stdin.
     env = {**os.environ, "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    (hdir / "started.txt").write_text(f"{time.time()}\n")  # for a run stopped part-way
     with (hdir / "search.log").open("w") as log, open(os.devnull) as devnull:
         start = time.perf_counter()
         subprocess.run(cmd, cwd=hdir, env=env, stdin=devnull, stdout=log, stderr=subprocess.STDOUT)
@@ -329,6 +330,14 @@ def table(args: argparse.Namespace) -> str:
         }  # fmt: skip
     search = work / "heretic" / "search.json"
     evaluated = work / "heretic" / "eval.json"
+    partial = not search.exists() and any((work / "heretic" / "checkpoints").glob("*.jsonl"))
+    if partial:
+        # heretic was stopped before its budget: its stored trials and last reported time.
+        journal = next((work / "heretic" / "checkpoints").glob("*.jsonl"))
+        started = float((work / "heretic" / "started.txt").read_text())
+        wall = journal.stat().st_mtime - started  # up to its last stored trial
+        trials = heretic_trials(args, args.venv / "bin" / "heretic")
+        search.write_text(json.dumps({"wall_seconds": wall, "partial": True, "trials": trials}))
     if search.exists():
         s = json.loads(search.read_text())
         done = [t for t in s["trials"] if t["state"] == "COMPLETE"]
@@ -343,7 +352,10 @@ def table(args: argparse.Namespace) -> str:
             chosen = pick_heretic_trial(heretic_front(s["trials"]), args.refusal_target)
             row["val"] = {"trial": chosen["index"], "refusals": chosen["refusals"],
                           "n": chosen["n_bad"], "kl": chosen["kl"]}  # fmt: skip
-        rows[f"heretic {HERETIC_VERSION}"] = row
+        name = f"heretic {HERETIC_VERSION}"
+        if s.get("partial"):
+            name += f" (stopped after {len(done)} of {args.heretic_trials} trials)"
+        rows[name] = row
     (work / "results.json").write_text(json.dumps({"settings": vars_json(args), "rows": rows},
                                                   indent=2) + "\n")  # fmt: skip
 
