@@ -170,8 +170,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 path = glob.glob("checkpoints/*.jsonl")[0]
 storage = JournalStorage(JournalFileBackend(path))
-study = storage.get_all_studies()[0]
-trials = storage.get_all_trials(study._study_id)
+studies = storage.get_all_studies()  # none yet while heretic is still preparing
+trials = storage.get_all_trials(studies[0]._study_id) if studies else []
 out = [{"number": t.number, "state": t.state.name, "params": t.params,
         "index": t.user_attrs.get("index"), "refusals": t.user_attrs.get("refusals"),
         "kl": t.user_attrs.get("kl_divergence"), "n_bad": t.user_attrs.get("n_bad_prompts")}
@@ -330,16 +330,19 @@ def table(args: argparse.Namespace) -> str:
         }  # fmt: skip
     search = work / "heretic" / "search.json"
     evaluated = work / "heretic" / "eval.json"
-    partial = not search.exists() and any((work / "heretic" / "checkpoints").glob("*.jsonl"))
-    if partial:
-        # heretic was stopped before its budget: its stored trials and last reported time.
+    heretic: dict[str, Any] | None = None
+    if search.exists():
+        heretic = json.loads(search.read_text())
+    elif any((work / "heretic" / "checkpoints").glob("*.jsonl")):
+        # heretic is still running or was stopped: its stored trials so far, and the time up
+        # to the last one it stored.
         journal = next((work / "heretic" / "checkpoints").glob("*.jsonl"))
         started = float((work / "heretic" / "started.txt").read_text())
-        wall = journal.stat().st_mtime - started  # up to its last stored trial
         trials = heretic_trials(args, args.venv / "bin" / "heretic")
-        search.write_text(json.dumps({"wall_seconds": wall, "partial": True, "trials": trials}))
-    if search.exists():
-        s = json.loads(search.read_text())
+        heretic = {"wall_seconds": journal.stat().st_mtime - started, "partial": True,
+                   "trials": trials}  # fmt: skip
+    if heretic is not None:
+        s = heretic
         done = [t for t in s["trials"] if t["state"] == "COMPLETE"]
         row: dict[str, Any] = {"wall": s["wall_seconds"], "search_wall": s["wall_seconds"],
                                "trials": len(done)}  # fmt: skip
@@ -354,7 +357,9 @@ def table(args: argparse.Namespace) -> str:
                           "n": chosen["n_bad"], "kl": chosen["kl"]}  # fmt: skip
         name = f"heretic {HERETIC_VERSION}"
         if s.get("partial"):
-            name += f" (stopped after {len(done)} of {args.heretic_trials} trials)"
+            name += f" (partial: {len(done)} of {args.heretic_trials} trials)"
+            if not done:
+                del row["wall"], row["search_wall"]
         rows[name] = row
     (work / "results.json").write_text(json.dumps({"settings": vars_json(args), "rows": rows},
                                                   indent=2) + "\n")  # fmt: skip
