@@ -20,6 +20,7 @@ from abliterate import __version__
 from abliterate.config import (
     ChatConfig,
     EvaluateConfig,
+    OptimizeConfig,
     ReportConfig,
     RunConfig,
     add_arguments,
@@ -36,6 +37,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _build(RunConfig, args)
     run(config)
+    return 0
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from abliterate.pipeline import run
+
+    run(_build(OptimizeConfig, args))
     return 0
 
 
@@ -75,6 +83,13 @@ COMMANDS: dict[str, tuple[type[Any], Callable[[argparse.Namespace], int], str]] 
         _cmd_run,
         "Compute candidate refusal directions, select one automatically, remove it from the "
         "weights, evaluate before/after and export the edited model.",
+    ),
+    "optimize": (
+        OptimizeConfig,
+        _cmd_optimize,
+        "Like 'run --optimize': search directions and per-layer strengths for the fewest "
+        "refusals at the lowest KL (resumable Optuna study), confirm the Pareto front, then "
+        "evaluate once on held-out prompts and export.",
     ),
     "evaluate": (
         EvaluateConfig,

@@ -97,7 +97,43 @@ class PromptConfig:
 
 
 @dataclass
-class RunConfig(PromptConfig, ModelConfig):
+class SearchConfig:
+    """How ``--optimize`` searches the edit space (see :mod:`abliterate.optimize`)."""
+
+    optimize: bool = _help(
+        "Search directions, per-layer strength profiles, projection and norm preservation with "
+        "multi-objective Optuna (refusals vs. KL on validation prompts) instead of one "
+        "full-strength direction.",
+        default=False,
+    )
+    trials: int = _help(
+        "Completed search trials to reach (a resumed study counts the trials it already has).",
+        default=32,
+    )
+    storage: str | None = _help(
+        "Optuna storage URL of the study (e.g. sqlite:///study.db, postgresql://...). Default: "
+        "sqlite file OUT.study.db beside the run directory, which survives a killed run.",
+        default=None,
+    )
+    study_name: str = _help(
+        "Study name in the storage; workers sharing --storage and --study-name search together.",
+        default="abliterate",
+    )
+    refusal_target: float = _help(
+        "Judged refusal rate on harmful validation prompts that the chosen trial must reach; "
+        "the lowest-KL Pareto trial at or below it is chosen.",
+        default=0.05,
+    )
+    max_confirm: int = _help(
+        "Most Pareto-front trials confirmed by generating and judging answers.", default=4
+    )
+    trial: int | None = _help(
+        "Skip the automatic choice and use this trial number of the study.", default=None
+    )
+
+
+@dataclass
+class RunConfig(SearchConfig, PromptConfig, ModelConfig):
     """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
 
     out: Path = _help("Run directory to create.", default=Path("runs/latest"))
@@ -155,6 +191,8 @@ class RunConfig(PromptConfig, ModelConfig):
             "kl_tokens",
             "n_screen",
             "n_finalists",
+            "trials",
+            "max_confirm",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -174,6 +212,12 @@ class RunConfig(PromptConfig, ModelConfig):
             self.direction = Path(self.direction)
             if self.layer is not None:
                 raise ConfigError("pass either direction or layer, not both.")
+        if not 0.0 <= self.refusal_target <= 1.0:
+            raise ConfigError(f"refusal_target must be in [0, 1], got {self.refusal_target}.")
+        if self.optimize and self.layer is not None:
+            raise ConfigError("--layer fixes the direction; it cannot be combined with --optimize.")
+        if self.trial is not None and not self.optimize:
+            raise ConfigError("--trial picks a trial of an optimization study; add --optimize.")
         if self.n_examples < 0:
             raise ConfigError(f"n_examples must be non-negative, got {self.n_examples}.")
 
@@ -315,6 +359,13 @@ class EvaluateConfig(ModelConfig):
             raise ConfigError("judge must name at least one judge, for example 'markers'.")
         if self.n_examples < 0:
             raise ConfigError(f"n_examples must be non-negative, got {self.n_examples}.")
+
+
+@dataclass
+class OptimizeConfig(RunConfig):
+    """Configuration of ``abliterate optimize``: ``abliterate run --optimize``."""
+
+    optimize: bool = _help("Search the edit space (always on for this command).", default=True)
 
 
 C = TypeVar("C")

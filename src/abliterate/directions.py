@@ -35,6 +35,8 @@ class Direction:
         model: Model id or path the activations came from.
         revision: Model revision (hub commit) if known.
         dataset_hashes: sha256 of every prompt set that went into the direction.
+        projected: True when the component along the harmless mean was removed (see
+            :meth:`Candidates.direction`).
     """
 
     vector: torch.Tensor
@@ -44,6 +46,7 @@ class Direction:
     model: str = ""
     revision: str | None = None
     dataset_hashes: dict[str, str] = field(default_factory=dict)
+    projected: bool = False
 
     def __post_init__(self) -> None:
         if self.vector.ndim != 1:
@@ -111,8 +114,23 @@ class Direction:
             "model": self.model,
             "revision": self.revision,
             "dataset_hashes": dict(self.dataset_hashes),
+            "projected": self.projected,
             "d_model": self.d_model,
         }
+
+    @classmethod
+    def from_metadata(cls, vector: torch.Tensor, meta: dict[str, Any]) -> Direction:
+        """Rebuild a direction from its vector and :meth:`metadata`."""
+        return cls(
+            vector=vector,
+            layer=meta["layer"],
+            site=meta["site"],
+            scale=meta["scale"],
+            model=meta["model"],
+            revision=meta["revision"],
+            dataset_hashes=meta["dataset_hashes"],
+            projected=bool(meta.get("projected", False)),
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write ``path.safetensors`` and ``path.json``; returns the safetensors path."""
@@ -132,15 +150,14 @@ class Direction:
         base = Path(path).with_suffix("")
         tensors = load_file(str(base) + ".safetensors")
         meta = json.loads(Path(str(base) + ".json").read_text())
-        return cls(
-            vector=tensors["direction"],
-            layer=meta["layer"],
-            site=meta["site"],
-            scale=meta["scale"],
-            model=meta["model"],
-            revision=meta["revision"],
-            dataset_hashes=meta["dataset_hashes"],
-        )
+        return cls.from_metadata(tensors["direction"], meta)
+
+
+def _without_component(vector: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``vector`` minus its component along ``other`` (float64)."""
+    u = other.double() / other.double().norm().clamp(min=1e-30)
+    v = vector.double()
+    return v - (v @ u) * u
 
 
 @dataclass(frozen=True)
@@ -183,8 +200,12 @@ class Candidates:
         scale = float(self.harmless_mean[layer].norm()) + float(self.harmful_mean[layer].norm())
         return float(self._diff(layer, site).norm()) <= 1e-9 * max(scale, 1e-30)
 
-    def direction(self, layer: int, site: Site) -> Direction:
+    def direction(self, layer: int, site: Site, *, projected: bool = False) -> Direction:
         """The normalised harmful-minus-harmless mean difference at ``(layer, site)``.
+
+        With ``projected`` the component along the harmless mean is removed first, so ablating
+        the direction leaves the part of the stream that harmless prompts share untouched and
+        removes only what distinguishes harmful ones.
 
         Raises:
             ValueError: the site was not collected, the layer is out of range, or the two means
@@ -197,15 +218,41 @@ class Candidates:
                 "there is no direction to take there"
             )
         norm = float(diff.norm())
+        if projected:
+            harmless = self.harmless_mean[layer, self.sites.index(site)]
+            diff = _without_component(diff, harmless)
         return Direction(
-            vector=(diff / norm).float(),
+            vector=(diff / diff.norm()).float(),
             layer=layer,
             site=site,
             scale=norm,
             model=self.model,
             revision=self.revision,
             dataset_hashes=dict(self.dataset_hashes),
+            projected=projected,
         )
+
+    def direction_at(self, position: float, site: Site, *, projected: bool = False) -> Direction:
+        """The direction at a fractional layer ``position``.
+
+        ``2.25`` is the normalised ``0.75 d_2 + 0.25 d_3`` of the unit directions of layers 2
+        and 3 (:meth:`Direction.interpolate`); with ``projected`` the interpolated direction is
+        then made orthogonal to the equally interpolated harmless mean.
+        """
+        if not 0.0 <= position <= self.n_layers - 1:
+            raise ValueError(f"position {position} is out of range [0, {self.n_layers - 1}]")
+        lo = min(int(position), self.n_layers - 1)
+        hi = min(lo + 1, self.n_layers - 1)
+        t = position - lo
+        if t == 0.0 or hi == lo:
+            return self.direction(lo, site, projected=projected)
+        mixed = Direction.interpolate(self.direction(lo, site), self.direction(hi, site), t)
+        if not projected:
+            return mixed
+        s = self.sites.index(site)
+        harmless = (1.0 - t) * self.harmless_mean[lo, s] + t * self.harmless_mean[hi, s]
+        vec = _without_component(mixed.vector.double(), harmless)
+        return replace(mixed, vector=(vec / vec.norm()).float(), projected=True)
 
     def save(self, path: str | Path) -> None:
         """Write the means as safetensors with provenance in the header metadata."""

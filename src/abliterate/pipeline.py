@@ -8,7 +8,8 @@ Contents::
     environment.json       versions, model source and revision, prompt-set hashes, seed
     candidates.safetensors harmful and harmless means per layer and site (float64)
     scores.json            per-candidate refusal scores and KL (selection)
-    direction.{safetensors,json}, edit_spec.json
+    optimization.json      every search trial, the Pareto front and the choice (--optimize)
+    direction.{safetensors,json}, edit_spec.json (+ layer_directions.safetensors)
     report.json, report.md, report.html, plots/*.svg
     model/                 the edited model (safetensors) with abliteration.json
 """
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from abliterate.architecture import Architecture
     from abliterate.directions import Direction
     from abliterate.models import LoadedModel
+    from abliterate.optimize import SearchResult
     from abliterate.profiling import Profiler
     from abliterate.selection import Selection
 
@@ -100,15 +102,19 @@ def _choose_direction(
     config: RunConfig,
     loaded: LoadedModel,
     arch: Architecture,
+    sets: dict[str, Any],
     texts: dict[str, list[str]],
     data: dict[str, Any],
     refusal_ids: list[int],
+    judge: Any,
     prof: Profiler,
     tmp: Path,
-) -> tuple[Direction, Selection | None]:
-    """The direction to remove: a saved one, a given layer's, or the automatically selected one.
+) -> tuple[Direction, Selection | None, SearchResult | None]:
+    """The direction to remove: a saved one, a given layer's, the automatically selected one,
+    or (``--optimize``) the searched edit, whose full spec comes with it.
 
-    Writes ``candidates.safetensors`` (and ``scores.json`` when selecting) into ``tmp``.
+    Writes ``candidates.safetensors`` (and ``scores.json`` when selecting, ``optimization.json``
+    when searching) into ``tmp``.
     """
     from abliterate.activations import mean_activations
     from abliterate.directions import Candidates, Direction
@@ -127,7 +133,9 @@ def _choose_direction(
                 f"direction {config.direction} has d_model={direction.d_model} but the model "
                 f"has {arch.d_model}: it was computed for another model."
             )
-        return direction, None
+        if config.optimize:
+            raise ConfigError("pass either --direction or --optimize, not both.")
+        return direction, None, None
 
     with prof.stage("activations"):
         hashes = {k: str(data[k]["sha256"]) for k in ("train_harmful", "train_harmless")}
@@ -159,7 +167,15 @@ def _choose_direction(
                 f"layer {config.layer}, site {config.site!r} has no direction: harmful "
                 "and harmless means are identical there; choose another --layer/--site."
             )
-        return candidates.direction(config.layer, config.site), None
+        return candidates.direction(config.layer, config.site), None, None
+
+    if config.optimize:
+        with prof.stage("search"):
+            search = _optimize(
+                config, model, tok, candidates, sets, texts, data, refusal_ids, judge
+            )
+        (tmp / "optimization.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
+        return search.spec.direction, None, search
 
     with prof.stage("selection"):
         selection = select_direction(
@@ -177,7 +193,52 @@ def _choose_direction(
             batch_size=config.batch_size,
         )
     (tmp / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
-    return selection.direction, selection
+    return selection.direction, selection, None
+
+
+def _optimize(
+    config: RunConfig,
+    model: Any,
+    tok: Any,
+    candidates: Any,
+    sets: dict[str, Any],
+    texts: dict[str, list[str]],
+    data: dict[str, Any],
+    refusal_ids: list[int],
+    judge: Any,
+) -> Any:
+    """The ``--optimize`` search: validation prompts only; the eval split is never passed in."""
+    from abliterate.optimize import optimize_edit
+    from abliterate.study import default_storage
+
+    fingerprint = {
+        "model": candidates.model,
+        "revision": candidates.revision,
+        "data": {k: data[k]["sha256"] for k in ("train_harmful", "train_harmless",
+                                                 "val_harmful", "val_harmless")},
+    }  # fmt: skip
+    return optimize_edit(
+        model,
+        tok,
+        candidates,
+        harmful_val=texts["val_harmful"],
+        harmful_val_prompts=sets["val_harmful"].prompts,
+        harmless_val=texts["val_harmless"],
+        refusal_ids=refusal_ids,
+        judge=judge,
+        site=config.site,
+        storage=config.storage or default_storage(config.out),
+        study_name=config.study_name,
+        fingerprint=fingerprint,
+        n_trials=config.trials,
+        refusal_target=config.refusal_target,
+        max_confirm=config.max_confirm,
+        prune_last_layers=config.prune_last_layers,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        trial=config.trial,
+    )
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -243,10 +304,12 @@ def run(config: RunConfig) -> dict[str, Any]:
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
 
         refusal_ids = refusal_token_ids(tok)
-        direction, selection = _choose_direction(
-            config, loaded, arch, texts, data, refusal_ids, prof, tmp
+        direction, selection, search = _choose_direction(
+            config, loaded, arch, sets, texts, data, refusal_ids, judge, prof, tmp
         )
         spec = EditSpec.uniform(direction, arch.n_layers, config.strength)
+        if search is not None:
+            spec = search.spec
         spec.save(tmp)
 
         with prof.stage("baseline eval"):
@@ -316,6 +379,9 @@ def run(config: RunConfig) -> dict[str, Any]:
             "selection": None if selection is None else {
                 k: v for k, v in selection.to_dict().items() if k != "scores"
             },
+            "optimization": None if search is None else {
+                k: v for k, v in search.to_dict().items() if k != "trials"
+            },
             "data": data,
             "metrics": {
                 "baseline_refusal_rate": baseline_refusals.refusal_rate,
@@ -352,6 +418,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             "n_examples": config.n_examples,
             "timings": prof.to_dict(),
         }
+        if search is not None:
+            report["optimization"] = search.to_dict()
         write_reports(tmp, report, scores_table(selection) if selection else None)
     print(summary_table(report))
     print(f"\nRun directory: {config.out}")

@@ -73,11 +73,31 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
         "",
         "## Edit",
         "",
-        f"Direction from layer {report['edit']['direction']['layer']}, site "
-        f"`{report['edit']['direction']['site']}`, removed from the embedding and every "
-        "attention and MLP output projection at strength "
-        f"{report['edit']['embedding']}.",
     ]
+    opt = report.get("optimization")
+    if opt:
+        from abliterate.pareto import describe_edit, front_plot, pareto_table
+
+        lines += [
+            describe_edit(report["edit"]),
+            "",
+            f"Chosen trial {opt['chosen']['number']} of {len(opt['trials'])}: {opt['rule']}.",
+            "",
+            "## Optimization (validation prompts only)",
+            "",
+            pareto_table(opt),
+            "",
+            "```",
+            front_plot(opt),
+            "```",
+        ]
+    else:
+        lines.append(
+            f"Direction from layer {report['edit']['direction']['layer']}, site "
+            f"`{report['edit']['direction']['site']}`, removed from the embedding and every "
+            "attention and MLP output projection at strength "
+            f"{report['edit']['embedding']}."
+        )
     if sel:
         lines += ["", f"Selection rule: {sel['rule']}."]
     checks = report.get("checks", {})
