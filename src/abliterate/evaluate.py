@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
@@ -248,23 +245,6 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _environment(config: EvaluateConfig, data: dict[str, Any], device: str) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    return {
-        "abliterate": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "seed": config.seed,
-        "data": data,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
 def _check_same_vocabulary(base: LoadedModel, model: LoadedModel) -> None:
     if base.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise ConfigError(
@@ -285,7 +265,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from abliterate.benchmarks import check_task_names
     from abliterate.judges import JudgeOptions, build_judges
     from abliterate.models import load_model
-    from abliterate.pipeline import check_output_dir, run_directory
+    from abliterate.pipeline import check_output_dir, environment_record, run_directory
     from abliterate.profiling import Profiler
     from abliterate.prompts import format_chat
     from abliterate.report import evaluation_summary_table, write_evaluation_reports
@@ -317,7 +297,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         with prof.stage("load model"):
             edited_model = load(config.model)
-        env = _environment(config, data, str(edited_model.device))
+        env = environment_record(str(edited_model.device), config.seed, data)
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
         edited = assess_model(edited_model, config, sets, judges, prof, "model")
 

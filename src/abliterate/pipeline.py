@@ -79,7 +79,8 @@ def run_directory(out: Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(out)
 
 
-def _environment(config: RunConfig, loaded: Any, data: dict[str, Any]) -> dict[str, Any]:
+def environment_record(device: str, seed: int, data: dict[str, Any]) -> dict[str, Any]:
+    """What ``environment.json`` records for every command: versions, device, seed, prompt sets."""
     import torch
     import transformers
 
@@ -89,12 +90,18 @@ def _environment(config: RunConfig, loaded: Any, data: dict[str, Any]) -> dict[s
         "platform": platform.platform(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision},
-        "device": str(loaded.device),
-        "dtype": str(loaded.model.dtype),
-        "seed": config.seed,
+        "device": device,
+        "seed": seed,
         "data": data,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _environment(config: RunConfig, loaded: Any, data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **environment_record(str(loaded.device), config.seed, data),
+        "model": {"name": loaded.name, "source": loaded.source, "revision": loaded.revision},
+        "dtype": str(loaded.model.dtype),
     }
 
 
@@ -246,7 +253,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     import torch
 
     from abliterate.architecture import resolve_architecture
-    from abliterate.evaluation import ModelEval, evaluate_refusals
+    from abliterate.evaluation import ModelEval, RefusalEval, evaluate_refusals
     from abliterate.export import save_model, verify_export
     from abliterate.interventions import EditSpec, ablation_hooks, orthogonalize_
     from abliterate.judges import MarkerJudge
@@ -312,8 +319,10 @@ def run(config: RunConfig) -> dict[str, Any]:
             spec = search.spec
         spec.save(tmp)
 
-        with prof.stage("baseline eval"):
-            baseline_refusals = evaluate_refusals(
+        def evaluate_eval_split(desc: str) -> tuple[RefusalEval, torch.Tensor]:
+            """Judged generations on the harmful eval prompts and next-token log-probs on the
+            harmless ones, for the model as it is now (unedited, then baked)."""
+            refusals = evaluate_refusals(
                 model,
                 tok,
                 sets["eval_harmful"].prompts,
@@ -322,11 +331,15 @@ def run(config: RunConfig) -> dict[str, Any]:
                 categories=sets["eval_harmful"].categories,
                 max_new_tokens=config.max_new_tokens,
                 batch_size=config.batch_size,
-                desc="Generating (baseline)",
+                desc=desc,
             )
-            base_lp = next_token_logprobs(
+            logprobs = next_token_logprobs(
                 model, tok, texts["eval_harmless"], batch_size=config.batch_size
             )
+            return refusals, logprobs
+
+        with prof.stage("baseline eval"):
+            baseline_refusals, base_lp = evaluate_eval_split("Generating (baseline)")
 
         with prof.stage("multi-token KL"):
             # Measured through hooks before the weights are baked; the "orthogonalize" stage
@@ -349,20 +362,7 @@ def run(config: RunConfig) -> dict[str, Any]:
             hooks_vs_weights = float((hooked - baked).abs().max())
 
         with prof.stage("edited eval"):
-            edited_refusals = evaluate_refusals(
-                model,
-                tok,
-                sets["eval_harmful"].prompts,
-                texts["eval_harmful"],
-                judge,
-                categories=sets["eval_harmful"].categories,
-                max_new_tokens=config.max_new_tokens,
-                batch_size=config.batch_size,
-                desc="Generating (abliterated)",
-            )
-            edited_lp = next_token_logprobs(
-                model, tok, texts["eval_harmless"], batch_size=config.batch_size
-            )
+            edited_refusals, edited_lp = evaluate_eval_split("Generating (abliterated)")
             kl = float(kl_divergence(base_lp, edited_lp).mean())
 
         baseline = ModelEval(baseline_refusals)

@@ -37,6 +37,16 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
+def _stages_lines(timings: dict[str, dict[str, float]]) -> list[str]:
+    """The Markdown table of stage wall times and memory peaks (none when there are none)."""
+    if not timings:
+        return []
+    lines = ["", "## Stages", "", "| stage | seconds | peak RSS (MB) |", "|---|---:|---:|"]
+    for name, t in timings.items():
+        lines.append(f"| {name} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
+    return lines
+
+
 def _quote(text: str) -> str:
     text = text.strip() or "(empty)"
     return "<br>".join(line.replace("|", "\\|") for line in text.splitlines())
@@ -127,11 +137,7 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
             )
     if scores_table:
         lines += ["", "## Candidate directions", "", scores_table]
-    timings = report.get("timings", {})
-    if timings:
-        lines += ["", "## Stages", "", "| stage | seconds | peak RSS (MB) |", "|---|---:|---:|"]
-        for name, t in timings.items():
-            lines.append(f"| {name} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
+    lines += _stages_lines(report.get("timings", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -287,11 +293,7 @@ def render_evaluation_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {_quote(b['prompt'])} | {_quote(b['response'])} | {_quote(e['response'])} |"
             )
-    timings = report.get("timings", {})
-    if timings:
-        lines += ["", "## Stages", "", "| stage | seconds | peak RSS (MB) |", "|---|---:|---:|"]
-        for name, t in timings.items():
-            lines.append(f"| {name} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
+    lines += _stages_lines(report.get("timings", {}))
     return "\n".join(lines) + "\n"
 
 
