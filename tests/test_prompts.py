@@ -82,3 +82,19 @@ def test_missing_chat_template(tokenizer: Any) -> None:
     plain.chat_template = None
     with pytest.raises(ChatTemplateError, match="no chat template"):
         format_chat(plain, ["hi"])
+
+
+def test_builtin_prefixes_are_stratified_by_category() -> None:
+    from importlib import resources
+
+    for kind in ("harmful", "harmless"):
+        path = resources.files("abliterate") / "prompt_data" / f"{kind}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        for split in ("train", "val", "eval"):
+            full = builtin(kind, split)  # type: ignore[arg-type]
+            n_categories = len(set(full.categories or ()))
+            assert n_categories == 12
+            # The first n_categories prompts hold one of each category.
+            assert len(set(full.head(n_categories).categories or ())) == n_categories
+            # Interleaving only reorders the file's split.
+            assert sorted(full.prompts) == sorted(r["prompt"] for r in rows if r["split"] == split)

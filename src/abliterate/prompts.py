@@ -78,11 +78,28 @@ def builtin(kind: BuiltinKind, split: Split = "all") -> PromptSet:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     if split != "all":
         rows = [r for r in rows if r.get("split") == split]
+    rows = _interleave_categories(rows)
     return PromptSet(
         name=f"builtin:{kind}:{split}",
         prompts=tuple(r["prompt"] for r in rows),
         categories=tuple(r.get("category", "") for r in rows),
     )
+
+
+def _interleave_categories(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Round-robin over categories (each in file order), so every prefix is stratified.
+
+    The files are grouped by category; without this, ``head(n)`` (``--n-train``, ``--n-val``)
+    would take whole categories in alphabetical order and miss the rest.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get("category", "")), []).append(row)
+    out: list[dict[str, Any]] = []
+    queues = list(groups.values())
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
 
 
 def _pick_column(columns: Sequence[str], column: str | None, source: str) -> str:
