@@ -127,6 +127,20 @@ def tiny_model_dir(tmp_path: Path, make_model: Callable[[str], Any], tokenizer: 
     return path
 
 
+@pytest.fixture
+def no_template_model_dir(tmp_path: Path, make_model: Callable[[str], Any], tokenizer: Any) -> Path:
+    """A saved tiny base (non-chat) model: its tokenizer has no chat template."""
+    import copy
+
+    path = tmp_path / "base-model"
+    make_model("llama").save_pretrained(path)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    plain.save_pretrained(path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    return path
+
+
 def chat(tokenizer: Any, prompts: list[str]) -> list[str]:
     """Chat-formatted texts for tests."""
     from abliterate.prompts import format_chat

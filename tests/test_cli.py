@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +56,11 @@ def test_missing_model_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_model_without_chat_template(
-    tmp_path: Path, make_model: Callable[[str], Any], tokenizer: Any,
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    import copy
-
-    path = tmp_path / "base-model"
-    make_model("llama").save_pretrained(path)
-    plain = copy.deepcopy(tokenizer)
-    plain.chat_template = None
-    plain.save_pretrained(path)
-    (path / "chat_template.jinja").unlink(missing_ok=True)
+    tmp_path: Path, no_template_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
-    msg = _error_of(["run", "--model", str(path), "--out", str(out), *TINY_RUN], capsys)
+    argv = ["run", "--model", str(no_template_model_dir), "--out", str(out), *TINY_RUN]
+    msg = _error_of(argv, capsys)
     assert "no chat template" in msg
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
