@@ -191,3 +191,15 @@ def test_multi_token_kl_is_zero_for_itself_and_positive_when_edited(
     orthogonalize_(other, spec)
     multi2, _ = multi_token_kl(model, tokenizer, texts, model_q=other, n_tokens=5, batch_size=4)
     assert multi2 == pytest.approx(multi, rel=1e-3)
+
+
+def test_position_kl_in_row_chunks_equals_whole_batch() -> None:
+    from abliterate.scoring import _position_kl, kl_divergence
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(7, 5, 50, generator=g), torch.randn(7, 5, 50, generator=g)
+    whole = kl_divergence(
+        torch.log_softmax(p, -1).flatten(0, 1), torch.log_softmax(q, -1).flatten(0, 1)
+    ).view(7, 5)
+    assert torch.allclose(_position_kl(p, q, rows=3), whole, atol=1e-6)
+    assert torch.allclose(_position_kl(p, q, rows=100), whole, atol=1e-6)
