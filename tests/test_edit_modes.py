@@ -41,10 +41,27 @@ def make_spec(model: Any, kind: str, strength: float = 1.0) -> EditSpec:
         attention = tuple(strength * x for x in (0.0, 1.2, 0.4, 0.9))
         mlp = tuple(strength * x for x in (0.7, 0.0, 1.0, 0.3))
         return EditSpec(unit(d, 1), 0.5 * strength, attention, mlp, per_layer, "norm_preserving")
+    # Extra directions: random unit vectors, not orthogonal to the main ones (the spec makes
+    # each writer's basis orthonormal itself).
+    extra = (unit(d, 2), unit(d, 3))
+    if kind == "extra_directions":
+        return EditSpec(unit(d, 1), strength, (strength,) * n, (strength,) * n,
+                        extra_directions=extra)  # fmt: skip
+    if kind == "norm_preserving_per_layer_extra_partial":
+        attention = tuple(strength * x for x in (0.0, 1.2, 0.4, 0.9))
+        mlp = tuple(strength * x for x in (0.7, 0.0, 1.0, 0.3))
+        return EditSpec(unit(d, 1), 0.5 * strength, attention, mlp, per_layer, "norm_preserving",
+                        extra_directions=extra)  # fmt: skip
     raise ValueError(kind)
 
 
-KINDS = ("per_layer", "norm_preserving", "norm_preserving_per_layer_partial")
+KINDS = (
+    "per_layer",
+    "norm_preserving",
+    "extra_directions",
+    "norm_preserving_per_layer_partial",
+    "norm_preserving_per_layer_extra_partial",
+)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -77,7 +94,7 @@ def test_strength_zero_is_identity(
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.parametrize("kind", KINDS[:2])
+@pytest.mark.parametrize("kind", KINDS[:3])
 def test_editing_twice_equals_once(
     kind: str, family: str, make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
@@ -125,6 +142,70 @@ def test_spec_and_exported_model_round_trip_exactly(
     orthogonalize_(model, spec)
     save_model(model, tokenizer, tmp_path / "m", {"edit": spec.to_dict()})
     assert verify_export(model, tokenizer, tmp_path / "m", texts) == 0.0
+
+
+def test_extra_directions_remove_their_whole_span(
+    make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
+) -> None:
+    model = make_model("llama")
+    spec = make_spec(model, "extra_directions")
+    basis = spec.basis(0)
+    assert basis.shape == (3, 64)
+    assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-6)  # orthonormal
+    assert torch.allclose(basis[0], spec.direction.vector)  # led by the main direction
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with ablation_hooks(model, spec), torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states[:-1]
+    # Every residual state is orthogonal to every direction of the spec, extras included...
+    for h in hidden:
+        for v in (spec.direction, *spec.extra_directions):
+            assert float((h @ v.vector).abs().max() / h.norm(dim=-1).max()) < 1e-5
+    # ...which removing the main direction alone does not achieve.
+    alone = EditSpec.uniform(spec.direction, 4)
+    with ablation_hooks(model, alone), torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states[:-1]
+    assert max(float((h @ spec.extra_directions[0].vector).abs().max()) for h in hidden) > 1e-2
+    # An extra direction already in the span adds nothing to the basis.
+    same = EditSpec.uniform(spec.direction, 4)
+    same = EditSpec(same.direction, 1.0, same.attention, same.mlp,
+                    extra_directions=(spec.direction * 2.0,))  # fmt: skip
+    assert same.basis(None).shape == (1, 64)
+
+
+def test_candidates_extra_directions(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    n_layers, d = 3, 16
+    harmless = torch.randn(n_layers, 3, d, dtype=torch.float64, generator=g)
+    # Harmful prompts: the harmless mean, a shared shift, and spread mostly along two axes.
+    shift = torch.zeros(d, dtype=torch.float64)
+    shift[0] = 5.0
+    spread = torch.randn(40, 2, dtype=torch.float64, generator=g) * torch.tensor([3.0, 1.0])
+    acts = harmless[:, 1].unsqueeze(0) + shift + torch.zeros(40, n_layers, d, dtype=torch.float64)
+    acts[:, :, 1] += spread[:, :1]
+    acts[:, :, 2] += spread[:, 1:]
+    acts += 0.01 * torch.randn(acts.shape, dtype=torch.float64, generator=g)
+    c = Candidates(acts.mean(0).unsqueeze(1).expand(-1, 3, -1).clone(), harmless,
+                   harmful_acts=acts.float(), acts_site="mid")  # fmt: skip
+    main = c.direction(1, "mid")
+    assert abs(float(main.vector[0])) > 0.99
+    extra = c.extra_directions(main, 1, "mid", 2)
+    assert len(extra) == 2
+    basis = torch.stack([main.vector, *(e.vector for e in extra)])
+    assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-5)  # orthonormal to main
+    assert abs(float(extra[0].vector[1])) > 0.99  # the strongest spread first
+    assert abs(float(extra[1].vector[2])) > 0.99
+    assert extra[0].scale > extra[1].scale > 0
+    assert c.extra_directions(main, 1, "mid", 0) == ()
+    with pytest.raises(ValueError, match="per-prompt"):
+        c.extra_directions(main, 1, "pre", 1)
+    with pytest.raises(ValueError, match="per-prompt"):
+        Candidates(c.harmful_mean, harmless).extra_directions(main, 1, "mid", 1)
+    # The kept activations survive a save/load round trip.
+    c.save(tmp_path / "c.safetensors")
+    back = Candidates.load(tmp_path / "c.safetensors")
+    assert back.acts_site == "mid" and back.harmful_acts is not None
+    assert torch.equal(back.harmful_acts, c.harmful_acts)
+    assert back.extra_directions(main, 1, "mid", 2) == extra
 
 
 def test_spec_rejects_wrong_layer_directions(make_model: Callable[[str], Any]) -> None:

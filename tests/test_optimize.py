@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from abliterate.activations import mean_activations
 from abliterate.architecture import resolve_architecture
@@ -266,3 +267,90 @@ def test_two_worker_processes_share_one_study(tmp_path: Path) -> None:
         if params.count(p) > 1
     ]
     assert not dups, dups
+
+
+def test_search_over_several_directions(
+    make_model: Callable[[str], Any], tokenizer: Any, texts: list[str], tmp_path: Path
+) -> None:
+    from abliterate.activations import collect_activations
+
+    model = make_model("qwen2")
+    arch = resolve_architecture(model)
+    harmful_mean, acts = collect_activations(
+        model, tokenizer, arch, texts[2:4] + texts[5:], keep_site="pre"
+    )
+    assert acts is not None and acts.shape == (len(texts[2:4] + texts[5:]), 4, 64)
+    # The kept activations average to the means.
+    assert torch.allclose(acts.double().mean(0), harmful_mean[:, 0], atol=1e-4)
+    candidates = Candidates(
+        harmful_mean=harmful_mean,
+        harmless_mean=mean_activations(model, tokenizer, arch, texts[:2] + texts[4:5]),
+        harmful_acts=acts,
+        acts_site="pre",
+    )
+    objective = CheapObjective(model, tokenizer, texts[2:4], texts[:2], refusal_ids=[5, 6, 7])
+    space = SearchSpace(n_layers=4, min_layer=1.0, max_layer=2.0, max_directions=3)
+    study = open_study(f"sqlite:///{tmp_path / 'db'}", "s", {})
+    run_trials(study, space, lambda p: objective(p.to_spec(candidates, "pre")), 14)
+    done = completed(study)
+    counts = {t.params["n_directions"] for t in done}
+    assert counts >= {1, 2} or counts >= {1, 3}  # the count is searched, seeds use one
+    for t in done:
+        params = EditParams.from_params(t.params)
+        spec = params.to_spec(candidates, "pre")
+        assert len(spec.extra_directions) == params.n_directions - 1
+        again = objective(spec)  # what was stored is exactly what the spec scores
+        assert t.values == pytest.approx([again["refusal_prob"], again["kl"]], rel=1e-5)
+
+
+def test_optimize_command_with_several_directions(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from abliterate.interventions import EditSpec
+
+    out = tmp_path / "run"
+    argv = ["optimize", "--model", str(tiny_model_dir), "--out", str(out), "--trials", "10",
+            "--max-directions", "2", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    chosen = EditParams.from_params(report["optimization"]["chosen"]["params"])
+    spec = EditSpec.load(out)
+    assert len(spec.extra_directions) == chosen.n_directions - 1
+    assert report["checks"]["hooks_vs_weights_max_abs_diff"] < 1e-3
+    assert all("n_directions" in t["params"] for t in report["optimization"]["trials"])
+
+
+def test_search_model_copies_in_the_search_precision(make_model: Callable[[str], Any]) -> None:
+    from abliterate.optimize import search_model
+
+    model = make_model("qwen2")  # tied embeddings
+    assert search_model(model, "model") is model
+    assert search_model(model, "float32") is model  # already so: no copy
+    copy16 = search_model(model, "bfloat16")
+    assert copy16 is not model
+    assert next(model.parameters()).dtype == torch.float32  # the original is untouched
+    assert all(p.dtype == torch.bfloat16 for p in copy16.parameters())
+    emb, head = copy16.get_input_embeddings(), copy16.get_output_embeddings()
+    assert head.weight is emb.weight  # tied weights stay tied in the copy
+    before = model.get_input_embeddings().weight
+    assert torch.equal(emb.weight.float(), before.to(torch.bfloat16).float())
+    auto = search_model(model, "auto")  # bf16 only where native; float32 otherwise
+    assert next(auto.parameters()).dtype in (torch.float32, torch.bfloat16)
+
+
+def test_native_bf16_reads_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import abliterate.optimize as opt
+
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = opt.Path
+
+    def fake_path(p: str) -> Path:
+        return cpuinfo if p == "/proc/cpuinfo" else real_path(p)
+
+    monkeypatch.setattr(opt, "Path", fake_path)
+    cpuinfo.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512bw\n")
+    assert not opt.native_bf16(torch.device("cpu"))
+    cpuinfo.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
+    assert opt.native_bf16(torch.device("cpu"))
+    cpuinfo.write_text("processor : 0\nFeatures : fp asimd bf16\n")
+    assert opt.native_bf16(torch.device("cpu"))
+    cpuinfo.unlink()
+    assert not opt.native_bf16(torch.device("cpu"))

@@ -24,6 +24,7 @@ from abliterate.errors import ConfigError
 Site = Literal["pre", "mid", "post"]
 SITES: tuple[Site, ...] = ("pre", "mid", "post")
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+SearchDType = Literal["auto", "model", "float32", "bfloat16", "float16"]
 
 
 def _help(text: str, *, positional: bool = False, **kwargs: Any) -> Any:
@@ -108,7 +109,7 @@ class SearchConfig:
     )
     trials: int = _help(
         "Completed search trials to reach (a resumed study counts the trials it already has).",
-        default=32,
+        default=64,
     )
     storage: str | None = _help(
         "Optuna storage URL of the study (e.g. sqlite:///study.db, postgresql://...). Default: "
@@ -125,7 +126,27 @@ class SearchConfig:
         default=0.05,
     )
     max_confirm: int = _help(
-        "Most Pareto-front trials confirmed by generating and judging answers.", default=4
+        "Most Pareto-front trials confirmed by generating and judging answers.", default=6
+    )
+    search_dtype: SearchDType = _help(
+        "Precision the search scores trials in (its forward passes; confirmation generates with "
+        "the model itself). 'auto': bfloat16 when the model is float32 and the device computes "
+        "bfloat16 natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX: about 4x faster on "
+        "the demo model), on a bfloat16 copy of the model; else the model's own dtype. 'model': "
+        "never copy. The final evaluation and the exported model always use the model's dtype.",
+        default="auto",
+    )
+    confirm_tokens: int = _help(
+        "Tokens generated per harmful validation prompt when confirming a trial's refusal "
+        "rate (refusals show in the opening: on the demo model 41 of 42 refusals are caught "
+        "within 32 tokens); the final evaluation uses --max-new-tokens.",
+        default=32,
+    )
+    max_directions: int = _help(
+        "Let the search remove up to this many directions at once: the mean difference plus "
+        "the top singular vectors of the per-prompt differences (each harmful prompt's "
+        "activation minus the harmless mean) orthogonal to it. 1: the mean difference only.",
+        default=1,
     )
     trial: int | None = _help(
         "Skip the automatic choice and use this trial number of the study.", default=None
@@ -193,6 +214,8 @@ class RunConfig(SearchConfig, PromptConfig, ModelConfig):
             "n_finalists",
             "trials",
             "max_confirm",
+            "max_directions",
+            "confirm_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")

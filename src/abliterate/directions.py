@@ -6,7 +6,9 @@ unnormalised vector until :meth:`Direction.normalized` is called), exact equalit
 save/load round trip as ``NAME.safetensors`` + ``NAME.json``.
 
 :class:`Candidates` holds the per-layer, per-site activation means of the harmful and harmless
-sets (float64) and turns them into candidate directions.
+sets (float64) and turns them into candidate directions; when the harmful set's per-prompt
+activations of one site are kept too, it also gives the further directions of
+:meth:`Candidates.extra_directions` (top singular vectors of the per-prompt differences).
 """
 
 from __future__ import annotations
@@ -169,6 +171,9 @@ class Candidates:
         harmless_mean: ``(n_layers, n_sites, d_model)`` float64.
         sites: Names of the site axis, in order.
         model, revision, dataset_hashes: provenance copied into every direction.
+        harmful_acts: Optional ``(n_prompts, n_layers, d_model)`` float32 per-prompt harmful
+            activations at site ``acts_site`` (for :meth:`extra_directions`).
+        acts_site: The site of ``harmful_acts``.
     """
 
     harmful_mean: torch.Tensor
@@ -177,6 +182,20 @@ class Candidates:
     model: str = ""
     revision: str | None = None
     dataset_hashes: dict[str, str] = field(default_factory=dict)
+    harmful_acts: torch.Tensor | None = None
+    acts_site: Site | None = None
+
+    def __post_init__(self) -> None:
+        if (self.harmful_acts is None) != (self.acts_site is None):
+            raise ValueError("harmful_acts and acts_site go together")
+        if self.harmful_acts is not None and (
+            self.harmful_acts.ndim != 3 or self.harmful_acts.shape[1:] != (
+                self.harmful_mean.shape[0], self.harmful_mean.shape[-1])
+        ):  # fmt: skip
+            raise ValueError(
+                f"harmful_acts must be (n_prompts, n_layers, d_model), got "
+                f"{tuple(self.harmful_acts.shape)}"
+            )
 
     @property
     def n_layers(self) -> int:
@@ -254,8 +273,59 @@ class Candidates:
         vec = _without_component(mixed.vector.double(), harmless)
         return replace(mixed, vector=(vec / vec.norm()).float(), projected=True)
 
+    def extra_directions(
+        self, main: Direction, layer: int, site: Site, count: int
+    ) -> tuple[Direction, ...]:
+        """Up to ``count`` further unit directions to remove together with ``main``.
+
+        The per-prompt differences at ``layer`` (each harmful prompt's activation minus the
+        harmless mean) are stripped of their component along ``main``; their top ``count``
+        right singular vectors are the directions, strongest first. They are orthonormal and
+        orthogonal to ``main``: what still separates individual harmful prompts from harmless
+        ones once the mean difference is gone (e.g. a kind of request the mean under-weights).
+        ``scale`` is each direction's root-mean-square coordinate over the harmful prompts.
+
+        Raises:
+            ValueError: no per-prompt activations were kept for ``site``.
+        """
+        if self.harmful_acts is None or self.acts_site != site:
+            raise ValueError(
+                f"extra directions need the per-prompt harmful activations of site {site!r}; "
+                f"kept: {self.acts_site!r}"
+            )
+        if count <= 0:
+            return ()
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range [0, {self.n_layers})")
+        d = main.vector.double()
+        d = d / d.norm()
+        harmless = self.harmless_mean[layer, self.sites.index(site)]
+        diffs = self.harmful_acts[:, layer].double() - harmless  # (n_prompts, d_model)
+        diffs = diffs - torch.outer(diffs @ d, d)
+        _, sv, vh = torch.linalg.svd(diffs, full_matrices=False)
+        out = []
+        n = diffs.shape[0]
+        for i in range(min(count, vh.shape[0])):
+            if float(sv[i]) <= 1e-9 * max(float(sv[0]), 1e-30):
+                break
+            v = vh[i] - (vh[i] @ d) * d  # exact orthogonality despite rounding
+            if float(v[v.abs().argmax()]) < 0:  # a fixed sign, for reproducible files
+                v = -v
+            out.append(
+                Direction(
+                    vector=(v / v.norm()).float(),
+                    layer=layer,
+                    site=site,
+                    scale=float(sv[i]) / n**0.5,
+                    model=self.model,
+                    revision=self.revision,
+                    dataset_hashes=dict(self.dataset_hashes),
+                )
+            )
+        return tuple(out)
+
     def save(self, path: str | Path) -> None:
-        """Write the means as safetensors with provenance in the header metadata."""
+        """Write the means (and kept activations) as safetensors, provenance in the header."""
         from safetensors.torch import save_file
 
         meta = {
@@ -263,12 +333,12 @@ class Candidates:
             "model": self.model,
             "revision": self.revision or "",
             "dataset_hashes": json.dumps(self.dataset_hashes),
+            "acts_site": self.acts_site or "",
         }
-        save_file(
-            {"harmful_mean": self.harmful_mean, "harmless_mean": self.harmless_mean},
-            str(path),
-            metadata=meta,
-        )
+        tensors = {"harmful_mean": self.harmful_mean, "harmless_mean": self.harmless_mean}
+        if self.harmful_acts is not None:
+            tensors["harmful_acts"] = self.harmful_acts.contiguous()
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Candidates:
@@ -279,6 +349,7 @@ class Candidates:
             meta = f.metadata()
             harmful = f.get_tensor("harmful_mean")
             harmless = f.get_tensor("harmless_mean")
+            acts = f.get_tensor("harmful_acts") if "harmful_acts" in f.keys() else None  # noqa: SIM118
         return cls(
             harmful_mean=harmful,
             harmless_mean=harmless,
@@ -286,4 +357,6 @@ class Candidates:
             model=meta["model"],
             revision=meta["revision"] or None,
             dataset_hashes=json.loads(meta["dataset_hashes"]),
+            harmful_acts=acts,
+            acts_site=meta.get("acts_site") or None if acts is not None else None,
         )

@@ -17,6 +17,10 @@ Two refinements are part of the spec:
 
 * *per-layer directions*: the writers of layer ``i`` remove ``layer_directions[i]`` instead of
   the one global direction (the embedding always uses the global one);
+* *extra directions*: a few more directions removed together with the main one (from every
+  writer the spec touches, at the same strength). Each writer then removes the orthogonal
+  projection onto the span ``B`` of its direction and the extras: ``y - s B Bᵀ y``, with ``B``
+  an orthonormal basis (so one direction is the case ``B = d``);
 * *norm-preserving* mode: each residual write vector (a column of a Linear writer's weight, a
   row of the embedding) is projected and then rescaled to its original norm, so the edit only
   rotates what a writer can write instead of also shrinking it. This is no longer a projection
@@ -56,6 +60,8 @@ class EditSpec:
         attention: Per-layer strength for the attention output projections.
         mlp: Per-layer strength for the MLP output projections.
         layer_directions: Optional unit direction per layer, removed from that layer's writers.
+        extra_directions: Further directions removed together with each writer's direction
+            (the span of both is projected out; see the module docstring).
         mode: ``"plain"`` projection, or ``"norm_preserving"`` (project, then restore each
             write vector's norm; see the module docstring).
     """
@@ -66,6 +72,7 @@ class EditSpec:
     mlp: tuple[float, ...]
     layer_directions: tuple[Direction, ...] | None = None
     mode: EditMode = "plain"
+    extra_directions: tuple[Direction, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.attention) != len(self.mlp):
@@ -99,6 +106,15 @@ class EditSpec:
             return self.direction
         return self.layer_directions[layer]
 
+    def basis(self, layer: int | None) -> torch.Tensor:
+        """``(k, d_model)`` orthonormal rows spanning what the writers of ``layer`` remove.
+
+        ``layer=None`` is the embedding. Without extra directions this is the unit direction
+        itself; extras that the span already contains (numerically) add nothing.
+        """
+        main = self.direction if layer is None else self.direction_of(layer)
+        return orthonormal_rows([main.vector, *(d.vector for d in self.extra_directions)])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description; the vectors themselves are saved by :meth:`save`."""
         return {
@@ -111,6 +127,7 @@ class EditSpec:
             "layer_directions": None
             if self.layer_directions is None
             else [d.metadata() for d in self.layer_directions],
+            "extra_directions": [d.metadata() for d in self.extra_directions],
         }
 
     def save(self, directory: str | Path) -> None:
@@ -124,6 +141,11 @@ class EditSpec:
             stacked = torch.stack([x.vector for x in self.layer_directions])  # (layers, d_model)
             save_file(
                 {"layer_directions": stacked.contiguous()}, d / "layer_directions.safetensors"
+            )
+        if self.extra_directions:
+            stacked = torch.stack([x.vector for x in self.extra_directions])  # (k, d_model)
+            save_file(
+                {"extra_directions": stacked.contiguous()}, d / "extra_directions.safetensors"
             )
         (d / "edit_spec.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -141,6 +163,13 @@ class EditSpec:
                 Direction.from_metadata(vec, meta)
                 for vec, meta in zip(stacked, data["layer_directions"], strict=True)
             )
+        extra: tuple[Direction, ...] = ()
+        if data.get("extra_directions"):
+            stacked = load_file(d / "extra_directions.safetensors")["extra_directions"]
+            extra = tuple(
+                Direction.from_metadata(vec, meta)
+                for vec, meta in zip(stacked, data["extra_directions"], strict=True)
+            )
         return cls(
             direction=Direction.load(d / "direction"),
             embedding=float(data["embedding"]),
@@ -148,14 +177,50 @@ class EditSpec:
             mlp=tuple(float(x) for x in data["mlp"]),
             layer_directions=layer_directions,
             mode=data.get("mode", "plain"),
+            extra_directions=extra,
         )
 
 
+def orthonormal_rows(vectors: list[torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
+    """Gram-Schmidt (twice, in float64) of ``vectors``, in order: ``(k, d_model)`` float32.
+
+    The first row is the first vector normalised; a vector whose remainder is below ``tol``
+    times its norm (already in the span) is dropped.
+    """
+    rows: list[torch.Tensor] = []
+    for v in vectors:
+        w = v.detach().to("cpu", torch.float64).flatten()
+        norm = float(w.norm())
+        for _ in range(2):  # re-orthogonalising once makes classical Gram-Schmidt stable
+            for r in rows:
+                w = w - (w @ r) * r
+        if norm > 0 and float(w.norm()) > tol * norm:
+            rows.append(w / w.norm())
+    if not rows:
+        raise ValueError("no nonzero direction to build a basis from")
+    return torch.stack(rows).float()
+
+
+def _as_basis(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(d_model,)`` direction or ``(k, d_model)`` orthonormal basis as float32 rows."""
+    b = direction.to(like.device, torch.float32)
+    return b.unsqueeze(0) if b.ndim == 1 else b
+
+
+def _remove(xf: torch.Tensor, basis: torch.Tensor, strength: float) -> torch.Tensor:
+    """``x - s (x Bᵀ) B`` for float32 ``x`` (..., d_model) and orthonormal rows ``B``."""
+    if basis.shape[0] == 1:  # the common case, without a (…, 1) matrix product
+        d = basis[0]
+        return xf - strength * (xf @ d).unsqueeze(-1) * d
+    return xf - strength * (xf @ basis.T) @ basis
+
+
 def project_out(x: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
-    """``x - strength (x · d) d`` along the last axis (float32 math, result in x's dtype)."""
-    d = direction.to(x.device, torch.float32)
-    xf = x.float()
-    return (xf - strength * (xf @ d).unsqueeze(-1) * d).to(x.dtype)
+    """``x - strength (x · d) d`` along the last axis (float32 math, result in x's dtype).
+
+    ``direction`` is a unit vector, or ``(k, d_model)`` orthonormal rows whose span is removed.
+    """
+    return _remove(x.float(), _as_basis(direction, x), strength).to(x.dtype)
 
 
 def edit_write_vectors(
@@ -163,13 +228,12 @@ def edit_write_vectors(
 ) -> torch.Tensor:
     """Remove ``strength`` times the ``direction`` component from each row, in float32.
 
-    ``rows`` is ``(n, d_model)``, one residual write vector per row. In ``norm_preserving``
-    mode every edited row is rescaled to its original norm (a row that the edit reduces to
-    zero stays zero).
+    ``rows`` is ``(n, d_model)``, one residual write vector per row; ``direction`` is a unit
+    vector or ``(k, d_model)`` orthonormal rows. In ``norm_preserving`` mode every edited row
+    is rescaled to its original norm (a row that the edit reduces to zero stays zero).
     """
-    d = direction.to(rows.device, torch.float32)
     rf = rows.float()
-    edited = rf - strength * (rf @ d).unsqueeze(-1) * d
+    edited = _remove(rf, _as_basis(direction, rows), strength)
     if mode == "norm_preserving":
         edited = edited * _norm_scales(rf, edited).unsqueeze(-1)
     return edited
@@ -186,7 +250,7 @@ def _check(spec: EditSpec, arch: Architecture) -> None:
         raise ValueError(
             f"the edit spec covers {spec.n_layers} layers but the model has {arch.n_layers}"
         )
-    directions = [spec.direction, *(spec.layer_directions or ())]
+    directions = [spec.direction, *(spec.layer_directions or ()), *spec.extra_directions]
     for direction in directions:
         if direction.d_model != arch.d_model:
             raise ValueError(
@@ -195,25 +259,34 @@ def _check(spec: EditSpec, arch: Architecture) -> None:
 
 
 def _writers(spec: EditSpec, arch: Architecture) -> Iterator[tuple[nn.Module, float, torch.Tensor]]:
-    """Every (writer module, strength, direction vector) the spec touches, skipping strength 0."""
-    triples: list[tuple[nn.Module, float, torch.Tensor]] = [
-        (arch.embedding, spec.embedding, spec.direction.vector)
-    ]
+    """Every (writer module, strength, basis) the spec touches, skipping strength 0.
+
+    The basis is the unit direction (``(d_model,)``) for a one-direction spec, else the
+    ``(k, d_model)`` orthonormal rows of :meth:`EditSpec.basis`.
+    """
+
+    def basis(layer: int | None) -> torch.Tensor:
+        if not spec.extra_directions:
+            return (spec.direction if layer is None else spec.direction_of(layer)).vector
+        return spec.basis(layer)
+
+    if spec.embedding != 0.0:
+        yield arch.embedding, spec.embedding, basis(None)
     for i in range(arch.n_layers):
-        vector = spec.direction_of(i).vector
-        triples.append((arch.attn_out[i], spec.attention[i], vector))
-        triples.append((arch.mlp_out[i], spec.mlp[i], vector))
-    for module, strength, vector in triples:
-        if strength != 0.0:
-            yield module, strength, vector
+        if spec.attention[i] == 0.0 and spec.mlp[i] == 0.0:
+            continue
+        b = basis(i)
+        if spec.attention[i] != 0.0:
+            yield arch.attn_out[i], spec.attention[i], b
+        if spec.mlp[i] != 0.0:
+            yield arch.mlp_out[i], spec.mlp[i], b
 
 
 @torch.no_grad()
 def _column_scales(linear: nn.Linear, d: torch.Tensor, strength: float) -> torch.Tensor:
     """``(d_in,)`` norm-preserving rescaling of each write vector (weight column)."""
     columns = linear.weight.detach().T.float()  # (d_in, d_model)
-    dd = d.to(columns.device, torch.float32)
-    return _norm_scales(columns, columns - strength * (columns @ dd).unsqueeze(-1) * dd)
+    return _norm_scales(columns, _remove(columns, _as_basis(d, columns), strength))
 
 
 def _edited_linear(
@@ -316,8 +389,8 @@ def _orthogonalize_linear(
         # weight: (d_model, d_in); the writer's output is W x + b, so project W's columns.
         w = linear.weight.data
         wf = w.float()
-        dd = d.to(w.device, torch.float32)
-        wf -= strength * torch.outer(dd, dd @ wf)
+        basis = _as_basis(d, wf)  # (k, d_model)
+        wf -= strength * basis.T @ (basis @ wf)
         w.copy_(wf.to(w.dtype))
         if linear.bias is not None:
             linear.bias.data.copy_(project_out(linear.bias.data, d, strength))

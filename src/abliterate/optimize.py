@@ -9,7 +9,10 @@ space (:class:`EditParams`) for edits that refuse less *and* move harmless promp
   harmless mean, see :meth:`~abliterate.directions.Candidates.direction`);
 * a strength :class:`Profile` across layers for the attention outputs and one for the MLP
   outputs (peak, position of the peak, width, edge strength; 0 outside the window);
-* plain or norm-preserving weight edits (:data:`~abliterate.interventions.EDIT_MODES`).
+* plain or norm-preserving weight edits (:data:`~abliterate.interventions.EDIT_MODES`);
+* with ``max_directions > 1``, how many directions to remove at once: the mean difference plus
+  the top singular vectors of the per-prompt differences
+  (:meth:`~abliterate.directions.Candidates.extra_directions`).
 
 Every point of the space is an :class:`~abliterate.interventions.EditSpec`, so it is scored
 through hooks and baked into the weights by the same code.
@@ -31,10 +34,13 @@ counted, and the search runs until the number of *completed* trials reaches the 
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -110,6 +116,8 @@ class EditParams:
         projected: Directions are made orthogonal to the harmless mean.
         norm_preserving: Edit in norm-preserving mode instead of plain projection.
         attention, mlp: Strength profiles of the two kinds of writer.
+        n_directions: Directions removed at once: the mean difference and ``n_directions - 1``
+            extra directions taken at the layer nearest ``direction_layer``.
     """
 
     direction_layer: float
@@ -118,6 +126,7 @@ class EditParams:
     norm_preserving: bool
     attention: Profile
     mlp: Profile
+    n_directions: int = 1
 
     def to_params(self) -> dict[str, Any]:
         """Flat ``{name: value}`` as stored in the Optuna study."""
@@ -130,6 +139,8 @@ class EditParams:
         for component in COMPONENTS:
             for key, value in asdict(getattr(self, component)).items():
                 out[f"{component}_{key}"] = value
+        if self.n_directions != 1:  # absent from the one-direction space's studies
+            out["n_directions"] = self.n_directions
         return out
 
     @classmethod
@@ -151,6 +162,7 @@ class EditParams:
             norm_preserving=bool(params["norm_preserving"]),
             attention=profiles["attention"],
             mlp=profiles["mlp"],
+            n_directions=int(params.get("n_directions", 1)),
         )
 
     def to_spec(self, candidates: Candidates, site: Site) -> EditSpec:
@@ -165,6 +177,10 @@ class EditParams:
                 else candidates.direction(i, site, projected=self.projected)
                 for i in range(n)
             )
+        extra: tuple[Direction, ...] = ()
+        if self.n_directions > 1:
+            layer = min(max(round(self.direction_layer), 0), n - 1)
+            extra = candidates.extra_directions(direction, layer, site, self.n_directions - 1)
         return EditSpec(
             direction=direction,
             embedding=0.0,
@@ -172,6 +188,7 @@ class EditParams:
             mlp=self.mlp.strengths(n),
             layer_directions=layer_directions,
             mode="norm_preserving" if self.norm_preserving else "plain",
+            extra_directions=extra,
         )
 
 
@@ -183,13 +200,15 @@ class SearchSpace:
     selection: they encode output tokens rather than the concept); peaks may sit anywhere.
     Peak strengths start above 0 because a zero peak is the unedited model, which the search
     need not rediscover, and stop at 1.5 because overshooting a little can cancel what the
-    other layers' writers add back.
+    other layers' writers add back. With ``max_directions > 1`` the number of directions
+    removed at once is searched too (1 to ``max_directions``).
     """
 
     n_layers: int
     min_layer: float
     max_layer: float
     peak: tuple[float, float] = (0.2, 1.5)
+    max_directions: int = 1
 
     def suggest(self, trial: optuna.Trial) -> EditParams:
         """Sample one point (every parameter always, which multivariate TPE needs)."""
@@ -206,6 +225,9 @@ class SearchSpace:
                 width=trial.suggest_float(f"{c}_width", 1.0, float(self.n_layers)),
                 edge=trial.suggest_float(f"{c}_edge", 0.0, 1.0),
             )
+        n_directions = 1
+        if self.max_directions > 1:
+            n_directions = trial.suggest_int("n_directions", 1, self.max_directions)
         return EditParams(
             direction_layer=direction_layer,
             per_layer=bool(per_layer),
@@ -213,6 +235,7 @@ class SearchSpace:
             norm_preserving=bool(norm_preserving),
             attention=profiles["attention"],
             mlp=profiles["mlp"],
+            n_directions=n_directions,
         )
 
     def seeds(self) -> list[EditParams]:
@@ -236,6 +259,69 @@ class SearchSpace:
             out.append(EditParams(layer, False, False, False, fading, fading))
         # Small models clamp several depths to the same layer; each point once.
         return list(dict.fromkeys(out))
+
+    def seed_params(self) -> list[dict[str, Any]]:
+        """:meth:`seeds` as stored parameters, with every parameter this space samples."""
+        out = []
+        for p in self.seeds():
+            params = p.to_params()
+            if self.max_directions > 1:
+                params["n_directions"] = p.n_directions
+            out.append(params)
+        return out
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively (so faster than float32).
+
+    CUDA: the device supports bf16. CPU: the x86 flags ``avx512_bf16`` or ``amx_bf16`` (Linux's
+    ``/proc/cpuinfo``), or the Arm ``bf16`` feature. Elsewhere False: bf16 emulated on a CPU
+    without those instructions can be slower than float32.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def search_model(model: PreTrainedModel, search_dtype: str) -> PreTrainedModel:
+    """The model the search scores with: ``model`` itself, or a copy in another precision.
+
+    ``"auto"`` copies a float32 model to bfloat16 where that is native (:func:`native_bf16`);
+    ``"model"`` never copies; a dtype name converts to it (a copy unless already so). The copy
+    costs memory (half the float32 model for bfloat16) for as long as the search runs.
+    """
+    current = next(model.parameters()).dtype
+    if search_dtype == "model":
+        return model
+    if search_dtype == "auto":
+        device = next(model.parameters()).device
+        if current != torch.float32 or not native_bf16(device):
+            return model
+        target = torch.bfloat16
+    else:
+        target = getattr(torch, search_dtype)
+    if current == target:
+        return model
+    log.info("search scores trials in %s on a copy of the model", str(target).split(".")[-1])
+    # Each parameter is converted straight into the copy (no transient full-precision copy);
+    # a shared parameter (tied embeddings) stays shared, as deepcopy's memo maps it once.
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.detach().to(target), requires_grad=False)
+        for p in model.parameters()
+    }
+    clone = copy.deepcopy(model, memo)
+    return clone.to(target)  # type: ignore[arg-type]  # buffers too; parameters are done
 
 
 class CheapObjective:
@@ -293,6 +379,7 @@ class SearchResult:
     study_name: str
     n_trials: int
     seconds: dict[str, float]
+    search_dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """The ``report.json`` ``optimization`` entry."""
@@ -311,7 +398,17 @@ class SearchResult:
             "study_name": self.study_name,
             "n_trials": self.n_trials,
             "seconds": self.seconds,
+            "search_dtype": self.search_dtype,
         }
+
+
+def _scoring(
+    objective: CheapObjective, candidates: Candidates, site: Site
+) -> Callable[[EditParams], dict[str, float]]:
+    def score(params: EditParams) -> dict[str, float]:
+        return objective(params.to_spec(candidates, site))
+
+    return score
 
 
 def optimize_edit(
@@ -336,6 +433,8 @@ def optimize_edit(
     batch_size: int,
     seed: int,
     trial: int | None = None,
+    max_directions: int = 1,
+    search_dtype: str = "model",
 ) -> SearchResult:
     """Search the edit space on validation prompts and choose an edit (see module docstring).
 
@@ -343,6 +442,12 @@ def optimize_edit(
         harmful_val, harmless_val: Chat-formatted validation texts.
         harmful_val_prompts: The raw harmful validation instructions (for the judge).
         trial: Skip the automatic choice and use this trial number of the study.
+        max_new_tokens: Tokens generated per prompt when confirming a trial.
+        max_directions: Search how many directions to remove at once, up to this many (needs
+            ``candidates.harmful_acts`` at ``site``).
+        search_dtype: Precision of the cheap scoring (:func:`search_model`); confirmation
+            generates with ``model`` itself. The returned spec does not depend on it, only
+            which trials look best.
     """
     from abliterate.selection import max_candidate_layer
 
@@ -352,16 +457,31 @@ def optimize_edit(
         n_layers=n,
         min_layer=1.0 if degenerate_first else 0.0,
         max_layer=float(max(max_candidate_layer(n, prune_last_layers), 1)),
+        max_directions=max_directions,
     )
+    if max_directions > 1 and (candidates.harmful_acts is None or candidates.acts_site != site):
+        raise ConfigError(
+            f"--max-directions {max_directions} needs the per-prompt harmful activations of "
+            f"site {site!r} in the candidates."
+        )
+    scorer_model = search_model(model, search_dtype)
+    dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
+    # A resumed study must score in the same precision: KL values of two precisions differ.
     fingerprint = {**fingerprint, "space_version": SPACE_VERSION, "site": site, "n_layers": n,
-                   "prune_last_layers": prune_last_layers}  # fmt: skip
+                   "prune_last_layers": prune_last_layers,
+                   "max_directions": max_directions, "search_dtype": dtype}  # fmt: skip
     study = open_study(storage, study_name, fingerprint)
     objective = CheapObjective(
-        model, tokenizer, harmful_val, harmless_val, refusal_ids, batch_size=batch_size
+        scorer_model, tokenizer, harmful_val, harmless_val, refusal_ids, batch_size=batch_size
     )
+    baseline = objective.baseline
     started = time.perf_counter()
-    run_trials(study, space, lambda p: objective(p.to_spec(candidates, site)), n_trials, seed)
+    run_trials(study, space, _scoring(objective, candidates, site), n_trials, seed)
     search_seconds = time.perf_counter() - started
+    # The scoring copy and its cached inputs are not needed any more: free them before the
+    # confirmations and the caller's evaluation.
+    del objective, scorer_model
+    gc.collect()
 
     records = [
         TrialRecord(
@@ -380,6 +500,9 @@ def optimize_edit(
 
     def confirm(record: TrialRecord) -> float:
         spec = EditParams.from_params(record.params).to_spec(candidates, site)
+        # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
+        # products, one token at a time) is slower than float32 (53 s vs. 25 s for 32 prompts ×
+        # 32 tokens on the demo model), and the confirmed rates are then the model's own.
         with maybe_hooks(model, spec):
             responses = generate(
                 model,
@@ -428,9 +551,10 @@ def optimize_edit(
         rule=rule,
         met_target=met,
         refusal_target=refusal_target,
-        baseline=objective.baseline,
+        baseline=baseline,
         storage=storage,
         study_name=study_name,
         n_trials=n_trials,
         seconds={"search": round(search_seconds, 2), "confirm": round(confirm_seconds, 2)},
+        search_dtype=dtype,
     )

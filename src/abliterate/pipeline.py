@@ -9,7 +9,8 @@ Contents::
     candidates.safetensors harmful and harmless means per layer and site (float64)
     scores.json            per-candidate refusal scores and KL (selection)
     optimization.json      every search trial, the Pareto front and the choice (--optimize)
-    direction.{safetensors,json}, edit_spec.json (+ layer_directions.safetensors)
+    direction.{safetensors,json}, edit_spec.json (+ layer_directions.safetensors,
+    extra_directions.safetensors)
     report.json, report.md, report.html, plots/*.svg
     model/                 the edited model (safetensors) with abliteration.json
 """
@@ -123,7 +124,7 @@ def _choose_direction(
     Writes ``candidates.safetensors`` (and ``scores.json`` when selecting, ``optimization.json``
     when searching) into ``tmp``.
     """
-    from abliterate.activations import mean_activations
+    from abliterate.activations import collect_activations
     from abliterate.directions import Candidates, Direction
     from abliterate.selection import select_direction
 
@@ -146,19 +147,38 @@ def _choose_direction(
 
     with prof.stage("activations"):
         hashes = {k: str(data[k]["sha256"]) for k in ("train_harmful", "train_harmless")}
+        # Per-prompt activations are kept only when the search may use extra directions.
+        keep = config.site if config.optimize and config.max_directions > 1 else None
+        if keep is not None and keep not in config.sites:
+            raise ConfigError(f"site {keep!r} is not among sites {config.sites}.")
+        harmful_mean, harmful_acts = collect_activations(
+            model,
+            tok,
+            arch,
+            texts["train_harmful"],
+            sites=config.sites,
+            keep_site=keep,
+            batch_size=config.batch_size,
+            desc="Activations (harmful)",
+        )
+        harmless_mean, _ = collect_activations(
+            model,
+            tok,
+            arch,
+            texts["train_harmless"],
+            sites=config.sites,
+            batch_size=config.batch_size,
+            desc="Activations (harmless)",
+        )
         candidates = Candidates(
-            harmful_mean=mean_activations(
-                model, tok, arch, texts["train_harmful"], sites=config.sites,
-                batch_size=config.batch_size, desc="Activations (harmful)",
-            ),
-            harmless_mean=mean_activations(
-                model, tok, arch, texts["train_harmless"], sites=config.sites,
-                batch_size=config.batch_size, desc="Activations (harmless)",
-            ),
+            harmful_mean=harmful_mean,
+            harmless_mean=harmless_mean,
             sites=config.sites,
             model=loaded.name,
             revision=loaded.revision,
             dataset_hashes=hashes,
+            harmful_acts=harmful_acts,
+            acts_site=keep,
         )  # fmt: skip
         candidates.save(tmp / "candidates.safetensors")
 
@@ -241,10 +261,12 @@ def _optimize(
         refusal_target=config.refusal_target,
         max_confirm=config.max_confirm,
         prune_last_layers=config.prune_last_layers,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=min(config.confirm_tokens, config.max_new_tokens),
         batch_size=config.batch_size,
         seed=config.seed,
         trial=config.trial,
+        max_directions=config.max_directions,
+        search_dtype=config.search_dtype,
     )
 
 

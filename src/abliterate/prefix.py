@@ -13,8 +13,9 @@ the cost, which is what makes a generation-free search trial cheap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -73,35 +74,52 @@ class SharedPrefixScorer:
         """Tokens computed once per batch instead of once per prompt."""
         return int(self.prefix.shape[0])
 
-    @torch.inference_mode()
-    def logprobs(self, spec: EditSpec | None = None) -> torch.Tensor:
-        """``(len(texts), vocab)`` float32 log-probabilities on the CPU, in text order."""
+    def batches(self) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """``(indices, suffix_ids, lengths)`` per batch: right-padded suffixes, similar lengths."""
+        for start in range(0, len(self.order), self.batch_size):
+            idx = self.order[start : start + self.batch_size]
+            lengths = torch.tensor([len(self.suffixes[i]) for i in idx])
+            batch = torch.full((len(idx), int(lengths.max())), self.pad_id, dtype=torch.long)
+            for row, i in enumerate(idx):
+                batch[row, : lengths[row]] = torch.tensor(self.suffixes[i])
+            yield idx, batch, lengths
+
+    def forward(
+        self,
+        batch: torch.Tensor,
+        around_suffix: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> torch.Tensor:
+        """Run the prefix once, then ``batch``'s suffixes on its repeated cache.
+
+        ``around_suffix`` wraps the suffix pass only (e.g. activation hooks that must not see
+        the prefix). Returns the suffixes' final hidden states ``(batch, suffix, d_model)``.
+        """
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
+        cache = None
+        if self.prefix_length:
+            cache = DynamicCache()
+            self.arch.body(
+                input_ids=self.prefix[None].to(device), past_key_values=cache, use_cache=True
+            )
+            cache.batch_repeat_interleave(batch.shape[0])
+        # No attention mask: the padding follows each suffix, and causal attention never looks
+        # ahead.
+        with around_suffix():
+            out = self.arch.body(
+                input_ids=batch.to(device), past_key_values=cache, use_cache=cache is not None
+            )
+        return out.last_hidden_state  # after the final norm
+
+    @torch.inference_mode()
+    def logprobs(self, spec: EditSpec | None = None) -> torch.Tensor:
+        """``(len(texts), vocab)`` float32 log-probabilities on the CPU, in text order."""
         out: list[torch.Tensor | None] = [None] * len(self.suffixes)
         with maybe_hooks(self.model, spec):
-            for start in range(0, len(self.order), self.batch_size):
-                idx = self.order[start : start + self.batch_size]
-                lengths = torch.tensor([len(self.suffixes[i]) for i in idx])
-                batch = torch.full((len(idx), int(lengths.max())), self.pad_id, dtype=torch.long)
-                for row, i in enumerate(idx):
-                    batch[row, : lengths[row]] = torch.tensor(self.suffixes[i])
-                cache = None
-                if self.prefix_length:
-                    cache = DynamicCache()
-                    self.arch.body(
-                        input_ids=self.prefix[None].to(device),
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
-                    cache.batch_repeat_interleave(len(idx))
-                # No attention mask: the padding follows each suffix, and causal attention
-                # never looks ahead.
-                hidden = self.arch.body(
-                    input_ids=batch.to(device), past_key_values=cache, use_cache=cache is not None
-                ).last_hidden_state  # (batch, suffix, d_model), after the final norm
-                last = hidden[torch.arange(len(idx)), lengths.to(device) - 1]  # (batch, d_model)
+            for idx, batch, lengths in self.batches():
+                hidden = self.forward(batch)  # (batch, suffix, d_model)
+                last = hidden[torch.arange(len(idx)), lengths.to(hidden.device) - 1]
                 logits = self.arch.lm_head(last)  # (batch, vocab)
                 lp = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for row, i in enumerate(idx):

@@ -183,7 +183,7 @@ def run_trials(
     from optuna.trial import TrialState
 
     fail_dead_trials(study)
-    study.sampler = trial_seeded_sampler([p.to_params() for p in space.seeds()], seed)
+    study.sampler = trial_seeded_sampler(space.seed_params(), seed)
     remaining = n_trials - len(completed(study))
     if remaining <= 0:
         log.info("the study already has %d completed trials", len(completed(study)))
