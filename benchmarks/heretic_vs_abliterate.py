@@ -32,6 +32,13 @@ Phases (``all`` runs them in order; each model-running step is wrapped in
     python benchmarks/heretic_vs_abliterate.py all --work runs/bench
     python benchmarks/heretic_vs_abliterate.py table --work runs/bench   # from saved results
 
+``side-by-side`` is how the README's table was measured on the 2-core machine: heretic's search
+pinned to CPU 0 and abliterate's whole run pinned to CPU 1 (``taskset``, one thread each) at
+the same time, so both see the same machine load, then heretic's export and evaluation on
+CPU 0::
+
+    python benchmarks/heretic_vs_abliterate.py side-by-side --work runs/bench
+
 Results: ``WORK/results.json`` and ``WORK/results.md``.
 """
 
@@ -52,11 +59,39 @@ HERETIC_STARTUP_FRACTION = 60 / 200  # heretic's default n_startup_trials / n_tr
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _python_env() -> dict[str, str]:
-    env = dict(os.environ)
+def _python_env(args: argparse.Namespace) -> dict[str, str]:
+    env = _env(args)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
+    """The environment of a model-running step: unbuffered, and its thread count if pinned."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    if args.cpus:
+        n = str(len(_cpu_list(args.cpus)))
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    return env
+
+
+def _cpu_list(cpus: str) -> list[int]:
+    """``"0"``, ``"0,1"`` or ``"0-3"`` as a list of CPU numbers."""
+    out: list[int] = []
+    for part in cpus.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _wrap(args: argparse.Namespace, cmd: list[str]) -> list[str]:
+    """``cmd`` under the demo-model lock, pinned to ``--cpus`` if given.
+
+    Pinned steps on disjoint CPU sets take a lock of their own, so that two pinned runs (one
+    tool on each core) can run side by side under equal conditions.
+    """
+    if not args.cpus:
+        return ["flock", LOCK, *cmd]
+    return ["flock", f"{LOCK}.cpus-{args.cpus}", "taskset", "-c", args.cpus, *cmd]
 
 
 def setup_heretic(venv: Path) -> Path:
@@ -150,16 +185,17 @@ def run_heretic(args: argparse.Namespace, exe: Path, model_dir: Path) -> dict[st
     hdir = args.work / "heretic"
     hdir.mkdir(parents=True, exist_ok=True)
     prompts = write_prompts(args.work, args.n_train, args.n_val)
-    cmd = ["flock", LOCK, str(exe), *heretic_args(args, prompts, model_dir)]
+    cmd = _wrap(args, [str(exe), *heretic_args(args, prompts, model_dir)])
     # COLAB_GPU makes heretic ask its menu questions with input() instead of a terminal UI,
     # so they can be answered (or, here, ended) through stdin.
-    env = {**os.environ, "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = _env(args, COLAB_GPU="1", HF_HUB_OFFLINE="1")
     (hdir / "started.txt").write_text(f"{time.time()}\n")  # for a run stopped part-way
     with (hdir / "search.log").open("w") as log, open(os.devnull) as devnull:
         start = time.perf_counter()
         subprocess.run(cmd, cwd=hdir, env=env, stdin=devnull, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
-    result = {"wall_seconds": wall, "command": cmd[2:], "trials": heretic_trials(args, exe)}
+    command = cmd[cmd.index(str(exe)) :]
+    result = {"wall_seconds": wall, "command": command, "trials": heretic_trials(args, exe)}
     (hdir / "search.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -217,8 +253,8 @@ def export_heretic(args: argparse.Namespace, exe: Path, model_dir: Path) -> dict
     # front; 1: save the model to a local folder; the folder. EOF then ends the program.
     answers = f"1\n{position}\n1\n{save}\n"
     prompts = write_prompts(args.work, args.n_train, args.n_val)
-    cmd = ["flock", LOCK, str(exe), *heretic_args(args, prompts, model_dir)]
-    env = {**os.environ, "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = _wrap(args, [str(exe), *heretic_args(args, prompts, model_dir)])
+    env = _env(args, COLAB_GPU="1", HF_HUB_OFFLINE="1")
     with (hdir / "export.log").open("w") as log:
         subprocess.run(cmd, cwd=hdir, env=env, input=answers, text=True, stdout=log,
                        stderr=subprocess.STDOUT)  # fmt: skip
@@ -231,13 +267,13 @@ def export_heretic(args: argparse.Namespace, exe: Path, model_dir: Path) -> dict
 
 def evaluate_model(args: argparse.Namespace, edited_dir: Path, out: Path) -> None:
     """Measure an exported model against the original with abliterate's evaluator."""
-    cmd = [
-        "flock", LOCK, sys.executable, __file__, "_evaluate", "--work", str(args.work),
+    cmd = _wrap(args, [
+        sys.executable, __file__, "_evaluate", "--work", str(args.work),
         "--edited", str(edited_dir), "--out", str(out),
         "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
         "--kl-tokens", str(args.kl_tokens),
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, env=_python_env())
+    ])  # fmt: skip
+    subprocess.run(cmd, check=True, env=_python_env(args))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -283,16 +319,16 @@ def run_abliterate(args: argparse.Namespace) -> dict[str, Any]:
     out = args.work / "abliterate"
     storage = args.work / "abliterate.study.db"
     storage.unlink(missing_ok=True)  # a fresh search, timed from scratch
-    cmd = [
-        "flock", LOCK, sys.executable, "-m", "abliterate", "optimize", "--model", "demo",
+    cmd = _wrap(args, [
+        sys.executable, "-m", "abliterate", "optimize", "--model", "demo",
         "--out", str(out), "--overwrite", "--n-train", str(args.n_train),
         "--n-val", str(args.n_val), "--max-new-tokens", str(args.max_new_tokens),
         "--batch-size", str(args.batch_size), "--kl-tokens", str(args.kl_tokens),
         "--seed", str(args.seed), "--refusal-target", str(args.refusal_target),
         *([] if args.trials is None else ["--trials", str(args.trials)]),
-    ]  # fmt: skip
+    ])  # fmt: skip
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=_python_env())
+    subprocess.run(cmd, check=True, env=_python_env(args))
     wall = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
     timings = report["timings"]
@@ -397,6 +433,25 @@ def table(args: argparse.Namespace) -> str:
     return md
 
 
+def side_by_side(args: argparse.Namespace) -> None:
+    """heretic's search on CPU 0 and abliterate on CPU 1 at once; then heretic's export/eval."""
+    setup_heretic(args.venv)
+    common = [sys.executable, __file__, "--work", str(args.work), "--n-train", str(args.n_train),
+              "--n-val", str(args.n_val), "--max-new-tokens", str(args.max_new_tokens),
+              "--kl-tokens", str(args.kl_tokens), "--batch-size", str(args.batch_size),
+              "--heretic-trials", str(args.heretic_trials), "--seed", str(args.seed),
+              "--refusal-target", str(args.refusal_target), "--venv", str(args.venv),
+              *([] if args.trials is None else ["--trials", str(args.trials)])]  # fmt: skip
+    jobs = [
+        subprocess.Popen([*common, "heretic", "--cpus", "0"], env=_python_env(args)),
+        subprocess.Popen([*common, "abliterate", "--cpus", "1"], env=_python_env(args)),
+    ]
+    if any(job.wait() != 0 for job in jobs):
+        raise RuntimeError("a side-by-side run failed; see its output above")
+    for phase in ("heretic-export", "heretic-eval", "table"):
+        subprocess.run([*common, phase, "--cpus", "0"], check=True, env=_python_env(args))
+
+
 def _minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f} min"
 
@@ -411,6 +466,7 @@ def main() -> None:
         "phase",
         choices=[
             "all",
+            "side-by-side",
             "setup",
             "heretic",
             "heretic-export",
@@ -435,6 +491,12 @@ def main() -> None:
         help="abliterate trial budget (default: abliterate's own default)",
     )
     parser.add_argument("--refusal-target", type=float, default=0.05)
+    parser.add_argument(
+        "--cpus",
+        default=None,
+        help="pin every model-running step to these CPUs (taskset list, e.g. 0 or 0-1) with as "
+        "many threads; run one tool per core side by side for equal conditions",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--model-dir",
@@ -458,6 +520,9 @@ def main() -> None:
     from abliterate.demo import ensure_demo_model
 
     model_dir = args.model_dir or ensure_demo_model()
+    if args.phase == "side-by-side":
+        side_by_side(args)
+        return
     phases = (["setup", "abliterate", "heretic", "heretic-export", "heretic-eval", "table"]
               if args.phase == "all" else [args.phase])  # fmt: skip
     for phase in phases:
