@@ -152,9 +152,11 @@ def describe_edit(edit: dict[str, Any]) -> str:
     touched = [i for i, (a, m) in enumerate(zip(edit["attention"], edit["mlp"], strict=True))
                if a or m]  # fmt: skip
     span = f"layers {touched[0]}–{touched[-1]}" if touched else "no layer"
+    extra = len(edit.get("extra_directions") or [])
+    together = f" together with {extra} further direction{'s' * (extra > 1)}" if extra else ""
     return (
-        f"Removed {source}{' (projected off the harmless mean)' if d.get('projected') else ''} "
-        f"in {edit.get('mode', 'plain').replace('_', '-')} mode from {span}: peak attention "
-        f"strength {max(edit['attention']):.2f}, peak MLP strength {max(edit['mlp']):.2f}, "
-        f"embedding {edit['embedding']:g}."
+        f"Removed {source}{' (projected off the harmless mean)' if d.get('projected') else ''}"
+        f"{together} in {edit.get('mode', 'plain').replace('_', '-')} mode from {span}: peak "
+        f"attention strength {max(edit['attention']):.2f}, peak MLP strength "
+        f"{max(edit['mlp']):.2f}, embedding {edit['embedding']:g}."
     )

@@ -91,7 +91,9 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
         lines += [
             describe_edit(report["edit"]),
             "",
-            f"Chosen trial {opt['chosen']['number']} of {len(opt['trials'])}: {opt['rule']}.",
+            f"Chosen trial {opt['chosen']['number']} of {len(opt['trials'])}: {opt['rule']}. "
+            f"Trials scored in {opt.get('search_dtype', 'the model dtype')}; the evaluation "
+            "below uses the model's own dtype.",
             "",
             "## Optimization (validation prompts only)",
             "",
