@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,20 @@ from abliterate.cli import main
 
 pytestmark = pytest.mark.slow
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+def _shared_data() -> Path:
+    """The public prompt sets beside the checkout (``../shared/data``), wherever it was cloned.
+
+    ``$ABLITERATE_SHARED_DATA`` overrides; a clone elsewhere (e.g. a fresh CI clone in /tmp)
+    falls back to the workplace's ``/work/shared/data``.
+    """
+    if os.environ.get("ABLITERATE_SHARED_DATA"):
+        return Path(os.environ["ABLITERATE_SHARED_DATA"])
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return beside if beside.is_dir() else Path("/work/shared/data")
+
+
+SHARED = _shared_data()
 
 
 @pytest.fixture(scope="module")
