@@ -43,3 +43,16 @@ def test_directory_without_safetensors_is_refused(tmp_path: Path) -> None:
         load_model(str(tmp_path), device="cpu")
     with pytest.raises(ModelLoadError, match="GGUF file"):
         load_model(str(tmp_path / "missing.gguf"), device="cpu")
+
+
+def test_run_directory_is_not_a_model(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.json").write_text('{"model": "demo", "dtype": "auto"}')  # a run's settings
+    (run / "candidates.safetensors").write_bytes(b"")
+    (run / "model" / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(ModelLoadError, match=r"run directory: its model is .*model"):
+        load_model(str(run), device="cpu")
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not readable JSON"):
+        load_model(str(run), device="cpu")

@@ -8,6 +8,7 @@ passes ``trust_remote_code``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,26 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
 
 
+def _check_model_config(path: Path) -> None:
+    """Refuse a directory whose ``config.json`` is not a transformers model config.
+
+    The usual case is an abliterate run directory (its ``config.json`` is the run's settings):
+    the model is in its ``model/`` folder.
+    """
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not readable JSON: {exc}") from exc
+    if isinstance(data, dict) and "model_type" in data:
+        return
+    hint = ""
+    if (path / "model" / "config.json").is_file():
+        hint = f" It looks like an abliterate run directory: its model is {path / 'model'}."
+    raise ModelLoadError(
+        f"{path / 'config.json'} is not a transformers model config (no model_type).{hint}"
+    )
+
+
 def load_model(
     name: str = "demo",
     *,
@@ -120,6 +141,7 @@ def load_model(
                     f"{path} holds no .safetensors weights; abliterate loads safetensors only "
                     "(convert pickled .bin weights first)."
                 )
+            _check_model_config(path)
             source = str(path)
             kwargs["use_safetensors"] = True
         elif path.exists() or _looks_like_path(name):
@@ -132,10 +154,9 @@ def load_model(
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, **kwargs
         )
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load model '{name}': {exc}") from exc
-    except ValueError as exc:
-        raise ModelLoadError(f"cannot load model '{name}': {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # transformers reports a malformed or unsupported checkpoint with any of these.
+        raise ModelLoadError(f"cannot load model '{name}': {type(exc).__name__}: {exc}") from exc
     if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
         # transformers has dequantized the GGUF weights into ordinary tensors; clear the marker
         # so the edited model can be saved as plain safetensors.
