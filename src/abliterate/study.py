@@ -60,13 +60,14 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
 
     optuna.storages.fail_stale_trials(study)
     host = socket.gethostname()
-    storage = study._storage  # the public Study API cannot change another trial's state
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(t.user_attrs.get("worker", ""))
         worker_host, _, pid = worker.rpartition(":")
         if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            # tell() by trial number finishes any worker's trial; skip_if_finished covers a
+            # race with another worker failing it first.
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             failed.append(t.number)
     if failed:
         log.info("marked %d trial(s) of dead workers as failed: %s", len(failed), failed)
