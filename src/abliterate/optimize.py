@@ -501,7 +501,7 @@ def optimize_edit(
     def confirm(record: TrialRecord) -> float:
         spec = EditParams.from_params(record.params).to_spec(candidates, site)
         # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
-        # products, one token at a time) is slower than float32 (53 s vs. 25 s for 32 prompts ×
+        # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32 prompts ×
         # 32 tokens on the demo model), and the confirmed rates are then the model's own.
         with maybe_hooks(model, spec):
             responses = generate(
