@@ -280,8 +280,13 @@ def test_search_over_several_directions(
         model, tokenizer, arch, texts[2:4] + texts[5:], keep_site="pre"
     )
     assert acts is not None and acts.shape == (len(texts[2:4] + texts[5:]), 4, 64)
-    # The kept activations average to the means.
+    # The kept activations average to the means, and row i is text i (batches are grouped by
+    # length, so this checks that rows are put back in text order).
     assert torch.allclose(acts.double().mean(0), harmful_mean[:, 0], atol=1e-4)
+    harmful = texts[2:4] + texts[5:]
+    for i in (0, len(harmful) - 1):
+        _, alone = collect_activations(model, tokenizer, arch, [harmful[i]], keep_site="pre")
+        assert alone is not None and torch.allclose(alone[0], acts[i], atol=1e-4)
     candidates = Candidates(
         harmful_mean=harmful_mean,
         harmless_mean=mean_activations(model, tokenizer, arch, texts[:2] + texts[4:5]),

@@ -6,7 +6,7 @@ batch by batch; no per-prompt activation is kept, so memory stays at
 ``n_layers × n_sites × d_model`` doubles whatever the number of prompts. On request
 (:func:`collect_activations` with ``keep_site``) the per-prompt activations of one site are kept
 too, as float32 (``n_prompts × n_layers × d_model``: 11 MB for 128 prompts of a 0.5B model), for
-directions beyond the mean difference (:meth:`abliterate.directions.Candidates.subspace`).
+directions beyond the mean difference (:meth:`abliterate.directions.Candidates.extra_directions`).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ def capture_last_token(
     arch: Architecture,
     sites: Sequence[Site],
     sink: torch.Tensor,
-    keep: tuple[Site, list[list[torch.Tensor]]] | None = None,
+    keep: tuple[Site, torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Add the last-token residual of each batch to ``sink[layer, site]`` while active.
 
     ``sink`` is ``(n_layers, len(sites), d_model)`` float64; hooks are removed on exit. The
     last token is the last position (left padding), or ``positions[row]`` of each row (right
-    padding). With ``keep = (site, lists)``, each batch's ``(batch, d_model)`` float32
-    last-token residuals at that site are also appended to ``lists[layer]``.
+    padding). With ``keep = (site, rows)``, the batch's last-token residuals at that site are
+    also written into ``rows[:, layer]`` (``rows``: ``(batch, n_layers, d_model)``, one batch).
     """
     handles = []
     keep_index = sites.index(keep[0]) if keep is not None else -1
@@ -57,7 +57,7 @@ def capture_last_token(
         last = last.detach().to("cpu", torch.float64)
         sink[layer, site_index] += last.sum(0)
         if keep is not None and site_index == keep_index:
-            keep[1][layer].append(last.float())
+            keep[1][:, layer] = last
 
     try:
         for i, layer in enumerate(arch.layers):
@@ -118,18 +118,18 @@ def collect_activations(
     scorer = SharedPrefixScorer(model, tokenizer, texts, batch_size)
     n_batches = -(-len(texts) // batch_size)
     for idx, batch, lengths in progress(scorer.batches(), total=n_batches, desc=desc):
-        lists: list[list[torch.Tensor]] = [[] for _ in range(arch.n_layers)]
-        keep = None if keep_site is None else (keep_site, lists)
+        keep: tuple[Site, torch.Tensor] | None = None
+        if keep_site is not None:
+            keep = (keep_site, torch.zeros(len(idx), arch.n_layers, arch.d_model))
 
         def hooks(
-            keep: tuple[Site, list[list[torch.Tensor]]] | None = keep,
-            positions: torch.Tensor = lengths - 1,
+            keep: tuple[Site, torch.Tensor] | None = keep, positions: torch.Tensor = lengths - 1
         ) -> AbstractContextManager[None]:
             return capture_last_token(arch, sites, total, keep, positions)
 
         scorer.forward(batch, around_suffix=hooks)
-        if per_prompt is not None:
-            per_prompt[idx] = torch.stack([layer[0] for layer in lists], dim=1)
+        if per_prompt is not None and keep is not None:
+            per_prompt[idx] = keep[1]  # back in text order
     return total / len(texts), per_prompt
 
 
