@@ -111,7 +111,7 @@ def setup_heretic(venv: Path) -> Path:
 
 def write_prompts(work: Path, n_train: int, n_val: int) -> dict[str, Path]:
     """Write the shared prompt sets as text files (one prompt a line), as heretic reads them."""
-    from abliterate.prompts import builtin
+    from abliterate.data.prompts import builtin
 
     sets = {
         "train_harmful": builtin("harmful", "train").head(n_train),
@@ -280,11 +280,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from abliterate.evaluation import evaluate_refusals
-    from abliterate.judges import MarkerJudge
-    from abliterate.models import load_model
-    from abliterate.prompts import builtin, format_chat
-    from abliterate.scoring import kl_divergence, multi_token_kl, next_token_logprobs
+    from abliterate.core.stats import kl_divergence
+    from abliterate.data.chat import format_chat
+    from abliterate.data.prompts import builtin
+    from abliterate.eval.judges import MarkerJudge
+    from abliterate.eval.kl import multi_token_kl
+    from abliterate.eval.refusals import evaluate_refusals
+    from abliterate.model.forward import next_token_logprobs
+    from abliterate.model.loading import load_model
 
     original = load_model("demo", device="cpu", dtype="float32")
     tok = original.tokenizer
@@ -517,7 +520,7 @@ def main() -> None:
         _evaluate(args)
         return
 
-    from abliterate.demo import ensure_demo_model
+    from abliterate.model.demo import ensure_demo_model
 
     model_dir = args.model_dir or ensure_demo_model()
     if args.phase == "side-by-side":

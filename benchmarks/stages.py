@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from abliterate import __version__
+from abliterate.commands.run import run
 from abliterate.config import RunConfig
-from abliterate.pipeline import run
 
 
 def main() -> None:

@@ -143,7 +143,7 @@ def no_template_model_dir(tmp_path: Path, make_model: Callable[[str], Any], toke
 
 def chat(tokenizer: Any, prompts: list[str]) -> list[str]:
     """Chat-formatted texts for tests."""
-    from abliterate.prompts import format_chat
+    from abliterate.data.chat import format_chat
 
     return format_chat(tokenizer, prompts)
 

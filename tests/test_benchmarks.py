@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from abliterate.benchmarks import (
+from abliterate.errors import BenchmarkError
+from abliterate.eval.benchmarks import (
     LOCAL_TASKS_DIR,
     check_task_names,
     local_task_configs,
     local_task_names,
     run_benchmarks,
 )
-from abliterate.errors import BenchmarkError
 
 
 def test_local_tasks_are_shipped_with_valid_items() -> None:

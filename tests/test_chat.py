@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from abliterate import chat as chat_mod
-from abliterate.chat import ChatModel, load_sides, resolve_baseline, stream_answers
+from abliterate.commands import chat as chat_mod
 from abliterate.cli import build_parser, main
+from abliterate.commands.chat import ChatModel, load_sides, resolve_baseline, stream_answers
 from abliterate.config import ChatConfig
 from abliterate.errors import ConfigError
-from abliterate.evaluation import generate
-from abliterate.models import load_model
+from abliterate.model.forward import generate
+from abliterate.model.loading import load_model
 
 MAX_NEW = 6
 

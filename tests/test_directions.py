@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from abliterate.activations import mean_activations
-from abliterate.architecture import resolve_architecture
-from abliterate.directions import Candidates, Direction
+from abliterate.core.directions import Direction
+from abliterate.measure.activations import mean_activations
+from abliterate.measure.candidates import Candidates
+from abliterate.model.anatomy import resolve_architecture
 
 
 def test_direction_save_load_is_exact(tmp_path: Path) -> None:

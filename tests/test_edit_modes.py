@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from abliterate.architecture import resolve_architecture
-from abliterate.directions import Candidates, Direction
-from abliterate.export import save_model, verify_export
-from abliterate.interventions import EditSpec, ablation_hooks, orthogonalize_
+from abliterate.core.directions import Direction
+from abliterate.core.edits import EditSpec
+from abliterate.edit.export import save_model, verify_export
+from abliterate.edit.hooks import ablation_hooks
+from abliterate.edit.weights import orthogonalize_
+from abliterate.measure.candidates import Candidates
+from abliterate.model.anatomy import resolve_architecture
 
 
 def logits(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -250,9 +253,12 @@ def test_shared_prefix_scorer_equals_plain_next_token_logprobs(
     kind: str | None, family: str, make_model: Callable[[str], Any], tokenizer: Any,
     texts: list[str],
 ) -> None:  # fmt: skip
-    from abliterate.prefix import SharedPrefixScorer, common_prefix_length
-    from abliterate.prompts import format_chat
-    from abliterate.scoring import next_token_logprobs
+    from abliterate.data.chat import format_chat
+    from abliterate.model.forward import (
+        SharedPrefixScorer,
+        common_prefix_length,
+        next_token_logprobs,
+    )
 
     model = make_model(family)
     spec = None if kind is None else make_spec(model, kind)

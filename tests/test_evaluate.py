@@ -154,8 +154,8 @@ def test_config_positional_model_and_benchmark_lists() -> None:
 
 
 def test_capped_over_refusal_set_covers_every_category() -> None:
-    from abliterate.evaluate import spread_head
-    from abliterate.prompts import builtin
+    from abliterate.commands.evaluate import spread_head
+    from abliterate.data.prompts import builtin
 
     full = builtin("over_refusal")
     cats = set(full.categories or ())
@@ -166,7 +166,7 @@ def test_capped_over_refusal_set_covers_every_category() -> None:
 
 
 def test_llm_judge_answers_are_kept_for_audit(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from abliterate.llm_judge import parse_yes_no
+    from abliterate.eval.llm_judge import parse_yes_no
 
     out = tmp_path / "llm"
     argv = ["evaluate", str(tiny_model_dir), "--out", str(out), *TINY, "--n-eval", "2",

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from report_samples import INJECTION, sample_report, sample_scores
 
-from abliterate.breakdown import refusal_by_category
-from abliterate.html_report import flatten, render_html, without_completions
-from abliterate.report import render_markdown, write_reports
+from abliterate.report.breakdown import refusal_by_category
+from abliterate.report.html import flatten, render_html, without_completions
+from abliterate.report.markdown import render_markdown, write_reports
 
 TITLES_RUN = (
     "Refusal rate before and after",
@@ -198,8 +198,8 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
 
 
 def test_candidate_sites_keep_their_colours_in_any_order() -> None:
-    from abliterate.plots import PALETTE
-    from abliterate.report_charts import candidate_figures
+    from abliterate.report.charts import candidate_figures
+    from abliterate.report.plots import PALETTE
 
     scores = sample_scores()
     scores["scores"].reverse()  # post, mid, pre: the order a run with a degenerate "pre" gives
@@ -231,7 +231,7 @@ def test_report_command_rerenders_a_run(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_examples_show_the_edit_across_categories() -> None:
-    from abliterate.html_report import pick_examples
+    from abliterate.report.html import pick_examples
 
     def pair(cat: str, base_refused: bool, edit_refused: bool) -> tuple[dict, dict]:
         b = {"prompt": cat, "refused": base_refused, "category": cat}

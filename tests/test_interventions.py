@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from abliterate.activations import capture_last_token
-from abliterate.architecture import resolve_architecture
-from abliterate.directions import Direction
-from abliterate.export import save_model, verify_export
-from abliterate.interventions import EditSpec, ablation_hooks, orthogonalize_
+from abliterate.core.directions import Direction
+from abliterate.core.edits import EditSpec
+from abliterate.edit.export import save_model, verify_export
+from abliterate.edit.hooks import ablation_hooks
+from abliterate.edit.weights import orthogonalize_
+from abliterate.measure.activations import capture_last_token
+from abliterate.model.anatomy import resolve_architecture
 
 
 def logits(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -172,7 +174,9 @@ def test_spec_must_match_model(make_model: Callable[[str], Any]) -> None:
 def test_multi_token_kl_is_zero_for_itself_and_positive_when_edited(
     make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
-    from abliterate.scoring import kl_divergence, multi_token_kl, next_token_logprobs
+    from abliterate.core.stats import kl_divergence
+    from abliterate.eval.kl import multi_token_kl
+    from abliterate.model.forward import next_token_logprobs
 
     model = make_model("llama")
     same, first_same = multi_token_kl(model, tokenizer, texts, n_tokens=5, batch_size=4)
@@ -194,12 +198,12 @@ def test_multi_token_kl_is_zero_for_itself_and_positive_when_edited(
 
 
 def test_position_kl_in_row_chunks_equals_whole_batch() -> None:
-    from abliterate.scoring import _position_kl, kl_divergence
+    from abliterate.core.stats import kl_divergence, position_kl
 
     g = torch.Generator().manual_seed(0)
     p, q = torch.randn(7, 5, 50, generator=g), torch.randn(7, 5, 50, generator=g)
     whole = kl_divergence(
         torch.log_softmax(p, -1).flatten(0, 1), torch.log_softmax(q, -1).flatten(0, 1)
     ).view(7, 5)
-    assert torch.allclose(_position_kl(p, q, rows=3), whole, atol=1e-6)
-    assert torch.allclose(_position_kl(p, q, rows=100), whole, atol=1e-6)
+    assert torch.allclose(position_kl(p, q, rows=3), whole, atol=1e-6)
+    assert torch.allclose(position_kl(p, q, rows=100), whole, atol=1e-6)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from abliterate.errors import JudgeError
-from abliterate.judges import (
+from abliterate.eval.judges import (
     ClassifierJudge,
     JudgeOptions,
     MarkerJudge,

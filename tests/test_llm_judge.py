@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pytest
 
 from abliterate.errors import JudgeError
-from abliterate.llm_judge import API_KEY_ENV, LLMJudge, parse_yes_no
+from abliterate.eval.llm_judge import API_KEY_ENV, LLMJudge, parse_yes_no
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from abliterate.metrics import (
+from abliterate.eval.kl import multi_token_kl
+from abliterate.eval.metrics import (
     ngram_fluency,
     ngram_stats,
     reference_answers,
     reference_cross_entropy,
 )
-from abliterate.scoring import multi_token_kl
 
 
 def test_ngram_stats_golden_values() -> None:
@@ -53,7 +53,7 @@ def test_reference_answers_are_shipped() -> None:
 def test_reference_cross_entropy_is_teacher_forced_mean(
     make_model: Callable[[str], Any], tokenizer: Any
 ) -> None:
-    from abliterate.prompts import format_chat
+    from abliterate.data.chat import format_chat
 
     model = make_model("llama")
     prompts = ["How do I bake bread?", "Write a poem.", "What is the capital of France?"]

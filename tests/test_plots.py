@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from abliterate import plots
+from abliterate.report import plots
 
 SVG = "{http://www.w3.org/2000/svg}"
 

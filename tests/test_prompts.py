@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from abliterate.data.chat import batches, format_chat
+from abliterate.data.prompts import builtin, load_prompts
 from abliterate.errors import ChatTemplateError, PromptSetError
-from abliterate.prompts import batches, builtin, format_chat, load_prompts
 
 
 def test_builtin_sets_have_disjoint_fixed_splits() -> None:
@@ -88,7 +89,7 @@ def test_builtin_prefixes_are_stratified_by_category() -> None:
     from importlib import resources
 
     for kind in ("harmful", "harmless"):
-        path = resources.files("abliterate") / "prompt_data" / f"{kind}.jsonl"
+        path = resources.files("abliterate.data") / "prompt_data" / f"{kind}.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line]
         for split in ("train", "val", "eval"):
             full = builtin(kind, split)  # type: ignore[arg-type]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from abliterate.errors import ModelLoadError
-from abliterate.models import load_model
-from abliterate.selection import CandidateScore, _best_tradeoff, max_candidate_layer
+from abliterate.model.loading import load_model
+from abliterate.search.selection import CandidateScore, _best_tradeoff, max_candidate_layer
 
 
 def test_last_fifth_of_layers_is_pruned() -> None:

@@ -33,7 +33,7 @@ EXIT_USER_ERROR = 2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from abliterate.pipeline import run
+    from abliterate.commands.run import run
 
     config = _build(RunConfig, args)
     run(config)
@@ -41,14 +41,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from abliterate.pipeline import run
+    from abliterate.commands.run import run
 
     run(_build(OptimizeConfig, args))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from abliterate.evaluate import evaluate
+    from abliterate.commands.evaluate import evaluate
 
     config = _build(EvaluateConfig, args)
     evaluate(config)
@@ -56,7 +56,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from abliterate.chat import chat
+    from abliterate.commands.chat import chat
 
     config = _build(ChatConfig, args)
     # Live columns need a terminal on both ends; pipes get plain sequential text.
@@ -64,7 +64,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from abliterate.html_report import write_run_report
+    from abliterate.report.html import write_run_report
 
     config = _build(ReportConfig, args)
     print(f"Wrote {write_run_report(config.run)}")

@@ -20,11 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from abliterate.errors import ConfigError
-
-Site = Literal["pre", "mid", "post"]
-SITES: tuple[Site, ...] = ("pre", "mid", "post")
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-SearchDType = Literal["auto", "model", "float32", "bfloat16", "float16"]
+from abliterate.types import SITES, DType, SearchDType, Site
 
 
 def _help(text: str, *, positional: bool = False, **kwargs: Any) -> Any:

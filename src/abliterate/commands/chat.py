@@ -1,0 +1,403 @@
+"""``abliterate chat``: talk to an edited model and its original side by side.
+
+Each line you type goes to both models, each with its own multi-turn history, and their
+answers stream into two columns as they are generated (one thread per model, each with a
+:class:`~transformers.TextStreamer` that feeds a shared queue). When stdin or stdout is not a
+terminal, the answers are printed one after the other as plain text instead, which suits pipes
+and transcripts.
+
+Commands: ``/reset`` clears both histories, ``/quit`` (or EOF, or Ctrl-C at the prompt) ends
+the session; Ctrl-C while the models answer stops the answers and drops that turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from abliterate.config import ChatConfig
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from abliterate.model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+COMMANDS_HELP = "/reset clears the conversation, /quit ends it"
+
+# Control characters other than newline and tab (ESC above all) could drive the terminal; a
+# model's output is data, so they are dropped before printing (rich keeps ESC in plain Text).
+_CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {127: None}
+
+
+def printable(text: str) -> str:
+    """``text`` without terminal control characters (newlines and tabs are kept)."""
+    return text.translate(_CONTROL)
+
+
+@dataclass
+class ChatModel:
+    """One side of the conversation: a loaded model, its label and its own history."""
+
+    label: str
+    loaded: LoadedModel
+    system_prompt: str | None = None
+    color: str = "green"
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def prompt_text(self, user: str) -> str:
+        """The chat-formatted conversation so far plus ``user``, ready for the answer."""
+        messages = [*self.history, {"role": "user", "content": user}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        text = self.loaded.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
+
+    def remember(self, user: str, answer: str) -> None:
+        """Append a finished exchange to the history."""
+        self.history += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A model finished its answer; ``text`` is the exact decoding of its new tokens."""
+
+    text: str
+
+
+def _generate(
+    side: ChatModel,
+    column: int,
+    user: str,
+    out: queue.Queue[tuple[int, Any]],
+    stop: threading.Event,
+    max_new_tokens: int,
+    temperature: float | None,
+) -> None:
+    """Generate one answer, streaming text pieces into ``out``; runs in a worker thread."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+    class QueueStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                out.put((column, text))
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
+
+    try:
+        tok = side.loaded.tokenizer
+        enc = tok(side.prompt_text(user), return_tensors="pt", add_special_tokens=False)
+        enc = enc.to(side.loaded.device)
+        sampling: dict[str, Any] = (
+            {"do_sample": True, "temperature": temperature}
+            if temperature is not None
+            # Greedy decoding: clear any sampling defaults the model's generation config carries.
+            else {"do_sample": False, "temperature": None}
+        )
+        with torch.inference_mode():
+            tokens = side.loaded.model.generate(  # type: ignore[operator]
+                **enc,
+                max_new_tokens=max_new_tokens,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tok.pad_token_id,
+                streamer=QueueStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+                stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
+                **sampling,
+            )
+        new = tokens[0, enc["input_ids"].shape[1] :]  # (new_tokens,)
+        out.put((column, _Done(str(tok.decode(new, skip_special_tokens=True)).strip())))
+    except BaseException as exc:  # handed to the main thread, which re-raises it
+        out.put((column, exc))
+
+
+def stream_answers(
+    sides: Sequence[ChatModel],
+    user: str,
+    on_update: Callable[[list[str], list[bool]], None],
+    *,
+    max_new_tokens: int,
+    temperature: float | None = None,
+) -> list[str]:
+    """Generate every side's answer to ``user`` concurrently; return the finished answers.
+
+    ``on_update(texts, done)`` is called from this thread after every streamed piece. On any
+    exception (including Ctrl-C) the generations are stopped and the exception propagates;
+    histories are left unchanged either way (see :meth:`ChatModel.remember`).
+    """
+    out: queue.Queue[tuple[int, Any]] = queue.Queue()
+    stop = threading.Event()
+    threads = [
+        threading.Thread(
+            target=_generate,
+            args=(side, i, user, out, stop, max_new_tokens, temperature),
+            daemon=True,
+        )
+        for i, side in enumerate(sides)
+    ]
+    texts = [""] * len(sides)
+    done = [False] * len(sides)
+    for t in threads:
+        t.start()
+    try:
+        while not all(done):
+            try:
+                column, item = out.get(timeout=0.1)  # a timeout keeps Ctrl-C responsive
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, _Done):
+                texts[column], done[column] = item.text, True
+            else:
+                texts[column] += item
+            on_update(texts, done)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return texts
+
+
+def resolve_baseline(model: str) -> tuple[str, str | None] | None:
+    """The original model recorded in ``MODEL/abliteration.json`` as ``(spec, revision)``.
+
+    The recorded local source is preferred when it still exists (the demo model's cache, a
+    local directory); otherwise the hub id and revision are used. None when there is no record.
+    """
+    record = Path(model).expanduser() / "abliteration.json"
+    if not record.is_file():
+        return None
+    base = json.loads(record.read_text()).get("base_model") or {}
+    source, name = base.get("source"), base.get("name")
+    if source and Path(source).exists():
+        return str(source), None
+    return (str(name), base.get("revision")) if name else None
+
+
+def _model_path(model: str) -> str:
+    # A run directory holds the edited model under model/ (its own config.json is the run's
+    # configuration, not a model's); accept the run directory itself.
+    path = Path(model).expanduser()
+    if (path / "model" / "config.json").is_file():
+        return str(path / "model")
+    return model
+
+
+def load_sides(config: ChatConfig) -> list[ChatModel]:
+    """Load MODEL and its baseline (``--baseline``, else the recorded base model, if any)."""
+    from abliterate.model.loading import load_model
+
+    def load(name: str, revision: str | None) -> LoadedModel:
+        return load_model(
+            name,
+            revision=revision,
+            device=config.device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+        )
+
+    model = _model_path(config.model)
+    edited = load(model, config.revision)
+    baseline = (config.baseline, None) if config.baseline else resolve_baseline(model)
+    if baseline is None:
+        log.info("no --baseline given and %s records no base model: chatting with it alone", model)
+        return [ChatModel(edited.name, edited, config.system_prompt)]
+    original = load(*baseline)
+    return [
+        ChatModel(f"edited · {edited.name}", edited, config.system_prompt),
+        ChatModel(f"original · {original.name}", original, config.system_prompt, color="blue"),
+    ]
+
+
+def _columns(
+    sides: Sequence[ChatModel],
+    texts: Sequence[str],
+    done: Sequence[bool],
+    console: Console,
+    tail: bool,
+) -> RenderableType:
+    """Panels side by side; with ``tail``, each shows only the last lines that fit the screen."""
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(expand=True, padding=(0, 1))
+    for _ in sides:
+        grid.add_column(ratio=1)
+    width = max(10, console.width // len(sides) - 5)  # minus borders, padding and the gap
+    room = max(3, console.height - 6)
+    panels = []
+    for side, text, finished in zip(sides, texts, done, strict=True):
+        body = Text(printable(text))
+        if tail:
+            lines = body.wrap(console, width)
+            if len(lines) > room:
+                body = Text("…\n") + Text("\n").join(lines[-room + 1 :])
+        panels.append(
+            Panel(
+                body,
+                title=Text(side.label),
+                title_align="left",
+                border_style=side.color,
+                subtitle=None if finished else "generating…",
+                subtitle_align="right",
+            )
+        )
+    grid.add_row(*panels)
+    return grid
+
+
+def _read(console: Console | None, prompt: str) -> str:
+    if console is None:
+        return input()
+    return console.input(prompt)
+
+
+def chat(
+    config: ChatConfig,
+    *,
+    interactive: bool,
+    console: Console | None = None,
+    sides: Sequence[ChatModel] | None = None,
+) -> int:
+    """Run the chat loop until ``/quit``, EOF or Ctrl-C at the prompt; returns the exit status.
+
+    Args:
+        interactive: Live side-by-side columns (a terminal) or plain sequential output (pipes).
+        console: The rich console to draw on (default: a new one on stdout).
+        sides: Already loaded models (default: :func:`load_sides` of ``config``).
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    from abliterate.data.chat import format_chat
+
+    if sides is None:
+        sides = load_sides(config)
+    for side in sides:
+        # Fail now, with the usual one-line error, if a model cannot be prompted at all.
+        format_chat(side.loaded.tokenizer, ["hello"], config.system_prompt)
+    if interactive:
+        console = console or Console()
+        # Line editing and history for input(); readline is missing on Windows, where plain
+        # input still works.
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401
+        names = " and ".join(s.label for s in sides)
+        console.print(Text(f"Chatting with {names}. {COMMANDS_HELP}.", style="bold"))
+    else:
+        console = None
+
+    def say(message: str) -> None:
+        if console is None:
+            print(message, flush=True)
+        else:
+            console.print(message, markup=False, highlight=False)
+
+    while True:
+        try:
+            user = _read(console, "[bold cyan]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            if console is not None:
+                console.print()  # leave the shell prompt on a line of its own
+            return 0
+        if not user:
+            continue
+        if user.startswith("/"):
+            command = user.split()[0].lower()
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                for side in sides:
+                    side.history.clear()
+                say("(conversation cleared)")
+            else:
+                say(f"unknown command {command}: {COMMANDS_HELP}.")
+            continue
+        try:
+            if console is not None:
+                answers = _live_turn(sides, user, config, console)
+            else:
+                answers = _plain_turn(sides, user, config)
+        except KeyboardInterrupt:
+            say("\n(interrupted; this turn is not kept)")
+            continue
+        for side, answer in zip(sides, answers, strict=True):
+            side.remember(user, answer)
+
+
+def _live_turn(
+    sides: Sequence[ChatModel], user: str, config: ChatConfig, console: Console
+) -> list[str]:
+    from rich.live import Live
+
+    texts: list[str] = [""] * len(sides)
+    done = [False] * len(sides)
+    # Transient: while streaming, the columns show the latest lines only; once finished, they
+    # are printed in full below, so the scroll-back holds complete answers.
+    with Live(
+        _columns(sides, texts, done, console, tail=True),
+        console=console,
+        refresh_per_second=12,
+        transient=True,
+    ) as live:
+
+        def update(t: list[str], d: list[bool]) -> None:
+            live.update(_columns(sides, t, d, console, tail=True))
+
+        answers = stream_answers(
+            sides,
+            user,
+            update,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+        )
+    console.print(_columns(sides, answers, [True] * len(sides), console, tail=False))
+    return answers
+
+
+def _plain_answer(side: ChatModel, user: str, config: ChatConfig) -> str:
+    print(f"--- {side.label}", flush=True)
+    printed = 0
+
+    def update(texts: list[str], done: list[bool]) -> None:
+        # Print streamed pieces as they come, without the answer's leading whitespace; the
+        # finished (stripped) text adds nothing new, because the streamer flushes before it.
+        nonlocal printed
+        if not done[0]:
+            visible = texts[0].lstrip()
+            print(printable(visible[printed:]), end="", flush=True)
+            printed = len(visible)
+
+    (answer,) = stream_answers(
+        [side],
+        user,
+        update,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+    )
+    print(flush=True)
+    return answer
+
+
+def _plain_turn(sides: Sequence[ChatModel], user: str, config: ChatConfig) -> list[str]:
+    # One model after the other: sequential output reads well in a pipe or a transcript.
+    print(f">>> {user}", flush=True)
+    return [_plain_answer(side, user, config) for side in sides]

@@ -1,0 +1,88 @@
+"""``abliterate run``: compute candidate directions, select one, apply it, evaluate, export.
+
+The run directory is built under a temporary name beside ``out`` and renamed into place only
+when the run succeeds, so a failed or interrupted run never leaves a half-written directory.
+Contents::
+
+    config.json            resolved configuration
+    environment.json       versions, model source and revision, prompt-set hashes, seed
+    candidates.safetensors harmful and harmless means per layer and site (float64)
+    scores.json            per-candidate refusal scores and KL (selection)
+    optimization.json      every search trial, the Pareto front and the choice (--optimize)
+    direction.{safetensors,json}, edit_spec.json (+ layer_directions.safetensors,
+    extra_directions.safetensors)
+    report.json, report.md, report.html, plots/*.svg
+    model/                 the edited model (safetensors) with abliteration.json
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from abliterate import __version__
+from abliterate.errors import OutputDirError
+
+if TYPE_CHECKING:
+    pass
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be (re)created."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputDirError(
+            f"output directory {out} already exists and is not empty; pass --overwrite to "
+            "replace it or choose another --out."
+        )
+
+
+@contextmanager
+def run_directory(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` if the block succeeds.
+
+    On any exception (including Ctrl-C) the temporary directory is deleted and ``out`` is left
+    as it was.
+    """
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def environment_record(device: str, seed: int, data: dict[str, Any]) -> dict[str, Any]:
+    """What ``environment.json`` records for every command: versions, device, seed, prompt sets."""
+    import torch
+    import transformers
+
+    return {
+        "abliterate": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "seed": seed,
+        "data": data,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,1 @@
+"""Prompt sets (built-in, files, hub) and their chat formatting and batching."""

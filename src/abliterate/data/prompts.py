@@ -1,0 +1,214 @@
+"""Prompt sets: built-in instruction sets, loaders for user data, chat formatting and batching.
+
+The package ships project-written harmful, harmless and over-refusal instruction sets with fixed
+train / val / eval splits (``prompt_data/*.jsonl``), so the tool works offline. User sets come
+from ``.txt`` (one prompt a line), ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files or hub
+datasets written ``hf:ORG/NAME[:split[:column]]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from abliterate.errors import PromptSetError
+
+if TYPE_CHECKING:
+    pass
+
+BuiltinKind = Literal["harmful", "harmless", "over_refusal"]
+Split = Literal["train", "val", "eval", "all"]
+
+# Column names tried, in order, when a file's prompt column is not given.
+PROMPT_COLUMNS = ("prompt", "instruction", "goal", "behavior", "question", "query", "text", "input")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A named, ordered list of instructions with optional per-prompt categories.
+
+    Attributes:
+        name: Where the set came from (``builtin:harmful:train``, a path, ``hf:...``).
+        prompts: The instructions.
+        categories: One category per prompt, or None when the source has none.
+    """
+
+    name: str
+    prompts: tuple[str, ...]
+    categories: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise PromptSetError(f"prompt set '{self.name}' is empty.")
+        if self.categories is not None and len(self.categories) != len(self.prompts):
+            raise ValueError("categories must have one entry per prompt")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the prompts (order-sensitive), recorded in every run."""
+        h = hashlib.sha256()
+        for p in self.prompts:
+            h.update(p.encode("utf-8"))
+            h.update(b"\0")
+        return h.hexdigest()
+
+    def head(self, n: int | None) -> PromptSet:
+        """The first ``n`` prompts (all of them when ``n`` is None or larger than the set)."""
+        if n is None or n >= len(self.prompts):
+            return self
+        cats = self.categories[:n] if self.categories is not None else None
+        return PromptSet(f"{self.name}[:{n}]", self.prompts[:n], cats)
+
+
+def builtin(kind: BuiltinKind, split: Split = "all") -> PromptSet:
+    """A built-in prompt set, optionally restricted to one split.
+
+    The over-refusal set has no splits: it is only ever used for evaluation.
+    """
+    path = resources.files("abliterate.data") / "prompt_data" / f"{kind}.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if split != "all":
+        rows = [r for r in rows if r.get("split") == split]
+    rows = _interleave_categories(rows)
+    return PromptSet(
+        name=f"builtin:{kind}:{split}",
+        prompts=tuple(r["prompt"] for r in rows),
+        categories=tuple(r.get("category", "") for r in rows),
+    )
+
+
+def _interleave_categories(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Round-robin over categories (each in file order), so every prefix is stratified.
+
+    The files are grouped by category; without this, ``head(n)`` (``--n-train``, ``--n-val``)
+    would take whole categories in alphabetical order and miss the rest.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get("category", "")), []).append(row)
+    out: list[dict[str, Any]] = []
+    queues = list(groups.values())
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
+def _pick_column(columns: Sequence[str], column: str | None, source: str) -> str:
+    if column is not None:
+        if column not in columns:
+            raise PromptSetError(
+                f"{source} has no column '{column}'; available columns: {', '.join(columns)}."
+            )
+        return column
+    lowered = {c.lower(): c for c in columns}
+    for candidate in PROMPT_COLUMNS:
+        if candidate in lowered:
+            return lowered[candidate]
+    raise PromptSetError(
+        f"cannot tell which column of {source} holds the prompts (columns: {', '.join(columns)}); "
+        "pass --prompt-column NAME."
+    )
+
+
+def _rows_to_set(name: str, rows: list[dict[str, Any]], column: str | None) -> PromptSet:
+    if not rows:
+        raise PromptSetError(f"prompt file {name} holds no rows.")
+    col = _pick_column(list(rows[0].keys()), column, name)
+    prompts = [str(r[col]).strip() for r in rows if r.get(col) is not None]
+    prompts = [p for p in prompts if p]
+    cats = None
+    if "category" in rows[0] and len(prompts) == len(rows):
+        cats = tuple(str(r.get("category") or "") for r in rows)
+    if not prompts:
+        raise PromptSetError(f"prompt file {name} has no non-empty prompts in column '{col}'.")
+    return PromptSet(name, tuple(prompts), cats)
+
+
+def load_prompts(source: str, column: str | None = None) -> PromptSet:
+    """Load a prompt set from a file path or ``hf:ORG/NAME[:split[:column]]``.
+
+    Raises:
+        PromptSetError: the file is missing, unreadable, has no such column, or is empty.
+    """
+    if source.startswith("hf:"):
+        return _load_hub(source[3:], column)
+    path = Path(source)
+    if not path.is_file():
+        raise PromptSetError(f"prompt file {path} does not exist.")
+    suffix = path.suffix.lower()
+    name = str(path)
+    try:
+        if suffix == ".txt":
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            prompts = tuple(ln for ln in lines if ln)
+            if not prompts:
+                raise PromptSetError(f"prompt file {path} is empty.")
+            return PromptSet(name, prompts)
+        if suffix == ".jsonl":
+            text = path.read_text(encoding="utf-8")
+            rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+            if rows and not isinstance(rows[0], dict):
+                return PromptSet(name, tuple(str(r) for r in rows))
+            return _rows_to_set(name, rows, column)
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
+                return PromptSet(name, tuple(x.strip() for x in data if x.strip()))
+            if isinstance(data, list):
+                return _rows_to_set(name, data, column)
+            raise PromptSetError(f"{path} must hold a JSON list of strings or of objects.")
+        if suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                return _rows_to_set(name, list(csv.DictReader(f)), column)
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as exc:
+                raise PromptSetError(
+                    "reading .parquet needs pyarrow: pip install 'abliterate[parquet]'."
+                ) from exc
+            table = pq.read_table(path)
+            return _rows_to_set(name, table.to_pylist(), column)
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise PromptSetError(f"cannot parse {path}: {exc}") from exc
+    raise PromptSetError(
+        f"unsupported prompt file type '{suffix}' for {path}; "
+        "use .txt, .jsonl, .json, .csv or .parquet."
+    )
+
+
+def _load_hub(spec: str, column: str | None) -> PromptSet:
+    parts = spec.split(":")
+    repo = parts[0]
+    split = parts[1] if len(parts) > 1 and parts[1] else "train"
+    if len(parts) > 2 and parts[2]:
+        column = parts[2]
+    if "/" not in repo:
+        raise PromptSetError(f"hub dataset 'hf:{spec}' must be written hf:ORG/NAME[:split[:col]].")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise PromptSetError(
+            "hub datasets need the datasets library: pip install 'abliterate[hub]'."
+        ) from exc
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception as exc:  # the hub client raises many unrelated types; report them all
+        raise PromptSetError(f"cannot load hub dataset {repo} (split {split}): {exc}") from exc
+    return _rows_to_set(f"hf:{repo}:{split}", list(ds), column)
+
+
+def resolve_prompts(
+    source: str | None, kind: BuiltinKind, split: Split, column: str | None
+) -> PromptSet:
+    """A user source when given, else the built-in ``kind`` set's ``split``."""
+    return load_prompts(source, column) if source else builtin(kind, split)

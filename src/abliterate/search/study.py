@@ -1,0 +1,214 @@
+"""The search's Optuna study: storage, resumption, dead workers and trial seeding.
+
+A study lives in Optuna RDB storage (SQLite by default, PostgreSQL/MySQL for workers on several
+machines). :func:`open_study` creates or resumes it and refuses one made for another
+configuration; :func:`run_trials` marks the trials of dead workers failed (they are not
+counted), then runs trials until the study holds the budget of *completed* trials, whichever
+worker completed them. :func:`trial_seeded_sampler` makes every trial's randomness a function
+of the seed and the trial number, so parallel workers never evaluate the same point and a
+single worker's study is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from abliterate.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from abliterate.search.space import EditParams, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def default_storage(out: Path) -> str:
+    """``sqlite:///OUT.study.db``: beside the run directory, so it outlives a failed run."""
+    path = out.resolve()
+    return f"sqlite:///{path.with_name(path.name + '.study.db')}"
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials whose worker is gone as FAIL; returns their numbers.
+
+    A worker on this host is gone when its process id no longer exists (a killed run, resumed
+    at once). Workers elsewhere are judged by Optuna's heartbeat, when the storage has one.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(t.user_attrs.get("worker", ""))
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            # tell() by trial number finishes any worker's trial; skip_if_finished covers a
+            # race with another worker failing it first.
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            failed.append(t.number)
+    if failed:
+        log.info("marked %d trial(s) of dead workers as failed: %s", len(failed), failed)
+    return failed
+
+
+def open_study(storage: str, study_name: str, fingerprint: dict[str, Any]) -> optuna.Study:
+    """Create or resume the study, refusing one made for a different model or prompts.
+
+    Raises:
+        ConfigError: the stored study's fingerprint differs from ``fingerprint``.
+    """
+    try:
+        import optuna
+    except ImportError as exc:
+        raise ConfigError("--optimize needs optuna: pip install 'abliterate[optimize]'.") from exc
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats (how workers on other machines are found dead) are marked experimental.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+    study = optuna.create_study(
+        storage=rdb,
+        study_name=study_name,
+        directions=["minimize", "minimize"],
+        load_if_exists=True,
+    )
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", fingerprint)
+    elif stored != fingerprint:
+        changed = sorted(
+            k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
+        )
+        raise ConfigError(
+            f"study '{study_name}' in {storage} was made for a different configuration "
+            f"(differs in: {', '.join(changed)}); pass another --study-name or --storage, or "
+            "delete the stored study to start again."
+        )
+    return study
+
+
+def trial_seeded_sampler(seeds: Sequence[dict[str, Any]], seed: int) -> optuna.samplers.BaseSampler:
+    """Multivariate TPE whose randomness depends only on ``seed`` and the trial number.
+
+    Trial number ``i < len(seeds)`` takes the parameters ``seeds[i]``; every later trial is
+    sampled by a TPE sampler seeded with ``(seed, trial number)``. The storage hands out each
+    trial number once, so parallel workers never duplicate a trial (two workers with one seed
+    and one history would otherwise sample the same point, and two can pop the same
+    ``enqueue_trial`` entry from a SQLite study), while a single worker's study is reproducible
+    and a resumed one, being past the seed numbers, is not seeded again.
+    """
+    from optuna.samplers import BaseSampler, TPESampler
+
+    cache: dict[int, BaseSampler] = {}
+
+    def base(number: int) -> BaseSampler:
+        if number not in cache:
+            cache.clear()
+            # TPE keeps no state but its random generator; it reads the history from the study.
+            cache[number] = TPESampler(
+                seed=(seed * 100_003 + number) % 2**32,
+                multivariate=True,
+                n_startup_trials=8,
+                constant_liar=True,
+            )
+        return cache[number]
+
+    class TrialSeeded(BaseSampler):
+        def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
+            if trial.number < len(seeds):
+                return {}
+            return base(trial.number).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> Any:
+            if trial.number < len(seeds):
+                return {}
+            return base(trial.number).sample_relative(study, trial, search_space)
+
+        def sample_independent(
+            self, study: Any, trial: Any, param_name: str, param_distribution: Any
+        ) -> Any:
+            if trial.number < len(seeds):
+                return seeds[trial.number][param_name]
+            return base(trial.number).sample_independent(
+                study, trial, param_name, param_distribution
+            )
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            base(trial.number).before_trial(study, trial)
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            base(trial.number).after_trial(study, trial, state, values)
+
+    return TrialSeeded()
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's completed trials, in trial order."""
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def run_trials(
+    study: optuna.Study,
+    space: SearchSpace,
+    evaluate: Callable[[EditParams], dict[str, float]],
+    n_trials: int,
+    seed: int = 0,
+) -> None:
+    """Run trials until ``n_trials`` are complete in the study (from any worker)."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    fail_dead_trials(study)
+    study.sampler = trial_seeded_sampler(space.seed_params(), seed)
+    remaining = n_trials - len(completed(study))
+    if remaining <= 0:
+        log.info("the study already has %d completed trials", len(completed(study)))
+        return
+    log.info("running %d trial(s) (%d already completed)", remaining, len(completed(study)))
+    worker = _worker_id()
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", worker)
+        values = evaluate(space.suggest(trial))
+        for key, value in values.items():
+            trial.set_user_attr(key, value)
+        log.info(
+            "trial %d: refusal prob %.3f, KL %.4f",
+            trial.number,
+            values["refusal_prob"],
+            values["kl"],
+        )
+        return values["refusal_prob"], values["kl"]
+
+    study.optimize(
+        objective,
+        n_trials=remaining,
+        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+        gc_after_trial=False,
+        show_progress_bar=False,
+    )

@@ -1,0 +1,13 @@
+"""Small shared vocabulary types (no torch, no transformers): residual sites and dtype names."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Site = Literal["pre", "mid", "post"]
+"""A residual-stream site of a decoder layer: block input, between mixer and MLP, block output."""
+
+SITES: tuple[Site, ...] = ("pre", "mid", "post")
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+SearchDType = Literal["auto", "model", "float32", "bfloat16", "float16"]
