@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from abliterate.commands import chat as chat_mod
 from abliterate.cli import build_parser, main
+from abliterate.commands import chat as chat_mod
 from abliterate.commands.chat import ChatModel, load_sides, resolve_baseline, stream_answers
 from abliterate.config import ChatConfig
 from abliterate.errors import ConfigError

@@ -12,7 +12,7 @@ import torch
 from abliterate.core.directions import Direction
 from abliterate.measure.activations import mean_activations
 from abliterate.measure.candidates import Candidates
-from abliterate.model.anatomy import resolve_architecture
+from abliterate.model.anatomy import anatomy_of
 
 
 def test_direction_save_load_is_exact(tmp_path: Path) -> None:
@@ -74,8 +74,8 @@ def test_mean_activations_match_unpadded_hidden_states(
 ) -> None:
     """Batched, left-padded collection equals a prompt-by-prompt reference."""
     model = make_model(family)
-    arch = resolve_architecture(model)
-    means = mean_activations(model, tokenizer, arch, texts, batch_size=4)
+    arch = anatomy_of(model)
+    means = mean_activations(model, tokenizer, texts, batch_size=4)
     assert means.shape == (arch.n_layers, 3, arch.d_model) and means.dtype == torch.float64
     ref = torch.zeros(arch.n_layers + 1, arch.d_model, dtype=torch.float64)
     for t in texts:

@@ -4,6 +4,7 @@ equal baked weights, strength 0 is the identity, editing twice equals once, exac
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
+from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
-from abliterate.core.edits import EditSpec
 from abliterate.edit.export import save_model, verify_export
-from abliterate.edit.hooks import ablation_hooks
-from abliterate.edit.weights import orthogonalize_
+from abliterate.edit.hooks import edit_hooks
+from abliterate.edit.weights import bake
 from abliterate.measure.candidates import Candidates
-from abliterate.model.anatomy import resolve_architecture
+from abliterate.model.anatomy import anatomy_of
 
 
 def logits(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -31,29 +32,29 @@ def unit(d_model: int, seed: int) -> Direction:
     return Direction(torch.randn(d_model, generator=g)).normalized()
 
 
-def make_spec(model: Any, kind: str, strength: float = 1.0) -> EditSpec:
-    arch = resolve_architecture(model)
+def make_spec(model: Any, kind: str, strength: float = 1.0) -> Ablation:
+    arch = anatomy_of(model)
     n, d = arch.n_layers, arch.d_model
     per_layer = tuple(unit(d, 10 + i) for i in range(n))
     if kind == "per_layer":
-        return EditSpec(unit(d, 1), strength, (strength,) * n, (strength,) * n, per_layer)
+        return Ablation(unit(d, 1), strength, (strength,) * n, (strength,) * n, per_layer)
     if kind == "norm_preserving":
-        return EditSpec(unit(d, 1), strength, (strength,) * n, (strength,) * n,
+        return Ablation(unit(d, 1), strength, (strength,) * n, (strength,) * n,
                         mode="norm_preserving")  # fmt: skip
     if kind == "norm_preserving_per_layer_partial":
         attention = tuple(strength * x for x in (0.0, 1.2, 0.4, 0.9))
         mlp = tuple(strength * x for x in (0.7, 0.0, 1.0, 0.3))
-        return EditSpec(unit(d, 1), 0.5 * strength, attention, mlp, per_layer, "norm_preserving")
+        return Ablation(unit(d, 1), 0.5 * strength, attention, mlp, per_layer, "norm_preserving")
     # Extra directions: random unit vectors, not orthogonal to the main ones (the spec makes
     # each writer's basis orthonormal itself).
     extra = (unit(d, 2), unit(d, 3))
     if kind == "extra_directions":
-        return EditSpec(unit(d, 1), strength, (strength,) * n, (strength,) * n,
+        return Ablation(unit(d, 1), strength, (strength,) * n, (strength,) * n,
                         extra_directions=extra)  # fmt: skip
     if kind == "norm_preserving_per_layer_extra_partial":
         attention = tuple(strength * x for x in (0.0, 1.2, 0.4, 0.9))
         mlp = tuple(strength * x for x in (0.7, 0.0, 1.0, 0.3))
-        return EditSpec(unit(d, 1), 0.5 * strength, attention, mlp, per_layer, "norm_preserving",
+        return Ablation(unit(d, 1), 0.5 * strength, attention, mlp, per_layer, "norm_preserving",
                         extra_directions=extra)  # fmt: skip
     raise ValueError(kind)
 
@@ -74,9 +75,9 @@ def test_hooks_equal_baked_weights(
     model = make_model(family)
     spec = make_spec(model, kind)
     original = logits(model, tokenizer, texts)
-    with ablation_hooks(model, spec):
+    with edit_hooks(model, spec):
         hooked = logits(model, tokenizer, texts)
-    orthogonalize_(model, spec)
+    bake(model, spec)
     baked = logits(model, tokenizer, texts)
     assert torch.allclose(hooked, baked, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(original, baked, atol=1e-3)
@@ -90,9 +91,9 @@ def test_strength_zero_is_identity(
     before = logits(model, tokenizer, texts)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     spec = make_spec(model, kind, strength=0.0)
-    with ablation_hooks(model, spec):
+    with edit_hooks(model, spec):
         assert torch.equal(before, logits(model, tokenizer, texts))
-    orthogonalize_(model, spec)
+    bake(model, spec)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
 
@@ -103,9 +104,9 @@ def test_editing_twice_equals_once(
 ) -> None:
     model = make_model(family)
     spec = make_spec(model, kind)
-    orthogonalize_(model, spec)
+    bake(model, spec)
     once = {k: v.clone() for k, v in model.state_dict().items()}
-    orthogonalize_(model, spec)
+    bake(model, spec)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, once[k], atol=1e-5), k
 
@@ -114,14 +115,17 @@ def test_norm_preserving_keeps_write_norms_and_removes_the_direction(
     make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
     model = make_model("llama")
-    arch = resolve_architecture(model)
+    arch = anatomy_of(model)
     spec = make_spec(model, "norm_preserving")
     d = spec.direction.vector
-    columns = [m.weight.detach().norm(dim=0).clone() for m in (*arch.attn_out, *arch.mlp_out)]
+    columns = [
+        m.weight.detach().norm(dim=0).clone()
+        for m in (*arch.modules("attention"), *arch.modules("mlp"))
+    ]
     rows = arch.embedding.weight.detach().norm(dim=1).clone()
-    orthogonalize_(model, spec)
-    arch = resolve_architecture(model)
-    for before, m in zip(columns, (*arch.attn_out, *arch.mlp_out), strict=True):
+    bake(model, spec)
+    arch = anatomy_of(model)
+    for before, m in zip(columns, (*arch.modules("attention"), *arch.modules("mlp")), strict=True):
         w = m.weight.detach()
         assert torch.allclose(w.norm(dim=0), before, rtol=1e-5)  # every write vector's norm
         assert float((d @ w).abs().max()) < 1e-5  # and none writes along d
@@ -141,8 +145,8 @@ def test_spec_and_exported_model_round_trip_exactly(
     model = make_model("qwen2")
     spec = make_spec(model, kind)
     spec.save(tmp_path / "spec")
-    assert EditSpec.load(tmp_path / "spec") == spec
-    orthogonalize_(model, spec)
+    assert Ablation.load(tmp_path / "spec") == spec
+    bake(model, spec)
     save_model(model, tokenizer, tmp_path / "m", {"edit": spec.to_dict()})
     assert verify_export(model, tokenizer, tmp_path / "m", texts) == 0.0
 
@@ -157,20 +161,20 @@ def test_extra_directions_remove_their_whole_span(
     assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-6)  # orthonormal
     assert torch.allclose(basis[0], spec.direction.vector)  # led by the main direction
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with ablation_hooks(model, spec), torch.no_grad():
+    with edit_hooks(model, spec), torch.no_grad():
         hidden = model(**enc, output_hidden_states=True).hidden_states[:-1]
     # Every residual state is orthogonal to every direction of the spec, extras included...
     for h in hidden:
         for v in (spec.direction, *spec.extra_directions):
             assert float((h @ v.vector).abs().max() / h.norm(dim=-1).max()) < 1e-5
     # ...which removing the main direction alone does not achieve.
-    alone = EditSpec.uniform(spec.direction, 4)
-    with ablation_hooks(model, alone), torch.no_grad():
+    alone = Ablation.uniform(spec.direction, 4)
+    with edit_hooks(model, alone), torch.no_grad():
         hidden = model(**enc, output_hidden_states=True).hidden_states[:-1]
     assert max(float((h @ spec.extra_directions[0].vector).abs().max()) for h in hidden) > 1e-2
     # An extra direction already in the span adds nothing to the basis.
-    same = EditSpec.uniform(spec.direction, 4)
-    same = EditSpec(same.direction, 1.0, same.attention, same.mlp,
+    same = Ablation.uniform(spec.direction, 4)
+    same = Ablation(same.direction, 1.0, same.attention, same.mlp,
                     extra_directions=(spec.direction * 2.0,))  # fmt: skip
     assert same.basis(None).shape == (1, 64)
 
@@ -214,11 +218,11 @@ def test_candidates_extra_directions(tmp_path: Path) -> None:
 def test_spec_rejects_wrong_layer_directions(make_model: Callable[[str], Any]) -> None:
     model = make_model("llama")
     with pytest.raises(ValueError, match="layer_directions"):
-        EditSpec(unit(64, 1), 1.0, (1.0,) * 4, (1.0,) * 4, (unit(64, 2),) * 3)
+        Ablation(unit(64, 1), 1.0, (1.0,) * 4, (1.0,) * 4, (unit(64, 2),) * 3)
     with pytest.raises(ValueError, match="mode"):
-        EditSpec(unit(64, 1), 1.0, (1.0,) * 4, (1.0,) * 4, mode="sideways")  # type: ignore[arg-type]
-    bad = EditSpec(unit(64, 1), 1.0, (1.0,) * 4, (1.0,) * 4, (unit(32, 2),) * 4)
-    with pytest.raises(ValueError, match="d_model"), ablation_hooks(model, bad):
+        Ablation(unit(64, 1), 1.0, (1.0,) * 4, (1.0,) * 4, mode="sideways")  # type: ignore[arg-type]
+    bad = Ablation(unit(64, 1), 1.0, (1.0,) * 4, (1.0,) * 4, (unit(32, 2),) * 4)
+    with pytest.raises(ValueError, match="d_model"), edit_hooks(model, bad):
         pass
 
 
@@ -266,8 +270,9 @@ def test_shared_prefix_scorer_equals_plain_next_token_logprobs(
                "Write a poem about the sea and the wind at night.", "def add(a, b)"]  # fmt: skip
     for chat in (texts, format_chat(tokenizer, prompts, "Sure, here is a system prompt.")):
         scorer = SharedPrefixScorer(model, tokenizer, chat, batch_size=2)
-        expected = next_token_logprobs(model, tokenizer, chat, spec=spec, batch_size=4)
-        got = scorer.logprobs(spec)
+        with edit_hooks(model, spec) if spec is not None else contextlib.nullcontext():
+            expected = next_token_logprobs(model, tokenizer, chat, batch_size=4)
+            got = scorer.logprobs()
         assert got.shape == expected.shape
         assert torch.allclose(got, expected, atol=2e-4), float((got - expected).abs().max())
     assert scorer.prefix_length > 5  # the system prompt is shared, hence computed once

@@ -154,15 +154,14 @@ def test_config_positional_model_and_benchmark_lists() -> None:
 
 
 def test_capped_over_refusal_set_covers_every_category() -> None:
-    from abliterate.commands.evaluate import spread_head
     from abliterate.data.prompts import builtin
 
     full = builtin("over_refusal")
     cats = set(full.categories or ())
-    capped = spread_head(full, 10)
+    capped = full.spread(10)
     assert len(capped) == 10 and set(capped.categories or ()) == cats
     assert set(capped.prompts) <= set(full.prompts)
-    assert spread_head(full, None) is full and len(spread_head(full, 1000)) == len(full)
+    assert full.spread(None) is full and len(full.spread(1000)) == len(full)
 
 
 def test_llm_judge_answers_are_kept_for_audit(tmp_path: Path, tiny_model_dir: Path) -> None:

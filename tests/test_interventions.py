@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
-from abliterate.core.edits import EditSpec
 from abliterate.edit.export import save_model, verify_export
-from abliterate.edit.hooks import ablation_hooks
-from abliterate.edit.weights import orthogonalize_
+from abliterate.edit.hooks import edit_hooks
+from abliterate.edit.weights import bake
 from abliterate.measure.activations import capture_last_token
-from abliterate.model.anatomy import resolve_architecture
+from abliterate.model.anatomy import anatomy_of
 
 
 def logits(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -29,21 +29,21 @@ def random_direction(d_model: int, seed: int = 1) -> Direction:
     return Direction(torch.randn(d_model, generator=g)).normalized()
 
 
-def spec_for(model: Any, strength: float = 1.0, seed: int = 1) -> EditSpec:
-    arch = resolve_architecture(model)
-    return EditSpec.uniform(random_direction(arch.d_model, seed), arch.n_layers, strength)
+def spec_for(model: Any, strength: float = 1.0, seed: int = 1) -> Ablation:
+    arch = anatomy_of(model)
+    return Ablation.uniform(random_direction(arch.d_model, seed), arch.n_layers, strength)
 
 
 def test_residual_has_no_component_along_direction(
     family: str, make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
     model = make_model(family)
-    arch = resolve_architecture(model)
+    arch = anatomy_of(model)
     spec = spec_for(model)
     d = spec.direction.vector
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     sink = torch.zeros(arch.n_layers, 3, arch.d_model, dtype=torch.float64)
-    with ablation_hooks(model, spec), capture_last_token(arch, ("pre", "mid", "post"), sink):
+    with edit_hooks(model, spec), capture_last_token(arch, ("pre", "mid", "post"), sink):
         out = model(**enc, output_hidden_states=True)
     # Every pre-norm hidden state (embedding output and each block output) is orthogonal to d.
     for h in out.hidden_states[:-1]:  # the last entry is after the final norm
@@ -62,10 +62,10 @@ def test_hooks_equal_orthogonalized_weights(
 ) -> None:
     model = make_model(family)
     spec = spec_for(model, strength=1.0)
-    with ablation_hooks(model, spec):
+    with edit_hooks(model, spec):
         hooked = logits(model, tokenizer, texts)
     original = logits(model, tokenizer, texts)
-    orthogonalize_(model, spec)
+    bake(model, spec)
     baked = logits(model, tokenizer, texts)
     assert torch.allclose(hooked, baked, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(original, baked, atol=1e-3)
@@ -75,12 +75,12 @@ def test_partial_strength_hooks_equal_weights(
     make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
     model = make_model("llama")
-    arch = resolve_architecture(model)
+    arch = anatomy_of(model)
     d = random_direction(arch.d_model)
-    spec = EditSpec(d, embedding=0.5, attention=(0.0, 1.0, 0.3, 0.0), mlp=(1.0, 0.0, 0.7, 0.2))
-    with ablation_hooks(model, spec):
+    spec = Ablation(d, embedding=0.5, attention=(0.0, 1.0, 0.3, 0.0), mlp=(1.0, 0.0, 0.7, 0.2))
+    with edit_hooks(model, spec):
         hooked = logits(model, tokenizer, texts)
-    orthogonalize_(model, spec)
+    bake(model, spec)
     assert torch.allclose(hooked, logits(model, tokenizer, texts), atol=1e-4, rtol=1e-4)
 
 
@@ -89,9 +89,9 @@ def test_hooks_are_removed_on_exit_and_on_error(
 ) -> None:
     model = make_model("qwen2")
     before = logits(model, tokenizer, texts)
-    with ablation_hooks(model, spec_for(model)):
+    with edit_hooks(model, spec_for(model)):
         pass
-    with pytest.raises(RuntimeError), ablation_hooks(model, spec_for(model)):
+    with pytest.raises(RuntimeError), edit_hooks(model, spec_for(model)):
         raise RuntimeError("boom")
     assert torch.equal(before, logits(model, tokenizer, texts))
 
@@ -103,9 +103,9 @@ def test_strength_zero_is_identity(
     before = logits(model, tokenizer, texts)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     spec = spec_for(model, strength=0.0)
-    with ablation_hooks(model, spec):
+    with edit_hooks(model, spec):
         assert torch.equal(before, logits(model, tokenizer, texts))
-    orthogonalize_(model, spec)
+    bake(model, spec)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
 
@@ -115,25 +115,25 @@ def test_ablating_twice_equals_once(
 ) -> None:
     model = make_model(family)
     spec = spec_for(model)
-    with ablation_hooks(model, spec):
+    with edit_hooks(model, spec):
         once = logits(model, tokenizer, texts)
-        with ablation_hooks(model, spec):
+        with edit_hooks(model, spec):
             twice = logits(model, tokenizer, texts)
     assert torch.allclose(once, twice, atol=1e-5, rtol=1e-5)
-    orthogonalize_(model, spec)
+    bake(model, spec)
     w_once = {k: v.clone() for k, v in model.state_dict().items()}
-    orthogonalize_(model, spec)
+    bake(model, spec)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, w_once[k], atol=1e-6), k
 
 
 def test_tied_embeddings_are_untied_before_editing(make_model: Callable[[str], Any]) -> None:
     model = make_model("qwen2")
-    arch = resolve_architecture(model)
+    arch = anatomy_of(model)
     assert arch.lm_head.weight is arch.embedding.weight
     head = arch.lm_head.weight.detach().clone()
-    orthogonalize_(model, spec_for(model))
-    arch = resolve_architecture(model)
+    bake(model, spec_for(model))
+    arch = anatomy_of(model)
     assert arch.lm_head.weight is not arch.embedding.weight
     assert torch.equal(arch.lm_head.weight, head)
     assert model.config.tie_word_embeddings is False
@@ -148,7 +148,7 @@ def test_save_load_round_trip_is_exact(
 ) -> None:
     model = make_model(family)
     spec = spec_for(model)
-    orthogonalize_(model, spec)
+    bake(model, spec)
     save_model(model, tokenizer, tmp_path / "m", {"edit": spec.to_dict()})
     assert verify_export(model, tokenizer, tmp_path / "m", texts) == 0.0
     assert (tmp_path / "m" / "abliteration.json").is_file()
@@ -159,16 +159,16 @@ def test_edit_spec_round_trip(make_model: Callable[[str], Any], tmp_path: Path) 
     model = make_model("llama")
     spec = spec_for(model, strength=0.75)
     spec.save(tmp_path)
-    assert EditSpec.load(tmp_path) == spec
+    assert Ablation.load(tmp_path) == spec
 
 
 def test_spec_must_match_model(make_model: Callable[[str], Any]) -> None:
     model = make_model("llama")
-    bad = EditSpec.uniform(random_direction(64), n_layers=3)
-    with pytest.raises(ValueError, match="covers 3 layers"), ablation_hooks(model, bad):
+    bad = Ablation.uniform(random_direction(64), n_layers=3)
+    with pytest.raises(ValueError, match="covers 3 layers"), edit_hooks(model, bad):
         pass
     with pytest.raises(ValueError, match="d_model"):
-        orthogonalize_(model, EditSpec.uniform(random_direction(32), n_layers=4))
+        bake(model, Ablation.uniform(random_direction(32), n_layers=4))
 
 
 def test_multi_token_kl_is_zero_for_itself_and_positive_when_edited(
@@ -182,17 +182,21 @@ def test_multi_token_kl_is_zero_for_itself_and_positive_when_edited(
     same, first_same = multi_token_kl(model, tokenizer, texts, n_tokens=5, batch_size=4)
     assert same == pytest.approx(0.0, abs=1e-6) and first_same == pytest.approx(0.0, abs=1e-6)
     spec = spec_for(model)
-    multi, first = multi_token_kl(model, tokenizer, texts, spec_q=spec, n_tokens=5, batch_size=4)
+    multi, first = multi_token_kl(
+        model, tokenizer, texts, q_context=lambda: edit_hooks(model, spec), n_tokens=5,
+        batch_size=4,
+    )  # fmt: skip
     assert multi > 0 and first > 0
     # Position 0 of the multi-token measure is exactly the first-token KL.
     base = next_token_logprobs(model, tokenizer, texts)
-    edited = next_token_logprobs(model, tokenizer, texts, spec=spec)
+    with edit_hooks(model, spec):
+        edited = next_token_logprobs(model, tokenizer, texts)
     assert first == pytest.approx(float(kl_divergence(base, edited).mean()), rel=1e-3)
     # Two separate model objects give the same answer as hooks on one.
     import copy
 
     other = copy.deepcopy(model)
-    orthogonalize_(other, spec)
+    bake(other, spec)
     multi2, _ = multi_token_kl(model, tokenizer, texts, model_q=other, n_tokens=5, batch_size=4)
     assert multi2 == pytest.approx(multi, rel=1e-3)
 

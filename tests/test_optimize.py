@@ -18,7 +18,7 @@ from abliterate.cli import main
 from abliterate.errors import ConfigError
 from abliterate.measure.activations import mean_activations
 from abliterate.measure.candidates import Candidates
-from abliterate.model.anatomy import resolve_architecture
+from abliterate.model.anatomy import anatomy_of
 from abliterate.search.objective import CheapObjective
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
 from abliterate.search.space import EditParams, Profile, SearchSpace
@@ -90,10 +90,10 @@ def test_choose_finds_lowest_kl_trial_meeting_target_by_bisection() -> None:
 @pytest.fixture
 def tiny_setup(make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]) -> Any:
     model = make_model("qwen2")
-    arch = resolve_architecture(model)
+    arch = anatomy_of(model)
     candidates = Candidates(
-        harmful_mean=mean_activations(model, tokenizer, arch, texts[2:4] + texts[5:]),
-        harmless_mean=mean_activations(model, tokenizer, arch, texts[:2] + texts[4:5]),
+        harmful_mean=mean_activations(model, tokenizer, texts[2:4] + texts[5:]),
+        harmless_mean=mean_activations(model, tokenizer, texts[:2] + texts[4:5]),
     )
     objective = CheapObjective(model, tokenizer, texts[2:4], texts[:2], refusal_ids=[5, 6, 7])
     space = SearchSpace(n_layers=arch.n_layers, min_layer=1.0, max_layer=2.0)
@@ -113,7 +113,7 @@ def test_killed_study_resumes_without_repeating_finished_trials(
         if len(seen) == 4:  # the user presses Ctrl-C during the fifth trial
             raise KeyboardInterrupt
         seen.append(params.to_params())
-        return objective(params.to_spec(candidates, "pre"))
+        return objective(params.to_edit(candidates, "pre"))
 
     study = open_study(storage, "s", fingerprint)
     with pytest.raises(KeyboardInterrupt):
@@ -131,7 +131,7 @@ def test_killed_study_resumes_without_repeating_finished_trials(
 
     def evaluate_again(params: EditParams) -> dict[str, float]:
         resumed.append(params.to_params())
-        return objective(params.to_spec(candidates, "pre"))
+        return objective(params.to_edit(candidates, "pre"))
 
     study = open_study(storage, "s", fingerprint)
     run_trials(study, space, evaluate_again, budget)
@@ -153,9 +153,9 @@ def test_killed_study_resumes_without_repeating_finished_trials(
 def test_seeded_trials_are_scored_exactly_as_specs(tiny_setup: Any, tmp_path: Path) -> None:
     candidates, objective, space = tiny_setup
     study = open_study(f"sqlite:///{tmp_path / 'db'}", "s", {})
-    run_trials(study, space, lambda p: objective(p.to_spec(candidates, "pre")), 3)
+    run_trials(study, space, lambda p: objective(p.to_edit(candidates, "pre")), 3)
     for t in completed(study):
-        spec = EditParams.from_params(t.params).to_spec(candidates, "pre")
+        spec = EditParams.from_params(t.params).to_edit(candidates, "pre")
         again = objective(spec)
         assert t.values == pytest.approx([again["refusal_prob"], again["kl"]], rel=1e-5)
     # The first trials are the enqueued seeds.
@@ -277,9 +277,8 @@ def test_search_over_several_directions(
     from abliterate.measure.activations import collect_activations
 
     model = make_model("qwen2")
-    arch = resolve_architecture(model)
     harmful_mean, acts = collect_activations(
-        model, tokenizer, arch, texts[2:4] + texts[5:], keep_site="pre"
+        model, tokenizer, texts[2:4] + texts[5:], keep_site="pre"
     )
     assert acts is not None and acts.shape == (len(texts[2:4] + texts[5:]), 4, 64)
     # The kept activations average to the means, and row i is text i (batches are grouped by
@@ -287,31 +286,31 @@ def test_search_over_several_directions(
     assert torch.allclose(acts.double().mean(0), harmful_mean[:, 0], atol=1e-4)
     harmful = texts[2:4] + texts[5:]
     for i in (0, len(harmful) - 1):
-        _, alone = collect_activations(model, tokenizer, arch, [harmful[i]], keep_site="pre")
+        _, alone = collect_activations(model, tokenizer, [harmful[i]], keep_site="pre")
         assert alone is not None and torch.allclose(alone[0], acts[i], atol=1e-4)
     candidates = Candidates(
         harmful_mean=harmful_mean,
-        harmless_mean=mean_activations(model, tokenizer, arch, texts[:2] + texts[4:5]),
+        harmless_mean=mean_activations(model, tokenizer, texts[:2] + texts[4:5]),
         harmful_acts=acts,
         acts_site="pre",
     )
     objective = CheapObjective(model, tokenizer, texts[2:4], texts[:2], refusal_ids=[5, 6, 7])
     space = SearchSpace(n_layers=4, min_layer=1.0, max_layer=2.0, max_directions=3)
     study = open_study(f"sqlite:///{tmp_path / 'db'}", "s", {})
-    run_trials(study, space, lambda p: objective(p.to_spec(candidates, "pre")), 14)
+    run_trials(study, space, lambda p: objective(p.to_edit(candidates, "pre")), 14)
     done = completed(study)
     counts = {t.params["n_directions"] for t in done}
     assert counts >= {1, 2} or counts >= {1, 3}  # the count is searched, seeds use one
     for t in done:
         params = EditParams.from_params(t.params)
-        spec = params.to_spec(candidates, "pre")
+        spec = params.to_edit(candidates, "pre")
         assert len(spec.extra_directions) == params.n_directions - 1
         again = objective(spec)  # what was stored is exactly what the spec scores
         assert t.values == pytest.approx([again["refusal_prob"], again["kl"]], rel=1e-5)
 
 
 def test_optimize_command_with_several_directions(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from abliterate.core.edits import EditSpec
+    from abliterate.core.ablation import Ablation
 
     out = tmp_path / "run"
     argv = ["optimize", "--model", str(tiny_model_dir), "--out", str(out), "--trials", "10",
@@ -319,7 +318,7 @@ def test_optimize_command_with_several_directions(tiny_model_dir: Path, tmp_path
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     chosen = EditParams.from_params(report["optimization"]["chosen"]["params"])
-    spec = EditSpec.load(out)
+    spec = Ablation.load(out)
     assert len(spec.extra_directions) == chosen.n_directions - 1
     assert report["checks"]["hooks_vs_weights_max_abs_diff"] < 1e-3
     assert all("n_directions" in t["params"] for t in report["optimization"]["trials"])

@@ -1,6 +1,8 @@
-"""Wall time and peak memory of each stage of a run.
+"""Progress of long work: progress bars, and the wall time and peak memory of each stage.
 
-Peak resident memory is sampled from ``/proc/self/statm`` by a background thread every 50 ms
+:func:`progress` wraps an iterable in a progress bar (live on a terminal, a line every 30 s in
+logs). :class:`Stages` times named stages of a run and samples their peak memory: peak resident
+memory is sampled from ``/proc/self/statm`` by a background thread every 50 ms
 while a stage runs (falling back to the process high-water mark where ``/proc`` is missing), so
 each stage reports its own peak rather than the largest peak seen so far.
 """
@@ -42,7 +44,7 @@ class StageProfile:
 
 
 @dataclass
-class Profiler:
+class Stages:
     """Collects :class:`StageProfile` records; use :meth:`stage` as a context manager."""
 
     stages: list[StageProfile] = field(default_factory=list)

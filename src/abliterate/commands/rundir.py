@@ -1,18 +1,8 @@
-"""``abliterate run``: compute candidate directions, select one, apply it, evaluate, export.
+"""Run directories: built under a temporary name, renamed into place only on success.
 
-The run directory is built under a temporary name beside ``out`` and renamed into place only
-when the run succeeds, so a failed or interrupted run never leaves a half-written directory.
-Contents::
-
-    config.json            resolved configuration
-    environment.json       versions, model source and revision, prompt-set hashes, seed
-    candidates.safetensors harmful and harmless means per layer and site (float64)
-    scores.json            per-candidate refusal scores and KL (selection)
-    optimization.json      every search trial, the Pareto front and the choice (--optimize)
-    direction.{safetensors,json}, edit_spec.json (+ layer_directions.safetensors,
-    extra_directions.safetensors)
-    report.json, report.md, report.html, plots/*.svg
-    model/                 the edited model (safetensors) with abliteration.json
+Every command writes its outputs into a run directory through :func:`run_directory`, so a
+failed or interrupted run never leaves a half-written directory, and records
+:func:`environment_record` (versions, device, seed, prompt-set hashes) beside its results.
 """
 
 from __future__ import annotations
@@ -26,13 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from abliterate import __version__
 from abliterate.errors import OutputDirError
-
-if TYPE_CHECKING:
-    pass
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

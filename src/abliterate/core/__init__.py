@@ -1,2 +1,5 @@
 """Value types and tensor math that everything else builds on: directions, edits, linear
 algebra and divergences. Imports torch only (no transformers, nothing above it)."""
+
+# Importing the edit kinds registers them with ``edit_from_dict``/``load_edit``.
+from abliterate.core import ablation as ablation

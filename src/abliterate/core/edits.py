@@ -1,177 +1,268 @@
-"""Edits of the residual stream: the :class:`EditSpec`, reversible hooks and weight edits.
+"""Edits: one protocol for every change of a model's residual writers.
 
-An :class:`EditSpec` says which direction to remove from which residual writers, at which
-strength per layer, and how. Two things read it and must agree:
+A *residual writer* is a matrix whose output is added to the residual stream: ``y = W x + b``
+with ``W`` of shape ``(d_model, d_in)`` in canonical orientation (each column is one *write
+vector*; the token embedding is the writer whose columns are the token embeddings). The model
+layer (:mod:`abliterate.model.anatomy`) knows where each writer lives and converts other
+layouts (transposed, fused experts) to this one; an edit only sees :class:`WriterInfo`.
 
-* :func:`ablation_hooks` — a context manager that projects the direction out of the output of
-  every selected writer (embedding, attention output, MLP output) and removes its hooks on exit;
-* :func:`orthogonalize_` — the permanent, in-place edit of the same writers' weights, so the
-  exported model needs no hooks.
+An :class:`Edit` gives, for each writer it changes, a :class:`WriterEdit`, which is at once
 
-For a writer ``y = W x + b`` and unit direction ``d``, removing ``s`` times the projection gives
-``y - s d dᵀ y = (W - s d dᵀ W) x + (b - s d dᵀ b)``, so hooks and weights are equal in exact
-arithmetic, and with ``s = 1`` every residual write (hence the whole stream) is orthogonal to
-``d``. Strength 0 leaves a writer untouched.
+* a *hook*: a transform of the writer's output (optionally after a rescaling of its input),
+  installed reversibly on a live model by :func:`abliterate.edit.hooks.edit_hooks`; and
+* a *weight change*: a transform of ``W``'s columns and of ``b``, applied permanently through
+  a weight store by :func:`abliterate.edit.weights.apply_edit`.
 
-Two refinements are part of the spec:
+Every kind guarantees that the two agree in exact arithmetic (tests check it on every
+supported family), so the model that was scored through hooks is the model that is exported.
 
-* *per-layer directions*: the writers of layer ``i`` remove ``layer_directions[i]`` instead of
-  the one global direction (the embedding always uses the global one);
-* *extra directions*: a few more directions removed together with the main one (from every
-  writer the spec touches, at the same strength). Each writer then removes the orthogonal
-  projection onto the span ``B`` of its direction and the extras: ``y - s B Bᵀ y``, with ``B``
-  an orthonormal basis (so one direction is the case ``B = d``);
-* *norm-preserving* mode: each residual write vector (a column of a Linear writer's weight, a
-  row of the embedding) is projected and then rescaled to its original norm, so the edit only
-  rotates what a writer can write instead of also shrinking it. This is no longer a projection
-  of the writer's *output* alone: the edited weight is ``(W - s d dᵀW) diag(r)`` with ``r`` the
-  per-column rescaling, so its hooks scale the writer's input by ``r`` and project its output.
-  Biases are only projected (a bias is one constant offset, not a family of write
-  vectors whose relative sizes matter).
+Edits compose: ``a.then(b)`` (a :class:`Composite`) applies ``a`` and then ``b`` to every
+writer, as hooks and as weights alike. Every edit round-trips through ``to_dict``/``tensors``
+and :func:`edit_from_dict` by its ``kind``, and through a directory (``edit_spec.json`` +
+``edit.safetensors``) with :meth:`Edit.save` / :func:`load_edit`.
+
+The hook form of a writer edit is an affine map of the writer: ``W' = A W D + E``, ``b' = A b +
+c`` (``A`` acts on the output, ``D`` is a diagonal input rescaling, ``E`` and ``c`` are additive
+terms). :mod:`abliterate.edit.hooks` composes such maps exactly: the module sees its input
+rescaled by every edit's ``D``, and each edit's :meth:`WriterEdit.output` receives the input as
+rescaled by the edits *after* it only, so additive terms line up with the weight path.
 """
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from abliterate.core.directions import Direction
-from abliterate.core.linalg import EditMode, orthonormal_rows
+WriterRole = Literal["embedding", "attention", "mlp", "expert", "shared_expert", "mixer"]
+"""What a residual writer is: the token embedding, an attention output projection, an MLP
+output projection, a routed expert's or a shared expert's down projection, or the output
+projection of a non-attention token mixer (linear attention, state-space layers)."""
 
-EDIT_MODES: tuple[EditMode, ...] = ("plain", "norm_preserving")
+EDIT_FILE = "edit_spec.json"
+TENSORS_FILE = "edit.safetensors"
 
 
-@dataclass(frozen=True)
-class EditSpec:
-    """The complete, serializable description of a directional ablation.
+@dataclass(frozen=True, eq=False)
+class WriterInfo:
+    """What an edit needs to know about one residual writer.
 
     Attributes:
-        direction: Unit direction to remove (from the embedding, and from every layer when
-            ``layer_directions`` is None).
-        embedding: Strength applied to the token embedding.
-        attention: Per-layer strength for the attention output projections.
-        mlp: Per-layer strength for the MLP output projections.
-        layer_directions: Optional unit direction per layer, removed from that layer's writers.
-        extra_directions: Further directions removed together with each writer's direction
-            (the span of both is projected out; see the module docstring).
-        mode: ``"plain"`` projection, or ``"norm_preserving"`` (project, then restore each
-            write vector's norm; see the module docstring).
+        name: Tensor name of the writer's weight (e.g.
+            ``model.layers.3.mlp.down_proj.weight``); stable across hooks and stores.
+        role: What the writer is (see :data:`WriterRole`).
+        layer: Decoder layer index, or None for the token embedding.
+        norm_gain: ``(d_model,)`` effective gain of a normalisation applied to the writer's
+            output before it is added to the stream (Gemma-2/3-style post-norms), else None.
+            The write is then ``g ⊙ y / rms(y)``, so an edit that must remove ``v`` from the
+            stream removes ``g ⊙ v`` from ``y`` instead.
     """
 
-    direction: Direction
-    embedding: float
-    attention: tuple[float, ...]
-    mlp: tuple[float, ...]
-    layer_directions: tuple[Direction, ...] | None = None
-    mode: EditMode = "plain"
-    extra_directions: tuple[Direction, ...] = ()
+    name: str
+    role: WriterRole
+    layer: int | None
+    norm_gain: torch.Tensor | None = None
 
-    def __post_init__(self) -> None:
-        if len(self.attention) != len(self.mlp):
-            raise ValueError("attention and mlp strengths must cover the same layers")
-        if self.layer_directions is not None and len(self.layer_directions) != len(self.attention):
-            raise ValueError(
-                f"layer_directions has {len(self.layer_directions)} entries for "
-                f"{len(self.attention)} layers"
-            )
-        if self.mode not in EDIT_MODES:
-            raise ValueError(f"mode must be one of {EDIT_MODES}, got {self.mode!r}")
+
+class WriterEdit(ABC):
+    """One edit's change of one writer, as a hook and as a weight change (see module docs).
+
+    Attributes:
+        uses_input: Whether :meth:`output` reads the writer's input (an additive weight term
+            does; a projection of the output does not), so hooks capture it only when needed.
+    """
+
+    uses_input: ClassVar[bool] = False
+
+    def input_scale(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """``(d_in,)`` rescaling of the writer's input for the hook form, or None.
+
+        ``weight`` is the canonical ``(d_model, d_in)`` weight the edit applies to.
+        """
+        return None
+
+    @abstractmethod
+    def output(self, y: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """The hook: the edited output for output ``y`` (..., d_model) and input ``x``
+        (..., d_in), as described in the module docstring; ``x`` is the token ids for the
+        embedding. Returns ``y``'s dtype."""
+
+    @abstractmethod
+    def columns(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        """The weight change: float32 edited copy of ``w`` (d_model, k), the columns
+        ``start … start + k - 1`` of the canonical weight."""
+
+    def bias(self, b: torch.Tensor) -> torch.Tensor:
+        """The edited bias (``(d_model,)``) of a writer that has one."""
+        return b
+
+
+class Edit(ABC):
+    """A change of a model's residual writers (see the module docstring)."""
+
+    kind: ClassVar[str]
+    _kinds: ClassVar[dict[str, type[Edit]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if isinstance(kind, str):  # concrete kinds register themselves for edit_from_dict
+            Edit._kinds[kind] = cls
+
+    @abstractmethod
+    def writer_edit(self, writer: WriterInfo) -> WriterEdit | None:
+        """This edit's change of ``writer``, or None when it leaves the writer alone."""
+
+    def writer_edits(self, writer: WriterInfo) -> list[WriterEdit]:
+        """Every change of ``writer``, in the order they apply."""
+        edit = self.writer_edit(writer)
+        return [] if edit is None else [edit]
+
+    @abstractmethod
+    def check(self, d_model: int, n_layers: int) -> None:
+        """Raise ``ValueError`` when the edit does not fit a model of this shape."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description with ``"kind"``; tensors are in :meth:`tensors`."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The edit's tensors by name (what ``to_dict`` does not hold)."""
 
     @classmethod
-    def uniform(cls, direction: Direction, n_layers: int, strength: float = 1.0) -> EditSpec:
-        """Remove ``direction`` at ``strength`` from every writer of every layer."""
-        return cls(
-            direction=direction,
-            embedding=strength,
-            attention=(strength,) * n_layers,
-            mlp=(strength,) * n_layers,
-        )
+    @abstractmethod
+    def from_dict(cls, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Edit:
+        """Inverse of :meth:`to_dict` + :meth:`tensors`."""
 
-    @property
-    def n_layers(self) -> int:
-        """Number of layers the spec covers."""
-        return len(self.attention)
+    def __eq__(self, other: object) -> bool:
+        """Value equality: same kind, same description, bit-identical tensors."""
+        if not isinstance(other, Edit):
+            return NotImplemented
+        if self.to_dict() != other.to_dict():
+            return False
+        mine, theirs = self.tensors(), other.tensors()
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
-    def direction_of(self, layer: int) -> Direction:
-        """The direction removed from the writers of ``layer``."""
-        if self.layer_directions is None:
-            return self.direction
-        return self.layer_directions[layer]
+    __hash__ = None  # type: ignore[assignment]
 
-    def basis(self, layer: int | None) -> torch.Tensor:
-        """``(k, d_model)`` orthonormal rows spanning what the writers of ``layer`` remove.
+    @classmethod
+    def load(cls, directory: str | Path) -> Edit:
+        """:func:`load_edit`, checking that the edit read is of this class."""
+        edit = load_edit(directory)
+        if not isinstance(edit, cls):
+            raise ValueError(f"{directory} holds a '{edit.kind}' edit, not a '{cls.kind}' edit")
+        return edit
 
-        ``layer=None`` is the embedding. Without extra directions this is the unit direction
-        itself; extras that the span already contains (numerically) add nothing.
-        """
-        main = self.direction if layer is None else self.direction_of(layer)
-        return orthonormal_rows([main.vector, *(d.vector for d in self.extra_directions)])
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready description; the vectors themselves are saved by :meth:`save`."""
-        return {
-            "kind": "directional_ablation",
-            "mode": self.mode,
-            "direction": self.direction.metadata(),
-            "embedding": self.embedding,
-            "attention": list(self.attention),
-            "mlp": list(self.mlp),
-            "layer_directions": None
-            if self.layer_directions is None
-            else [d.metadata() for d in self.layer_directions],
-            "extra_directions": [d.metadata() for d in self.extra_directions],
-        }
+    def then(self, other: Edit) -> Composite:
+        """This edit followed by ``other``."""
+        return Composite((self, other))
 
     def save(self, directory: str | Path) -> None:
-        """Write ``edit_spec.json`` and the direction(s) into ``directory``."""
+        """Write ``edit_spec.json`` and ``edit.safetensors`` into ``directory``."""
         from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.direction.save(d / "direction")
-        if self.layer_directions is not None:
-            stacked = torch.stack([x.vector for x in self.layer_directions])  # (layers, d_model)
-            save_file(
-                {"layer_directions": stacked.contiguous()}, d / "layer_directions.safetensors"
-            )
-        if self.extra_directions:
-            stacked = torch.stack([x.vector for x in self.extra_directions])  # (k, d_model)
-            save_file(
-                {"extra_directions": stacked.contiguous()}, d / "extra_directions.safetensors"
-            )
-        (d / "edit_spec.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        tmp = d / f".{TENSORS_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(d / TENSORS_FILE)
+        tmp = d / f".{EDIT_FILE}.tmp"
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(d / EDIT_FILE)
+
+
+def edit_from_dict(data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Edit:
+    """The edit described by ``data`` (its ``kind`` picks the class) and ``tensors``.
+
+    Raises:
+        ValueError: the kind is unknown.
+    """
+    kind = data.get("kind")
+    cls = Edit._kinds.get(str(kind))
+    if cls is None:
+        raise ValueError(
+            f"unknown edit kind {kind!r}; known kinds: {', '.join(sorted(Edit._kinds))}"
+        )
+    return cls.from_dict(data, tensors)
+
+
+def load_edit(directory: str | Path) -> Edit:
+    """Read an edit written by :meth:`Edit.save` (or by an older version, see
+    :meth:`Ablation.load_legacy <abliterate.core.ablation.Ablation.load_legacy>`).
+
+    Raises:
+        ValueError: the directory holds no readable edit.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    try:
+        data = json.loads((d / EDIT_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{d / EDIT_FILE} is not a readable edit: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{d / EDIT_FILE} does not describe an edit")
+    if (d / TENSORS_FILE).is_file():
+        return edit_from_dict(data, load_file(str(d / TENSORS_FILE)))
+    if data.get("kind") == "directional_ablation":  # written before edit.safetensors existed
+        from abliterate.core.ablation import Ablation
+
+        return Ablation.load_legacy(d, data)
+    raise ValueError(f"{d} has {EDIT_FILE} but no {TENSORS_FILE}")
+
+
+@dataclass(frozen=True, eq=False)
+class Composite(Edit):
+    """Several edits applied in order to every writer (hooks and weights alike)."""
+
+    edits: tuple[Edit, ...]
+    kind: ClassVar[str] = "composite"
+
+    def __post_init__(self) -> None:
+        flat: list[Edit] = []
+        for e in self.edits:
+            flat.extend(e.edits if isinstance(e, Composite) else (e,))
+        if not flat:
+            raise ValueError("a composite edit needs at least one edit")
+        object.__setattr__(self, "edits", tuple(flat))
+
+    def writer_edit(self, writer: WriterInfo) -> WriterEdit | None:
+        raise TypeError("a composite edit has several changes per writer: use writer_edits()")
+
+    def writer_edits(self, writer: WriterInfo) -> list[WriterEdit]:
+        return [w for e in self.edits for w in e.writer_edits(writer)]
+
+    def check(self, d_model: int, n_layers: int) -> None:
+        for e in self.edits:
+            e.check(d_model, n_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "edits": [e.to_dict() for e in self.edits]}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, e in enumerate(self.edits) for k, v in e.tensors().items()}
 
     @classmethod
-    def load(cls, directory: str | Path) -> EditSpec:
-        """Read a spec written by :meth:`save`."""
-        from safetensors.torch import load_file
+    def from_dict(cls, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Composite:
+        parts: list[Edit] = []
+        for i, sub in enumerate(data["edits"]):
+            prefix = f"{i}."
+            mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            parts.append(edit_from_dict(sub, mine))
+        return cls(tuple(parts))
 
-        d = Path(directory)
-        data = json.loads((d / "edit_spec.json").read_text())
-        layer_directions = None
-        if data.get("layer_directions") is not None:
-            stacked = load_file(d / "layer_directions.safetensors")["layer_directions"]
-            layer_directions = tuple(
-                Direction.from_metadata(vec, meta)
-                for vec, meta in zip(stacked, data["layer_directions"], strict=True)
-            )
-        extra: tuple[Direction, ...] = ()
-        if data.get("extra_directions"):
-            stacked = load_file(d / "extra_directions.safetensors")["extra_directions"]
-            extra = tuple(
-                Direction.from_metadata(vec, meta)
-                for vec, meta in zip(stacked, data["extra_directions"], strict=True)
-            )
-        return cls(
-            direction=Direction.load(d / "direction"),
-            embedding=float(data["embedding"]),
-            attention=tuple(float(x) for x in data["attention"]),
-            mlp=tuple(float(x) for x in data["mlp"]),
-            layer_directions=layer_directions,
-            mode=data.get("mode", "plain"),
-            extra_directions=extra,
-        )
+
+def strengths_finite(values: Sequence[float], what: str) -> tuple[float, ...]:
+    """``values`` as floats, or ``ValueError`` naming ``what`` when one is not finite."""
+    out = tuple(float(v) for v in values)
+    bad = [v for v in out if v != v or v in (float("inf"), float("-inf"))]
+    if bad:
+        raise ValueError(f"{what} must be finite, got {bad[0]}")
+    return out

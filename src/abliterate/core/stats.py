@@ -1,8 +1,9 @@
-"""Cheap, generation-free measurements on the next-token distribution.
+"""Statistics of next-token distributions: refusal log-odds and KL divergences.
 
 * The *refusal score* (Arditi et al.) is the log-odds that the first answer token starts a
   refusal: ``log p / (1 - p)`` with ``p`` the probability mass of the first tokens of common
-  refusal openings ("I'm sorry", "I cannot", "As an AI", …). Lower means less refusal.
+  refusal openings ("I'm sorry", "I cannot", "As an AI", …; see
+  :mod:`abliterate.measure.refusal`). Lower means less refusal.
 * *First-token KL* is ``KL(original ‖ edited)`` of the next-token distributions after the chat
   prompt, averaged over prompts: how much an edit moves the model where it should not move.
 """
@@ -10,12 +11,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    pass
 
 
 def refusal_scores(logprobs: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:

@@ -1,16 +1,17 @@
-"""Prompt sets: built-in instruction sets, loaders for user data, chat formatting and batching.
+"""Chat formatting and batching: instructions rendered with a model's chat template.
 
-The package ships project-written harmful, harmless and over-refusal instruction sets with fixed
-train / val / eval splits (``prompt_data/*.jsonl``), so the tool works offline. User sets come
-from ``.txt`` (one prompt a line), ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files or hub
-datasets written ``hf:ORG/NAME[:split[:column]]``.
+:class:`ChatSet` is a prompt set together with its chat-formatted texts (what models read) and
+the raw instructions (what judges read). :func:`batches` groups texts of similar length into
+left-padded batches and remembers where each text came from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from abliterate.data.prompts import PromptSet
 from abliterate.errors import ChatTemplateError
 
 if TYPE_CHECKING:
@@ -64,3 +65,29 @@ def batches(
             [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
         )
         yield idx, enc
+
+
+@dataclass(frozen=True)
+class ChatSet:
+    """A prompt set with its chat-formatted texts.
+
+    Attributes:
+        prompts: The instructions (with name, categories and content hash).
+        texts: Each instruction rendered as one user turn, ready for the answer.
+    """
+
+    prompts: PromptSet
+    texts: tuple[str, ...]
+
+    @classmethod
+    def format(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: PromptSet,
+        system_prompt: str | None = None,
+    ) -> ChatSet:
+        """Render ``prompts`` with the tokenizer's chat template."""
+        return cls(prompts, tuple(format_chat(tokenizer, prompts.prompts, system_prompt)))
+
+    def __len__(self) -> int:
+        return len(self.texts)

@@ -61,6 +61,29 @@ class PromptSet:
             h.update(b"\0")
         return h.hexdigest()
 
+    def spread(self, n: int | None) -> PromptSet:
+        """At most ``n`` prompts taken round-robin across categories, in order within each.
+
+        A set stored category by category (the over-refusal set) would give ``n`` prompts of one
+        category with :meth:`head`; a capped evaluation should still cover every category.
+        """
+        if n is None or n >= len(self.prompts) or not self.categories:
+            return self.head(n)
+        queues: dict[str, list[int]] = {}
+        for i, cat in enumerate(self.categories):
+            queues.setdefault(cat, []).append(i)
+        picked: list[int] = []
+        while len(picked) < n:
+            for queue in queues.values():
+                if queue and len(picked) < n:
+                    picked.append(queue.pop(0))
+        picked.sort()
+        return PromptSet(
+            f"{self.name}[spread:{n}]",
+            tuple(self.prompts[i] for i in picked),
+            tuple(self.categories[i] for i in picked),
+        )
+
     def head(self, n: int | None) -> PromptSet:
         """The first ``n`` prompts (all of them when ``n`` is None or larger than the set)."""
         if n is None or n >= len(self.prompts):

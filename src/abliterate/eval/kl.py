@@ -1,26 +1,31 @@
-"""Cheap, generation-free measurements on the next-token distribution.
+"""Multi-token KL divergence: damage measured over a continuation, not only the first token.
 
-* The *refusal score* (Arditi et al.) is the log-odds that the first answer token starts a
-  refusal: ``log p / (1 - p)`` with ``p`` the probability mass of the first tokens of common
-  refusal openings ("I'm sorry", "I cannot", "As an AI", …). Lower means less refusal.
-* *First-token KL* is ``KL(original ‖ edited)`` of the next-token distributions after the chat
-  prompt, averaged over prompts: how much an edit moves the model where it should not move.
+First-token KL is known to understate damage: an edit can leave the first token alone and still
+derail what follows. :func:`multi_token_kl` lets the reference model p greedily continue each
+prompt, runs both p and q on prompt + continuation and averages ``KL(p ‖ q)`` over every
+generated position (positions after an end-of-sequence token are ignored).
+
+p and q may be two models, or one model in two states: each side runs inside its own context
+(``p_context`` / ``q_context``, e.g. :func:`abliterate.edit.hooks.edit_hooks` of an edit), which
+the caller supplies; this module never installs an edit itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from abliterate.core.edits import EditSpec
 from abliterate.core.stats import position_kl
 from abliterate.data.chat import batches
-from abliterate.edit.hooks import maybe_hooks
+from abliterate.model.forward import greedy_tokens, model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Context = Callable[[], AbstractContextManager[Any]]
 
 
 @torch.inference_mode()
@@ -30,33 +35,29 @@ def multi_token_kl(
     texts: Sequence[str],
     *,
     model_q: PreTrainedModel | None = None,
-    spec_p: EditSpec | None = None,
-    spec_q: EditSpec | None = None,
+    p_context: Context = nullcontext,
+    q_context: Context = nullcontext,
     n_tokens: int = 16,
     batch_size: int = 32,
 ) -> tuple[float, float]:
     """``KL(p ‖ q)`` averaged over the first ``n_tokens`` positions of p's greedy continuations.
 
-    First-token KL is known to understate damage: an edit can leave the first token alone and
-    still derail what follows. Here p (``model_p`` under ``spec_p``) greedily continues each
-    prompt, then both p and q (``model_q``, default ``model_p``, under ``spec_q``) are run on
-    prompt + continuation and the per-position KL is averaged over every generated position
-    (positions after an end-of-sequence token are ignored). Batches are processed one at a
-    time, so memory does not grow with the number of prompts.
+    Args:
+        model_p: The reference model (it generates the continuations).
+        model_q: The compared model (default: ``model_p``, then in another context).
+        p_context, q_context: Factories of the context each side runs in.
 
     Returns:
         ``(multi_token_kl, first_token_kl)``, both averaged over prompts, in nats.
     """
-    from abliterate.model.forward import greedy_tokens
-
     q_model = model_p if model_q is None else model_q
-    device = next(model_p.parameters()).device
-    q_device = next(q_model.parameters()).device
+    device = model_device(model_p)
+    q_device = model_device(q_model)
     total, count, first_total = 0.0, 0, 0.0
     for _, enc in batches(tokenizer, texts, batch_size):
         enc = enc.to(device)
         n_prompt = enc["input_ids"].shape[1]
-        with maybe_hooks(model_p, spec_p):
+        with p_context():
             seq = greedy_tokens(model_p, tokenizer, enc, n_tokens)  # (batch, n_prompt + new)
         new = seq[:, n_prompt:]
         # A generated position counts until (and including) the first end-of-sequence token.
@@ -70,10 +71,10 @@ def multi_token_kl(
         # last new+1 positions are projected onto the vocabulary (the prompt's logits would
         # cost batch × prompt_len × vocab floats for nothing).
         keep = new.shape[1] + 1
-        with maybe_hooks(model_p, spec_p):
+        with p_context():
             out_p = model_p(input_ids=seq, attention_mask=mask, logits_to_keep=keep)
         lp_p = out_p.logits[:, :-1]
-        with maybe_hooks(q_model, spec_q):
+        with q_context():
             out_q = q_model(
                 input_ids=seq.to(q_device), attention_mask=mask.to(q_device), logits_to_keep=keep
             )

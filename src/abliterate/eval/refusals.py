@@ -1,40 +1,57 @@
-"""Evaluation of a model on held-out prompts: greedy generations, judged refusals and KL.
+"""Judged refusals: generations on harmful prompts and every judge's verdicts on them.
 
-The shape written to ``report.json`` (shared by every command that evaluates a model) is::
+:class:`RefusalEval` holds one model's answers to a prompt set with each judge's verdicts (the
+first judge decides each completion's ``refused``); :func:`judge_responses` runs the judges.
+Its completions are the ``report.json`` shape shared by every command::
 
-    {"refusal_rate": r, "kl_divergence": k,            # k only for an edited model
-     "completions": [{"prompt": ..., "response": ..., "refused": true|false}, ...]}
+    [{"prompt": ..., "response": ..., "refused": true|false, "category"?: ..., "judges"?: {...}}]
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
+from abliterate.data.prompts import PromptSet
 from abliterate.eval.judges import Judge
-from abliterate.model.forward import generate
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from abliterate.eval.llm_judge import LLMJudge
 
 
 @dataclass
 class RefusalEval:
-    """Judged generations on harmful prompts."""
+    """Judged generations on one prompt set.
+
+    Attributes:
+        prompts, responses: The instructions and the model's answers, in order.
+        refused: The deciding (first) judge's verdicts.
+        categories: One category per prompt, when the set has them.
+        judge: Name of the deciding judge.
+        verdicts: Every judge's verdicts by judge name (the deciding one included).
+    """
 
     prompts: list[str]
     responses: list[str]
     refused: list[bool]
     categories: list[str] | None = None
     judge: str = "markers"
-    # Every judge's verdicts when several ran (``refused`` is the first judge's), by judge name.
     verdicts: dict[str, list[bool]] | None = None
 
     @property
     def refusal_rate(self) -> float:
         """Fraction of prompts refused."""
-        return sum(self.refused) / len(self.refused)
+        return rate(self.refused)
+
+    def rate_by(self, judge: str) -> float:
+        """The refusal rate according to ``judge``."""
+        return rate((self.verdicts or {self.judge: self.refused})[judge])
+
+    def by_category(self) -> dict[str, float]:
+        """Refusal rate per category (``uncategorized`` for prompts without one)."""
+        groups: dict[str, list[bool]] = {}
+        for cat, refused in zip(self.categories or [], self.refused, strict=False):
+            groups.setdefault(cat or "uncategorized", []).append(refused)
+        return {cat: rate(flags) for cat, flags in sorted(groups.items())}
 
     def completions(self) -> list[dict[str, Any]]:
         """``[{"prompt", "response", "refused"}]`` in prompt order."""
@@ -49,48 +66,33 @@ class RefusalEval:
         return rows
 
 
-def evaluate_refusals(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    texts: Sequence[str],
-    judge: Judge,
-    *,
-    categories: Sequence[str] | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
-    desc: str = "Generating",
-) -> RefusalEval:
-    """Generate for every harmful prompt and judge the answers."""
-    responses = generate(
-        model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc
-    )
-    return RefusalEval(
-        prompts=list(prompts),
+def rate(flags: Sequence[bool]) -> float:
+    """Fraction of true flags."""
+    return sum(flags) / len(flags)
+
+
+def judge_responses(
+    judges: Sequence[Judge], prompts: PromptSet, responses: list[str]
+) -> tuple[RefusalEval, dict[str, list[str]]]:
+    """Run every judge on the responses.
+
+    Returns:
+        The evaluation (the first judge decides ``refused``) and, per LLM judge, its raw
+        answers, so a judge that answers badly can be seen in the report.
+    """
+    verdicts: dict[str, list[bool]] = {}
+    answers: dict[str, list[str]] = {}
+    for judge in judges:
+        verdicts[judge.name] = judge(prompts.prompts, responses)
+        if isinstance(judge, LLMJudge):
+            answers[judge.name] = list(judge.last_answers)
+    primary = judges[0].name
+    evaluation = RefusalEval(
+        prompts=list(prompts.prompts),
         responses=responses,
-        refused=judge(prompts, responses),
-        categories=list(categories) if categories else None,
-        judge=judge.name,
+        refused=verdicts[primary],
+        categories=list(prompts.categories) if prompts.categories else None,
+        judge=primary,
+        verdicts=verdicts,
     )
-
-
-@dataclass
-class ModelEval:
-    """Everything measured for one model (baseline or edited)."""
-
-    refusals: RefusalEval
-    kl_divergence: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``report.json`` shape for one model."""
-        out: dict[str, Any] = {
-            "refusal_rate": self.refusals.refusal_rate,
-            "n_prompts": len(self.refusals.prompts),
-            "judge": self.refusals.judge,
-        }
-        if self.kl_divergence is not None:
-            out["kl_divergence"] = self.kl_divergence
-        out.update(self.extra)
-        out["completions"] = self.refusals.completions()
-        return out
+    return evaluation, answers

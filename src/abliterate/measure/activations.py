@@ -6,7 +6,8 @@ batch by batch; no per-prompt activation is kept, so memory stays at
 ``n_layers × n_sites × d_model`` doubles whatever the number of prompts. On request
 (:func:`collect_activations` with ``keep_site``) the per-prompt activations of one site are kept
 too, as float32 (``n_prompts × n_layers × d_model``: 11 MB for 128 prompts of a 0.5B model), for
-directions beyond the mean difference (:meth:`abliterate.directions.Candidates.extra_directions`).
+directions beyond the mean difference
+(:meth:`abliterate.measure.candidates.Candidates.extra_directions`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from abliterate.model.anatomy import Architecture
+from abliterate.model.anatomy import BoundAnatomy, anatomy_of
 from abliterate.progress import progress
 from abliterate.types import SITES, Site
 
@@ -32,7 +33,7 @@ def _hidden(value: Any) -> torch.Tensor:
 
 @contextmanager
 def capture_last_token(
-    arch: Architecture,
+    arch: BoundAnatomy,
     sites: Sequence[Site],
     sink: torch.Tensor,
     keep: tuple[Site, torch.Tensor] | None = None,
@@ -74,7 +75,10 @@ def capture_last_token(
                     def mid_hook(_m: Any, args: Any, i: int = i, s: int = s) -> None:
                         add(i, s, args[0])
 
-                    handles.append(arch.mid_modules[i].register_forward_pre_hook(mid_hook))
+                    mid = arch.mid_modules[i]
+                    if mid is None:
+                        raise ValueError(f"'{arch.anatomy.family}' layers have no 'mid' site")
+                    handles.append(mid.register_forward_pre_hook(mid_hook))
                 else:
 
                     def post_hook(_m: Any, _a: Any, out: Any, i: int = i, s: int = s) -> None:
@@ -91,7 +95,6 @@ def capture_last_token(
 def collect_activations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    arch: Architecture,
     texts: Sequence[str],
     *,
     sites: Sequence[Site] = SITES,
@@ -107,14 +110,15 @@ def collect_activations(
     """
     from abliterate.model.forward import SharedPrefixScorer
 
+    arch = anatomy_of(model)
     if keep_site is not None and keep_site not in sites:
         raise ValueError(f"keep_site {keep_site!r} is not among the collected sites {sites}")
     total = torch.zeros(arch.n_layers, len(sites), arch.d_model, dtype=torch.float64)
     per_prompt = None
     if keep_site is not None:
         per_prompt = torch.zeros(len(texts), arch.n_layers, arch.d_model, dtype=torch.float32)
-    # The chat template's shared opening runs once per batch (see abliterate.prefix); the hooks
-    # are active for the prompts' own suffixes only, so the prefix pass adds nothing.
+    # The chat template's shared opening runs once per batch (see abliterate.model.forward);
+    # the hooks are active for the prompts' own suffixes only, so the prefix pass adds nothing.
     scorer = SharedPrefixScorer(model, tokenizer, texts, batch_size)
     n_batches = -(-len(texts) // batch_size)
     for idx, batch, lengths in progress(scorer.batches(), total=n_batches, desc=desc):
@@ -136,7 +140,6 @@ def collect_activations(
 def mean_activations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    arch: Architecture,
     texts: Sequence[str],
     *,
     sites: Sequence[Site] = SITES,
@@ -149,6 +152,6 @@ def mean_activations(
         ``(n_layers, len(sites), d_model)`` float64 tensor on the CPU.
     """
     means, _ = collect_activations(
-        model, tokenizer, arch, texts, sites=sites, batch_size=batch_size, desc=desc
+        model, tokenizer, texts, sites=sites, batch_size=batch_size, desc=desc
     )
     return means

@@ -1,10 +1,8 @@
-"""Cheap, generation-free measurements on the next-token distribution.
+"""The tokens a refusal starts with, under a given tokenizer.
 
-* The *refusal score* (Arditi et al.) is the log-odds that the first answer token starts a
-  refusal: ``log p / (1 - p)`` with ``p`` the probability mass of the first tokens of common
-  refusal openings ("I'm sorry", "I cannot", "As an AI", …). Lower means less refusal.
-* *First-token KL* is ``KL(original ‖ edited)`` of the next-token distributions after the chat
-  prompt, averaged over prompts: how much an edit moves the model where it should not move.
+The cheap refusal measurements (:func:`abliterate.core.stats.refusal_scores`, the search's
+refusal probability) read the next-token probability mass of the first tokens of common refusal
+openings.
 """
 
 from __future__ import annotations

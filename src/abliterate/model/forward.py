@@ -1,52 +1,52 @@
-"""Next-token log-probabilities of chat prompts that share a token prefix, prefix computed once.
+"""Every forward pass and generation of the tool: batched, in the order the texts were given.
 
-Chat-formatted prompts all start with the same tokens: the template's opening and, for many
-models, a default system message (about 30 of the demo model's 57 tokens on average). An edited
-model still treats that prefix identically for every prompt, so :class:`SharedPrefixScorer`
-runs it once per batch (one sequence), repeats its key/value cache across the batch, and feeds
-only each prompt's own suffix, right-padded. Causal attention means the padding after a
-suffix is never attended to, and the last real position of each row is projected onto the
-vocabulary. The result equals :func:`~abliterate.scoring.next_token_logprobs` up to float
-rounding (a test checks it on every supported family, with and without edits) at roughly half
-the cost, which is what makes a generation-free search trial cheap.
+* :func:`next_token_logprobs` — log-probabilities of the token after each chat prompt.
+* :class:`SharedPrefixScorer` — the same for a fixed list of prompts scored many times (once
+  per edit): chat-formatted prompts all start with the same tokens (the template's opening and,
+  for many models, a default system message: about 30 of the demo model's 57 tokens on
+  average). The prefix runs once per batch, its key/value cache is repeated across the batch,
+  and only each prompt's own suffix is fed, right-padded. Causal attention means the padding
+  after a suffix is never attended to. The result equals :func:`next_token_logprobs` up to
+  float rounding (a test checks it on every supported family, with and without edits) at
+  roughly half the cost, which is what makes a generation-free search trial cheap.
+* :func:`greedy_tokens` / :func:`generate` — greedy continuations.
 
-Evaluation of a model on held-out prompts: greedy generations, judged refusals and KL.
-
-The shape written to ``report.json`` (shared by every command that evaluates a model) is::
-
-    {"refusal_rate": r, "kl_divergence": k,            # k only for an edited model
-     "completions": [{"prompt": ..., "response": ..., "refused": true|false}, ...]}
-
-Cheap, generation-free measurements on the next-token distribution.
-
-* The *refusal score* (Arditi et al.) is the log-odds that the first answer token starts a
-  refusal: ``log p / (1 - p)`` with ``p`` the probability mass of the first tokens of common
-  refusal openings ("I'm sorry", "I cannot", "As an AI", …). Lower means less refusal.
-* *First-token KL* is ``KL(original ‖ edited)`` of the next-token distributions after the chat
-  prompt, averaged over prompts: how much an edit moves the model where it should not move.
+Nothing here installs an edit: callers that want an edited model wrap these calls in
+:func:`abliterate.edit.hooks.edit_hooks`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from abliterate.core.edits import EditSpec
-from abliterate.edit.hooks import maybe_hooks
-from abliterate.model.anatomy import resolve_architecture
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from typing import TYPE_CHECKING
-
 from abliterate.data.chat import batches
+from abliterate.model.anatomy import anatomy_of
 from abliterate.progress import progress
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+
+T = TypeVar("T")
+
+
+def in_order(n: int, pieces: Iterable[tuple[Sequence[int], Iterable[T]]]) -> list[T]:
+    """Results computed batch by batch (``(indices, values)``), put back in text order."""
+    out: list[T | None] = [None] * n
+    for idx, values in pieces:
+        for i, value in zip(idx, values, strict=True):
+            out[i] = value
+    missing = [i for i, v in enumerate(out) if v is None]
+    assert not missing, f"no result for items {missing[:5]}"
+    return out  # type: ignore[return-value]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (where its inputs go)."""
+    return next(model.parameters()).device
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -62,10 +62,10 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 
 
 class SharedPrefixScorer:
-    """Scores a fixed list of chat-formatted texts repeatedly (once per edit).
+    """Scores a fixed list of chat-formatted texts repeatedly (see the module docstring).
 
     Args:
-        texts: Chat-formatted prompts, tokenized as :func:`~abliterate.prompts.batches` does
+        texts: Chat-formatted prompts, tokenized as :func:`~abliterate.data.chat.batches` does
             (no added special tokens).
         batch_size: Prompts per forward pass.
     """
@@ -80,7 +80,7 @@ class SharedPrefixScorer:
         if not texts:
             raise ValueError("no texts to score")
         self.model = model
-        self.arch = resolve_architecture(model)
+        self.anatomy = anatomy_of(model)
         self.batch_size = batch_size
         ids = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         # Every prompt keeps at least one token of its own, whose logits are the answer.
@@ -119,35 +119,57 @@ class SharedPrefixScorer:
         """
         from transformers import DynamicCache
 
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
+        body = self.anatomy.body
         cache = None
         if self.prefix_length:
             cache = DynamicCache()
-            self.arch.body(
-                input_ids=self.prefix[None].to(device), past_key_values=cache, use_cache=True
-            )
+            body(input_ids=self.prefix[None].to(device), past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(batch.shape[0])
         # No attention mask: the padding follows each suffix, and causal attention never looks
         # ahead.
         with around_suffix():
-            out = self.arch.body(
+            out = body(
                 input_ids=batch.to(device), past_key_values=cache, use_cache=cache is not None
             )
         return out.last_hidden_state  # after the final norm
 
     @torch.inference_mode()
-    def logprobs(self, spec: EditSpec | None = None) -> torch.Tensor:
+    def logprobs(self) -> torch.Tensor:
         """``(len(texts), vocab)`` float32 log-probabilities on the CPU, in text order."""
-        out: list[torch.Tensor | None] = [None] * len(self.suffixes)
-        with maybe_hooks(self.model, spec):
+
+        def pieces() -> Iterator[tuple[list[int], torch.Tensor]]:
             for idx, batch, lengths in self.batches():
                 hidden = self.forward(batch)  # (batch, suffix, d_model)
                 last = hidden[torch.arange(len(idx)), lengths.to(hidden.device) - 1]
-                logits = self.arch.lm_head(last)  # (batch, vocab)
-                lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-                for row, i in enumerate(idx):
-                    out[i] = lp[row]
-        return torch.stack(out)  # type: ignore[arg-type]
+                logits = self.anatomy.lm_head(last)  # (batch, vocab)
+                yield idx, torch.log_softmax(logits.float(), dim=-1).cpu()
+
+        return torch.stack(in_order(len(self.suffixes), pieces()))
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Log-probabilities of the token after each chat-formatted prompt.
+
+    Returns:
+        ``(len(texts), vocab)`` float32 on the CPU, in the order of ``texts``.
+    """
+    device = model_device(model)
+
+    def pieces() -> Iterator[tuple[list[int], torch.Tensor]]:
+        for idx, enc in batches(tokenizer, texts, batch_size):
+            # logits_to_keep=1 computes the vocabulary projection for the last position only.
+            logits = model(**enc.to(device), logits_to_keep=1).logits[:, -1, :]  # (batch, vocab)
+            yield idx, torch.log_softmax(logits.float(), dim=-1).cpu()
+
+    return torch.stack(in_order(len(texts), pieces()))
 
 
 def greedy_tokens(
@@ -180,42 +202,14 @@ def generate(
     desc: str = "Generating",
 ) -> list[str]:
     """Greedy continuations of chat-formatted ``texts``, decoded without special tokens."""
-    device = next(model.parameters()).device
-    out: list[str] = [""] * len(texts)
+    device = model_device(model)
     n_batches = -(-len(texts) // batch_size)
-    for idx, enc in progress(batches(tokenizer, texts, batch_size), total=n_batches, desc=desc):
-        enc = enc.to(device)
-        tokens = greedy_tokens(model, tokenizer, enc, max_new_tokens)
-        new = tokens[:, enc["input_ids"].shape[1] :]  # (batch, new_tokens)
-        for row, i in enumerate(idx):
-            out[i] = str(tokenizer.decode(new[row], skip_special_tokens=True)).strip()
-    return out
 
+    def pieces() -> Iterator[tuple[list[int], list[str]]]:
+        for idx, enc in progress(batches(tokenizer, texts, batch_size), total=n_batches, desc=desc):
+            enc = enc.to(device)
+            tokens = greedy_tokens(model, tokenizer, enc, max_new_tokens)
+            new = tokens[:, enc["input_ids"].shape[1] :]  # (batch, new_tokens)
+            yield idx, [str(tokenizer.decode(row, skip_special_tokens=True)).strip() for row in new]
 
-@torch.inference_mode()
-def next_token_logprobs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    spec: EditSpec | None = None,
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """Log-probabilities of the token after each chat-formatted prompt.
-
-    Args:
-        spec: When given, measured under :func:`ablation_hooks` with this spec.
-
-    Returns:
-        ``(len(texts), vocab)`` float32 on the CPU, in the order of ``texts``.
-    """
-    device = next(model.parameters()).device
-    out: list[torch.Tensor | None] = [None] * len(texts)
-    with maybe_hooks(model, spec):
-        for idx, enc in batches(tokenizer, texts, batch_size):
-            # logits_to_keep=1 computes the vocabulary projection for the last position only.
-            logits = model(**enc.to(device), logits_to_keep=1).logits[:, -1, :]  # (batch, vocab)
-            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for row, i in enumerate(idx):
-                out[i] = lp[row]
-    return torch.stack(out)  # type: ignore[arg-type]
+    return in_order(len(texts), pieces())

@@ -66,7 +66,7 @@ def front_plot(optimization: dict[str, Any], width: int = 60, height: int = 16) 
 
 
 def describe_edit(edit: dict[str, Any]) -> str:
-    """One paragraph describing an optimized edit (from its ``EditSpec.to_dict``)."""
+    """One paragraph describing an optimized edit (from its ``Ablation.to_dict``)."""
     d = edit["direction"]
     source = (
         "each layer's own direction"

@@ -1,35 +1,11 @@
-"""Optimized abliteration: a multi-objective Optuna search over how the direction is removed.
+"""The search's cheap objective: what one trial costs, and the precision it is scored in.
 
-A single mean-difference direction removed at full strength from every writer takes most
-refusals away but also moves the model on harmless prompts. This module searches a richer edit
-space (:class:`EditParams`) for edits that refuse less *and* move harmless prompts less:
-
-* direction source: a fractional layer position (interpolating the two neighbouring layers'
-  directions), or each layer its own direction; optionally *projected* (orthogonal to the
-  harmless mean, see :meth:`~abliterate.directions.Candidates.direction`);
-* a strength :class:`Profile` across layers for the attention outputs and one for the MLP
-  outputs (peak, position of the peak, width, edge strength; 0 outside the window);
-* plain or norm-preserving weight edits (:data:`~abliterate.interventions.EDIT_MODES`);
-* with ``max_directions > 1``, how many directions to remove at once: the mean difference plus
-  the top singular vectors of the per-prompt differences
-  (:meth:`~abliterate.directions.Candidates.extra_directions`).
-
-Every point of the space is an :class:`~abliterate.interventions.EditSpec`, so it is scored
-through hooks and baked into the weights by the same code.
-
-The search never generates text. Each trial costs one forward pass (last position only) over
-the harmful and harmless *validation* prompts: the objectives are the mean next-token refusal
-probability on harmful prompts and the first-token KL divergence on harmless prompts, both
-minimised with multi-objective TPE. Only Pareto-front trials are then *confirmed* by
-generating answers to the harmful validation prompts and judging them, and the chosen trial is
-(:func:`choose`) the lowest-KL confirmed trial whose refusal rate is at most the target. The
-evaluation prompts are not touched here: the caller evaluates the chosen edit on them once.
-
-The study lives in Optuna storage (by default a SQLite file beside the run directory), so a
-killed run resumes where it stopped and several workers can share one study: trials of a worker
-that died (same host and a dead process id, or a stale heartbeat) are marked failed and not
-counted, and the search runs until the number of *completed* trials reaches the budget (see
-:mod:`abliterate.study`; the front and the choice rule are in :mod:`abliterate.pareto`).
+A trial never generates text. It costs one forward pass (last position only, the chat
+template's shared prefix computed once per batch) over the harmful and harmless *validation*
+prompts: the objectives are the mean next-token refusal probability on harmful prompts and the
+first-token KL divergence on harmless prompts (:class:`CheapObjective`). :func:`search_model`
+gives the model those passes run on: the model itself, or a bfloat16 copy where the device
+computes bfloat16 natively (:func:`native_bf16`).
 """
 
 from __future__ import annotations
@@ -42,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from abliterate.core.edits import EditSpec
+from abliterate.core.edits import Edit
 from abliterate.core.stats import kl_divergence, refusal_scores
+from abliterate.edit.hooks import edit_hooks
 from abliterate.model.forward import SharedPrefixScorer
 
 if TYPE_CHECKING:
@@ -123,7 +100,8 @@ class CheapObjective:
         refusal_ids: Sequence[int],
         batch_size: int = 32,
     ) -> None:
-        # The chat template's shared opening is computed once per batch (see abliterate.prefix).
+        # The chat template's shared opening is computed once per batch (abliterate.model.forward).
+        self.model = model
         self.harmful = SharedPrefixScorer(model, tokenizer, harmful, batch_size)
         self.harmless = SharedPrefixScorer(model, tokenizer, harmless, batch_size)
         self.refusal_ids = list(refusal_ids)
@@ -139,8 +117,10 @@ class CheapObjective:
             "refusal_score": float(refusal_scores(logprobs, self.refusal_ids).mean()),
         }
 
-    def __call__(self, spec: EditSpec) -> dict[str, float]:
-        """``{"refusal_prob", "refusal_score", "kl"}`` of ``spec`` on the validation prompts."""
-        harmless = self.harmless.logprobs(spec)
+    def __call__(self, edit: Edit) -> dict[str, float]:
+        """``{"refusal_prob", "refusal_score", "kl"}`` of ``edit`` on the validation prompts."""
+        with edit_hooks(self.model, edit):
+            harmless = self.harmless.logprobs()
+            harmful = self.harmful.logprobs()
         kl = float(kl_divergence(self.base_harmless, harmless).mean())
-        return {**self._refusal(self.harmful.logprobs(spec)), "kl": kl}
+        return {**self._refusal(harmful), "kl": kl}

@@ -1,35 +1,17 @@
 """Optimized abliteration: a multi-objective Optuna search over how the direction is removed.
 
-A single mean-difference direction removed at full strength from every writer takes most
-refusals away but also moves the model on harmless prompts. This module searches a richer edit
-space (:class:`EditParams`) for edits that refuse less *and* move harmless prompts less:
-
-* direction source: a fractional layer position (interpolating the two neighbouring layers'
-  directions), or each layer its own direction; optionally *projected* (orthogonal to the
-  harmless mean, see :meth:`~abliterate.directions.Candidates.direction`);
-* a strength :class:`Profile` across layers for the attention outputs and one for the MLP
-  outputs (peak, position of the peak, width, edge strength; 0 outside the window);
-* plain or norm-preserving weight edits (:data:`~abliterate.interventions.EDIT_MODES`);
-* with ``max_directions > 1``, how many directions to remove at once: the mean difference plus
-  the top singular vectors of the per-prompt differences
-  (:meth:`~abliterate.directions.Candidates.extra_directions`).
-
-Every point of the space is an :class:`~abliterate.interventions.EditSpec`, so it is scored
-through hooks and baked into the weights by the same code.
-
-The search never generates text. Each trial costs one forward pass (last position only) over
-the harmful and harmless *validation* prompts: the objectives are the mean next-token refusal
-probability on harmful prompts and the first-token KL divergence on harmless prompts, both
-minimised with multi-objective TPE. Only Pareto-front trials are then *confirmed* by
+:func:`optimize_edit` searches the edit space of :mod:`abliterate.search.space` with
+multi-objective TPE, scoring each trial with the generation-free objective of
+:mod:`abliterate.search.objective` (mean next-token refusal probability on harmful validation
+prompts, first-token KL on harmless ones). Only Pareto-front trials are then *confirmed* by
 generating answers to the harmful validation prompts and judging them, and the chosen trial is
-(:func:`choose`) the lowest-KL confirmed trial whose refusal rate is at most the target. The
-evaluation prompts are not touched here: the caller evaluates the chosen edit on them once.
+(:func:`~abliterate.search.pareto.choose`) the lowest-KL confirmed trial whose refusal rate is
+at most the target. The evaluation prompts are not touched here: the caller evaluates the
+chosen edit on them once.
 
 The study lives in Optuna storage (by default a SQLite file beside the run directory), so a
-killed run resumes where it stopped and several workers can share one study: trials of a worker
-that died (same host and a dead process id, or a stale heartbeat) are marked failed and not
-counted, and the search runs until the number of *completed* trials reaches the budget (see
-:mod:`abliterate.study`; the front and the choice rule are in :mod:`abliterate.pareto`).
+killed run resumes where it stopped and several workers can share one study (see
+:mod:`abliterate.search.study`).
 """
 
 from __future__ import annotations
@@ -37,33 +19,39 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from abliterate.core.edits import EditSpec
-from abliterate.edit.hooks import maybe_hooks
+from abliterate.core.ablation import Ablation
+from abliterate.data.chat import ChatSet
+from abliterate.edit.hooks import edit_hooks
 from abliterate.errors import ConfigError
 from abliterate.eval.judges import Judge
 from abliterate.measure.candidates import Candidates
 from abliterate.model.forward import generate
 from abliterate.search.objective import CheapObjective, search_model
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
+from abliterate.search.selection import max_candidate_layer
 from abliterate.search.space import SPACE_VERSION, EditParams, SearchSpace
 from abliterate.search.study import completed, open_study, run_trials
-from abliterate.types import Site
 
 if TYPE_CHECKING:
+    import optuna
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from abliterate.config import RunConfig
+
 log = logging.getLogger(__name__)
+
+OBJECTIVES = ["refusal_prob (harmful val, next token)", "kl (harmless val, first token)"]
 
 
 @dataclass
 class SearchResult:
     """The outcome of :func:`optimize_edit`."""
 
-    spec: EditSpec
+    edit: Ablation
     chosen: TrialRecord
     trials: list[TrialRecord]
     rule: str
@@ -79,10 +67,7 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         """The ``report.json`` ``optimization`` entry."""
         return {
-            "objectives": [
-                "refusal_prob (harmful val, next token)",
-                "kl (harmless val, first token)",
-            ],
+            "objectives": list(OBJECTIVES),
             "trials": [t.to_dict() for t in self.trials],
             "chosen": self.chosen.to_dict(),
             "rule": self.rule,
@@ -97,159 +82,189 @@ class SearchResult:
         }
 
 
-def _scoring(
-    objective: CheapObjective, candidates: Candidates, site: Site
-) -> Callable[[EditParams], dict[str, float]]:
-    def score(params: EditParams) -> dict[str, float]:
-        return objective(params.to_spec(candidates, site))
+@dataclass(frozen=True)
+class _Search:
+    """What one search needs besides the model: the candidates, the validation sets, the
+    judge and the configuration section."""
 
-    return score
+    candidates: Candidates
+    harmful: ChatSet
+    harmless: ChatSet
+    judge: Judge
+    config: RunConfig
+
+    def edit(self, params: dict[str, Any]) -> Ablation:
+        return EditParams.from_params(params).to_edit(self.candidates, self.config.site)
+
+    def space(self) -> SearchSpace:
+        n, c = self.candidates.n_layers, self.config
+        if c.max_directions > 1 and (
+            self.candidates.harmful_acts is None or self.candidates.acts_site != c.site
+        ):
+            raise ConfigError(
+                f"--max-directions {c.max_directions} needs the per-prompt harmful activations "
+                f"of site {c.site!r} in the candidates."
+            )
+        return SearchSpace(
+            n_layers=n,
+            min_layer=1.0 if self.candidates.is_degenerate(0, c.site) else 0.0,
+            max_layer=float(max(max_candidate_layer(n, c.prune_last_layers), 1)),
+            max_directions=c.max_directions,
+        )
+
+
+def _run_study(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    search: _Search,
+    refusal_ids: list[int],
+    storage: str,
+    fingerprint: dict[str, Any],
+) -> tuple[optuna.Study, dict[str, float], str, float]:
+    """Open (or resume) the study and run trials until the budget is complete.
+
+    Returns the study, the unedited model's objective values, the scoring dtype and the
+    search's wall time.
+    """
+    c = search.config
+    space = search.space()
+    scorer_model = search_model(model, c.search_dtype)
+    dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
+    # A resumed study must score in the same precision: KL values of two precisions differ.
+    fingerprint = {**fingerprint, "space_version": SPACE_VERSION, "site": c.site,
+                   "n_layers": space.n_layers, "prune_last_layers": c.prune_last_layers,
+                   "max_directions": c.max_directions, "search_dtype": dtype}  # fmt: skip
+    study = open_study(storage, c.study_name, fingerprint)
+    objective = CheapObjective(
+        scorer_model,
+        tokenizer,
+        search.harmful.texts,
+        search.harmless.texts,
+        refusal_ids,
+        batch_size=c.batch_size,
+    )
+    baseline = objective.baseline
+    started = time.perf_counter()
+
+    def score(params: EditParams) -> dict[str, float]:
+        return objective(params.to_edit(search.candidates, c.site))
+
+    run_trials(study, space, score, c.trials, c.seed)
+    return study, baseline, dtype, time.perf_counter() - started
+
+
+def _confirmer(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, search: _Search
+) -> Callable[[TrialRecord], float]:
+    """The judged refusal rate of a trial's edit on the harmful validation prompts."""
+    c = search.config
+
+    def confirm(record: TrialRecord) -> float:
+        # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
+        # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32 prompts ×
+        # 32 tokens on the demo model), and the confirmed rates are then the model's own.
+        with edit_hooks(model, search.edit(record.params)):
+            responses = generate(
+                model,
+                tokenizer,
+                search.harmful.texts,
+                max_new_tokens=min(c.confirm_tokens, c.max_new_tokens),
+                batch_size=c.batch_size,
+                desc=f"Confirming trial {record.number}",
+            )
+        refused = search.judge(list(search.harmful.prompts.prompts), responses)
+        rate = sum(refused) / len(refused)
+        log.info("trial %d: confirmed refusal rate %.3f", record.number, rate)
+        return rate
+
+    return confirm
+
+
+def _choose_trial(
+    records: list[TrialRecord],
+    front: list[TrialRecord],
+    confirm: Callable[[TrialRecord], float],
+    config: RunConfig,
+) -> tuple[TrialRecord, bool, str]:
+    """The user's ``--trial`` or the rule's choice among the KL-sorted ``front``, with whether
+    it met the target and why."""
+    target = config.refusal_target
+    if config.trial is not None:
+        by_number = {r.number: r for r in records}
+        if config.trial not in by_number:
+            raise ConfigError(
+                f"trial {config.trial} is not a completed trial of study '{config.study_name}'; "
+                f"completed: {', '.join(str(k) for k in sorted(by_number))}."
+            )
+        chosen = by_number[config.trial]
+        chosen.confirmed_refusal_rate = confirm(chosen)
+        rule = f"trial {config.trial}, chosen by the user (--trial)"
+        return chosen, chosen.confirmed_refusal_rate <= target, rule
+    chosen, met = choose(front, confirm, target, config.max_confirm)
+    rule = (
+        "lowest first-token KL among Pareto-front trials whose judged refusal rate on the "
+        f"harmful validation prompts is at most {target:g} (front confirmed by bisection "
+        f"along KL, at most {config.max_confirm} generations)"
+    )
+    if not met:
+        rule += (
+            "; no confirmed trial met the target, so the one with the lowest confirmed "
+            "refusal rate was chosen"
+        )
+        log.warning("no confirmed trial reached the refusal target %.3f", target)
+    return chosen, met, rule
 
 
 def optimize_edit(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     candidates: Candidates,
-    *,
-    harmful_val: Sequence[str],
-    harmful_val_prompts: Sequence[str],
-    harmless_val: Sequence[str],
-    refusal_ids: Sequence[int],
+    harmful_val: ChatSet,
+    harmless_val: ChatSet,
     judge: Judge,
-    site: Site,
+    config: RunConfig,
+    *,
+    refusal_ids: list[int],
     storage: str,
-    study_name: str,
     fingerprint: dict[str, Any],
-    n_trials: int,
-    refusal_target: float,
-    max_confirm: int,
-    prune_last_layers: float,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    trial: int | None = None,
-    max_directions: int = 1,
-    search_dtype: str = "model",
 ) -> SearchResult:
     """Search the edit space on validation prompts and choose an edit (see module docstring).
 
-    Args:
-        harmful_val, harmless_val: Chat-formatted validation texts.
-        harmful_val_prompts: The raw harmful validation instructions (for the judge).
-        trial: Skip the automatic choice and use this trial number of the study.
-        max_new_tokens: Tokens generated per prompt when confirming a trial.
-        max_directions: Search how many directions to remove at once, up to this many (needs
-            ``candidates.harmful_acts`` at ``site``).
-        search_dtype: Precision of the cheap scoring (:func:`search_model`); confirmation
-            generates with ``model`` itself. The returned spec does not depend on it, only
-            which trials look best.
+    The search options (trials, study, target, confirmation, search precision, site, pruning,
+    batch size, seed, ``--trial``) come from ``config``; ``storage`` is the study's Optuna URL
+    and ``fingerprint`` what a resumed study must have been made for.
     """
-    from abliterate.search.selection import max_candidate_layer
-
-    n = candidates.n_layers
-    degenerate_first = candidates.is_degenerate(0, site)
-    space = SearchSpace(
-        n_layers=n,
-        min_layer=1.0 if degenerate_first else 0.0,
-        max_layer=float(max(max_candidate_layer(n, prune_last_layers), 1)),
-        max_directions=max_directions,
+    search = _Search(candidates, harmful_val, harmless_val, judge, config)
+    study, baseline, dtype, search_seconds = _run_study(
+        model, tokenizer, search, refusal_ids, storage, fingerprint
     )
-    if max_directions > 1 and (candidates.harmful_acts is None or candidates.acts_site != site):
-        raise ConfigError(
-            f"--max-directions {max_directions} needs the per-prompt harmful activations of "
-            f"site {site!r} in the candidates."
-        )
-    scorer_model = search_model(model, search_dtype)
-    dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
-    # A resumed study must score in the same precision: KL values of two precisions differ.
-    fingerprint = {**fingerprint, "space_version": SPACE_VERSION, "site": site, "n_layers": n,
-                   "prune_last_layers": prune_last_layers,
-                   "max_directions": max_directions, "search_dtype": dtype}  # fmt: skip
-    study = open_study(storage, study_name, fingerprint)
-    objective = CheapObjective(
-        scorer_model, tokenizer, harmful_val, harmless_val, refusal_ids, batch_size=batch_size
-    )
-    baseline = objective.baseline
-    started = time.perf_counter()
-    run_trials(study, space, _scoring(objective, candidates, site), n_trials, seed)
-    search_seconds = time.perf_counter() - started
-    # The scoring copy and its cached inputs are not needed any more: free them before the
-    # confirmations and the caller's evaluation.
-    del objective, scorer_model
+    # The scoring copy of the model and its cached inputs died with _run_study's frame: free
+    # their memory before the confirmations and the caller's evaluation.
     gc.collect()
-
     records = [
-        TrialRecord(
-            number=t.number,
-            refusal_score=float(t.values[0]),
-            kl=float(t.values[1]),
-            params=dict(t.params),
-        )
+        TrialRecord(t.number, float(t.values[0]), float(t.values[1]), dict(t.params))
         for t in completed(study)
     ]
     if not records:
-        raise ConfigError(f"study '{study_name}' has no completed trials; raise --trials.")
-    front = pareto_front(records)
+        raise ConfigError(f"study '{config.study_name}' has no completed trials; raise --trials.")
+    front = pareto_front(records)  # sorted by KL
     for r in front:
         r.pareto = True
-
-    def confirm(record: TrialRecord) -> float:
-        spec = EditParams.from_params(record.params).to_spec(candidates, site)
-        # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
-        # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32 prompts ×
-        # 32 tokens on the demo model), and the confirmed rates are then the model's own.
-        with maybe_hooks(model, spec):
-            responses = generate(
-                model,
-                tokenizer,
-                harmful_val,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                desc=f"Confirming trial {record.number}",
-            )
-        refused = judge(list(harmful_val_prompts), responses)
-        rate = sum(refused) / len(refused)
-        log.info("trial %d: confirmed refusal rate %.3f", record.number, rate)
-        return rate
-
     started = time.perf_counter()
-    if trial is not None:
-        by_number = {r.number: r for r in records}
-        if trial not in by_number:
-            raise ConfigError(
-                f"trial {trial} is not a completed trial of study '{study_name}'; completed: "
-                f"{', '.join(str(k) for k in sorted(by_number))}."
-            )
-        chosen = by_number[trial]
-        chosen.confirmed_refusal_rate = confirm(chosen)
-        met = chosen.confirmed_refusal_rate <= refusal_target
-        rule = f"trial {trial}, chosen by the user (--trial)"
-    else:
-        chosen, met = choose(front, confirm, refusal_target, max_confirm)
-        rule = (
-            "lowest first-token KL among Pareto-front trials whose judged refusal rate on the "
-            f"harmful validation prompts is at most {refusal_target:g} (front confirmed by "
-            f"bisection along KL, at most {max_confirm} generations)"
-        )
-        if not met:
-            rule += (
-                "; no confirmed trial met the target, so the one with the lowest confirmed "
-                "refusal rate was chosen"
-            )
-            log.warning("no confirmed trial reached the refusal target %.3f", refusal_target)
+    confirm = _confirmer(model, tokenizer, search)
+    chosen, met, rule = _choose_trial(records, front, confirm, config)
     confirm_seconds = time.perf_counter() - started
-    spec = EditParams.from_params(chosen.params).to_spec(candidates, site)
     return SearchResult(
-        spec=spec,
+        edit=search.edit(chosen.params),
         chosen=chosen,
         trials=records,
         rule=rule,
         met_target=met,
-        refusal_target=refusal_target,
+        refusal_target=config.refusal_target,
         baseline=baseline,
         storage=storage,
-        study_name=study_name,
-        n_trials=n_trials,
+        study_name=config.study_name,
+        n_trials=config.trials,
         seconds={"search": round(search_seconds, 2), "confirm": round(confirm_seconds, 2)},
         search_dtype=dtype,
     )

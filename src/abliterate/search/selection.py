@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
-from abliterate.core.edits import EditSpec
 from abliterate.core.stats import kl_divergence, refusal_scores
+from abliterate.edit.hooks import edit_hooks
+from abliterate.errors import ConfigError
 from abliterate.measure.candidates import Candidates
 from abliterate.model.forward import next_token_logprobs
 from abliterate.progress import progress
@@ -34,6 +36,8 @@ from abliterate.types import Site
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from abliterate.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +100,38 @@ def max_candidate_layer(n_layers: int, prune_last_layers: float) -> int:
     return max(0, math.ceil(n_layers * (1.0 - prune_last_layers)) - 1)
 
 
-def _measure(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    spec: EditSpec,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    harmless_base: torch.Tensor,
-    refusal_ids: Sequence[int],
-    batch_size: int,
-) -> tuple[float, float]:
-    lp_harmful = next_token_logprobs(model, tokenizer, harmful, spec=spec, batch_size=batch_size)
-    lp_harmless = next_token_logprobs(model, tokenizer, harmless, spec=spec, batch_size=batch_size)
-    refusal = float(refusal_scores(lp_harmful, refusal_ids).mean())
-    kl = float(kl_divergence(harmless_base, lp_harmless).mean())
-    return refusal, kl
+class _Scorer:
+    """Scores edits on a fixed pair of harmful / harmless prompt lists, against the unedited
+    model's next-token distributions on the harmless ones."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        refusal_ids: Sequence[int],
+        batch_size: int,
+    ) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.harmful, self.harmless, self.refusal_ids = harmful, harmless, refusal_ids
+        self.base_harmless = self._logprobs(harmless)
+
+    def _logprobs(self, texts: Sequence[str]) -> torch.Tensor:
+        return next_token_logprobs(self.model, self.tokenizer, texts, batch_size=self.batch_size)
+
+    def baseline_refusal(self) -> float:
+        """Mean refusal score of the unedited model on the harmful prompts."""
+        return float(refusal_scores(self._logprobs(self.harmful), self.refusal_ids).mean())
+
+    def __call__(self, edit: Ablation) -> tuple[float, float]:
+        """``(mean refusal score, mean first-token KL)`` of the model under ``edit``."""
+        with edit_hooks(self.model, edit):
+            lp_harmful = self._logprobs(self.harmful)
+            lp_harmless = self._logprobs(self.harmless)
+        refusal = float(refusal_scores(lp_harmful, self.refusal_ids).mean())
+        kl = float(kl_divergence(self.base_harmless, lp_harmless).mean())
+        return refusal, kl
 
 
 def _rank_key(refusal: float, kl: float, threshold: float) -> tuple[int, float]:
@@ -118,45 +139,25 @@ def _rank_key(refusal: float, kl: float, threshold: float) -> tuple[int, float]:
     return (0, refusal) if kl <= threshold else (1, kl)
 
 
-def select_direction(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    candidates: Candidates,
-    harmful_val: Sequence[str],
-    harmless_val: Sequence[str],
-    refusal_ids: Sequence[int],
-    *,
-    kl_threshold: float = 0.1,
-    prune_last_layers: float = 0.2,
-    n_screen: int = 8,
-    n_finalists: int = 8,
-    strength: float = 1.0,
-    batch_size: int = 32,
-) -> Selection:
-    """Score every candidate direction and choose one (see the module docstring for the rule).
-
-    Args:
-        harmful_val, harmless_val: Chat-formatted validation texts.
-        refusal_ids: Token ids whose probability makes up the refusal score.
-    """
-    n_layers = candidates.n_layers
-    max_layer = max_candidate_layer(n_layers, prune_last_layers)
-    screen_harmful, screen_harmless = harmful_val[:n_screen], harmless_val[:n_screen]
-    base_screen = next_token_logprobs(model, tokenizer, screen_harmless, batch_size=batch_size)
-    base_full = next_token_logprobs(model, tokenizer, harmless_val, batch_size=batch_size)
-    base_harmful = next_token_logprobs(model, tokenizer, harmful_val, batch_size=batch_size)
-    baseline_refusal = float(refusal_scores(base_harmful, refusal_ids).mean())
-
-    # Distinct candidates only: "pre" of layer i+1 is the same tensor as "post" of layer i.
-    directions: dict[str, Direction] = {}
-    scores: list[CandidateScore] = []
-    seen: list[tuple[Direction, CandidateScore]] = []
+def _screen(
+    candidates: Candidates, max_layer: int, score: _Scorer, strength: float
+) -> tuple[list[CandidateScore], dict[str, Direction]]:
+    """Every candidate up to ``max_layer`` scored on the screening prompts; identical
+    candidates ("pre" of layer i+1 is "post" of layer i) are scored once."""
     keys = [
         (layer, site)
         for layer in range(max_layer + 1)
         for site in candidates.sites
         if not candidates.is_degenerate(layer, site)
     ]
+    if not keys:
+        raise ConfigError(
+            "the harmful and harmless training prompts give identical activations at every "
+            "layer, so there is no direction to find; are the two prompt sets the same?"
+        )
+    directions: dict[str, Direction] = {}
+    scores: list[CandidateScore] = []
+    seen: list[tuple[Direction, CandidateScore]] = []
     for layer, site in progress(keys, desc="Screening candidates"):
         direction = candidates.direction(layer, site)
         twin = next((s for d, s in seen if torch.equal(d.vector, direction.vector)), None)
@@ -165,35 +166,18 @@ def select_direction(
                 CandidateScore(layer, site, twin.screen_refusal, twin.screen_kl, same_as=twin.key)
             )
             continue
-        spec = EditSpec.uniform(direction, n_layers, strength)
-        refusal, kl = _measure(
-            model,
-            tokenizer,
-            spec,
-            screen_harmful,
-            screen_harmless,
-            base_screen,
-            refusal_ids,
-            batch_size,
-        )
-        score = CandidateScore(layer, site, refusal, kl)
-        scores.append(score)
-        seen.append((direction, score))
-        directions[score.key] = direction
+        refusal, kl = score(Ablation.uniform(direction, candidates.n_layers, strength))
+        entry = CandidateScore(layer, site, refusal, kl)
+        scores.append(entry)
+        seen.append((direction, entry))
+        directions[entry.key] = direction
+    return scores, directions
 
-    distinct = [s for s in scores if s.same_as is None]
-    distinct.sort(key=lambda s: _rank_key(s.screen_refusal, s.screen_kl, kl_threshold))
-    finalists = distinct[:n_finalists]
-    for score in progress(finalists, desc="Scoring finalists"):
-        spec = EditSpec.uniform(directions[score.key], n_layers, strength)
-        score.refusal, score.kl = _measure(
-            model, tokenizer, spec, harmful_val, harmless_val, base_full, refusal_ids, batch_size
-        )
-    for s in scores:
-        if s.same_as is not None:
-            twin = next(t for t in distinct if t.key == s.same_as)
-            s.refusal, s.kl = twin.refusal, twin.kl
 
+def _choose(
+    finalists: Sequence[CandidateScore], baseline_refusal: float, kl_threshold: float
+) -> tuple[CandidateScore, bool, str]:
+    """The finalist the rule picks, whether it met the KL threshold, and the rule in words."""
     qualified = [
         s
         for s in finalists
@@ -203,21 +187,57 @@ def select_direction(
         and s.refusal < baseline_refusal
     ]
     if qualified:
-        best = min(qualified, key=lambda s: s.refusal)  # type: ignore[arg-type, return-value]
-        met = True
+        best = min(qualified, key=lambda s: float(s.refusal))  # type: ignore[arg-type]
         rule = (
             f"lowest validation refusal score among finalists with first-token KL <= "
             f"{kl_threshold} and a refusal score below the unedited model's"
         )
-    else:
-        best = _best_tradeoff(finalists)
-        met = False
-        rule = (
-            f"no finalist had first-token KL <= {kl_threshold} with fewer refusals than the "
-            "unedited model; chose the best trade-off (closest to the ideal point after "
-            "min-max normalising refusal score and KL over the finalists)"
-        )
-        log.warning(rule)
+        return best, True, rule
+    rule = (
+        f"no finalist had first-token KL <= {kl_threshold} with fewer refusals than the "
+        "unedited model; chose the best trade-off (closest to the ideal point after "
+        "min-max normalising refusal score and KL over the finalists)"
+    )
+    log.warning(rule)
+    return _best_tradeoff(finalists), False, rule
+
+
+def select_direction(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    candidates: Candidates,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    refusal_ids: Sequence[int],
+    config: RunConfig,
+) -> Selection:
+    """Score every candidate direction and choose one (see the module docstring for the rule).
+
+    Args:
+        harmful_val, harmless_val: Chat-formatted validation texts.
+        refusal_ids: Token ids whose probability makes up the refusal score.
+        config: Its selection options (``kl_threshold``, ``prune_last_layers``, ``n_screen``,
+            ``n_finalists``, ``strength``, ``batch_size``).
+    """
+    c = config
+    max_layer = max_candidate_layer(candidates.n_layers, c.prune_last_layers)
+    screen = _Scorer(model, tokenizer, harmful_val[: c.n_screen], harmless_val[: c.n_screen],
+                     refusal_ids, c.batch_size)  # fmt: skip
+    full = _Scorer(model, tokenizer, harmful_val, harmless_val, refusal_ids, c.batch_size)
+    baseline_refusal = full.baseline_refusal()
+    scores, directions = _screen(candidates, max_layer, screen, c.strength)
+
+    distinct = [s for s in scores if s.same_as is None]
+    distinct.sort(key=lambda s: _rank_key(s.screen_refusal, s.screen_kl, c.kl_threshold))
+    finalists = distinct[: c.n_finalists]
+    for entry in progress(finalists, desc="Scoring finalists"):
+        edit = Ablation.uniform(directions[entry.key], candidates.n_layers, c.strength)
+        entry.refusal, entry.kl = full(edit)
+    for s in scores:
+        if s.same_as is not None:
+            twin = next(t for t in distinct if t.key == s.same_as)
+            s.refusal, s.kl = twin.refusal, twin.kl
+    best, met, rule = _choose(finalists, baseline_refusal, c.kl_threshold)
     return Selection(
         layer=best.layer,
         site=best.site,
@@ -225,7 +245,7 @@ def select_direction(
         baseline_refusal=baseline_refusal,
         met_threshold=met,
         rule=rule,
-        kl_threshold=kl_threshold,
+        kl_threshold=c.kl_threshold,
         max_layer=max_layer,
         scores=scores,
     )

@@ -1,35 +1,22 @@
-"""Optimized abliteration: a multi-objective Optuna search over how the direction is removed.
+"""The search space of optimized abliteration: every point is an :class:`Ablation`.
 
 A single mean-difference direction removed at full strength from every writer takes most
-refusals away but also moves the model on harmless prompts. This module searches a richer edit
-space (:class:`EditParams`) for edits that refuse less *and* move harmless prompts less:
+refusals away but also moves the model on harmless prompts. The search explores a richer space
+(:class:`EditParams`) for edits that refuse less *and* move harmless prompts less:
 
 * direction source: a fractional layer position (interpolating the two neighbouring layers'
   directions), or each layer its own direction; optionally *projected* (orthogonal to the
-  harmless mean, see :meth:`~abliterate.directions.Candidates.direction`);
+  harmless mean, see :meth:`~abliterate.measure.candidates.Candidates.direction`);
 * a strength :class:`Profile` across layers for the attention outputs and one for the MLP
   outputs (peak, position of the peak, width, edge strength; 0 outside the window);
-* plain or norm-preserving weight edits (:data:`~abliterate.interventions.EDIT_MODES`);
+* plain or norm-preserving weight edits (:data:`~abliterate.core.ablation.EDIT_MODES`);
 * with ``max_directions > 1``, how many directions to remove at once: the mean difference plus
   the top singular vectors of the per-prompt differences
-  (:meth:`~abliterate.directions.Candidates.extra_directions`).
+  (:meth:`~abliterate.measure.candidates.Candidates.extra_directions`).
 
-Every point of the space is an :class:`~abliterate.interventions.EditSpec`, so it is scored
-through hooks and baked into the weights by the same code.
-
-The search never generates text. Each trial costs one forward pass (last position only) over
-the harmful and harmless *validation* prompts: the objectives are the mean next-token refusal
-probability on harmful prompts and the first-token KL divergence on harmless prompts, both
-minimised with multi-objective TPE. Only Pareto-front trials are then *confirmed* by
-generating answers to the harmful validation prompts and judging them, and the chosen trial is
-(:func:`choose`) the lowest-KL confirmed trial whose refusal rate is at most the target. The
-evaluation prompts are not touched here: the caller evaluates the chosen edit on them once.
-
-The study lives in Optuna storage (by default a SQLite file beside the run directory), so a
-killed run resumes where it stopped and several workers can share one study: trials of a worker
-that died (same host and a dead process id, or a stale heartbeat) are marked failed and not
-counted, and the search runs until the number of *completed* trials reaches the budget (see
-:mod:`abliterate.study`; the front and the choice rule are in :mod:`abliterate.pareto`).
+Every point of the space is an :class:`~abliterate.core.ablation.Ablation`, so it is scored
+through hooks and baked into the weights by the same code. :class:`SearchSpace` holds the
+bounds and the seeded starting points.
 """
 
 from __future__ import annotations
@@ -37,8 +24,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
-from abliterate.core.edits import EditSpec
 from abliterate.measure.candidates import Candidates
 from abliterate.types import Site
 
@@ -90,7 +77,7 @@ class Profile:
 
 @dataclass(frozen=True)
 class EditParams:
-    """One point of the search space; :meth:`to_spec` turns it into an :class:`EditSpec`.
+    """One point of the search space; :meth:`to_edit` turns it into an :class:`Ablation`.
 
     Attributes:
         direction_layer: Fractional layer position of the global direction.
@@ -148,7 +135,7 @@ class EditParams:
             n_directions=int(params.get("n_directions", 1)),
         )
 
-    def to_spec(self, candidates: Candidates, site: Site) -> EditSpec:
+    def to_edit(self, candidates: Candidates, site: Site) -> Ablation:
         """The edit these parameters describe, with directions taken at ``site``."""
         n = candidates.n_layers
         direction = candidates.direction_at(self.direction_layer, site, projected=self.projected)
@@ -164,7 +151,7 @@ class EditParams:
         if self.n_directions > 1:
             layer = min(max(round(self.direction_layer), 0), n - 1)
             extra = candidates.extra_directions(direction, layer, site, self.n_directions - 1)
-        return EditSpec(
+        return Ablation(
             direction=direction,
             embedding=0.0,
             attention=self.attention.strengths(n),

@@ -1,0 +1,86 @@
+"""Weight stores: where a permanent edit is applied, tensor by tensor.
+
+A :class:`WeightStore` hands out named tensors to change; the edit code
+(:func:`abliterate.edit.weights.apply_edit`) is the same for every store. The first
+implementation is the in-memory model (:class:`ModuleStore`); a streamed safetensors
+checkpoint, a GGUF file and an adapter are further implementations of the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class WeightStore(Protocol):
+    """Named tensors that an edit reads and rewrites."""
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor called ``name`` (read-only use)."""
+        ...
+
+    def writable(self, name: str) -> AbstractContextManager[torch.Tensor]:
+        """Context manager: yields the tensor ``name``; what is written into it is kept."""
+        ...
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds a tensor called ``name``."""
+        ...
+
+
+class ModuleStore:
+    """The parameters of an in-memory model, edited in place.
+
+    A parameter shared by several names (a token embedding tied to the output head) is untied
+    before it is written: the written name gets its own copy, the others keep the original, and
+    the config's ``tie_word_embeddings`` is turned off so a saved model is not re-tied on load.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is a parameter of the model."""
+        try:
+            self.model.get_parameter(name)
+        except AttributeError:
+            return False
+        return True
+
+    def read(self, name: str) -> torch.Tensor:
+        """The parameter's data (no copy)."""
+        return self.model.get_parameter(name).data
+
+    @contextmanager
+    def writable(self, name: str) -> Iterator[torch.Tensor]:
+        """The parameter's data, untied first if another name shares it."""
+        param = self.model.get_parameter(name)
+        if self._shared(name, param):
+            self._untie(name, param)
+            param = self.model.get_parameter(name)
+        yield param.data
+
+    def _shared(self, name: str, param: nn.Parameter) -> bool:
+        return any(
+            p is param and n != name for n, p in self.model.named_parameters(remove_duplicate=False)
+        )
+
+    def _untie(self, name: str, param: nn.Parameter) -> None:
+        from torch import nn
+
+        module_path, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_path)
+        setattr(
+            module, attr, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        )
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            config.tie_word_embeddings = False
+            text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+            if text_config is not None:
+                text_config.tie_word_embeddings = False
