@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 OUT ?= runs/demo
 
-.PHONY: install install-dev demo test lint typecheck browser bench clean
+.PHONY: install install-dev demo test test-fast lint typecheck browser bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,7 @@ demo: install
 lint: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: install-dev
 	$(PY) -m mypy
@@ -41,8 +42,13 @@ browser:
 	  || echo "could not install chromium; the browser test will skip"; \
 	else echo "chromium not found (install it to run the browser test); it will skip"; fi
 
+# Everything, as CI runs it (the slow end-to-end tests on the real demo model included).
 test: install-dev lint typecheck browser
 	$(PY) -m pytest
+
+# The development loop: the same gate without the slow demo-model tests.
+test-fast: install-dev lint typecheck
+	$(PY) -m pytest -m "not slow"
 
 bench: install-dev
 	$(PY) benchmarks/stages.py
