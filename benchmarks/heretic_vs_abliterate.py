@@ -281,11 +281,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from abliterate.core.stats import kl_divergence
-    from abliterate.data.chat import format_chat
+    from abliterate.data.chat import ChatSet
     from abliterate.data.prompts import builtin
+    from abliterate.eval.evaluator import EvalSets, Evaluator
     from abliterate.eval.judges import MarkerJudge
-    from abliterate.eval.kl import multi_token_kl
-    from abliterate.eval.refusals import evaluate_refusals
     from abliterate.model.forward import next_token_logprobs
     from abliterate.model.loading import load_model
 
@@ -294,21 +293,22 @@ def _evaluate(args: argparse.Namespace) -> None:
     edited = AutoModelForCausalLM.from_pretrained(
         str(args.edited), dtype=torch.float32, use_safetensors=True
     ).eval()
-    harmful, harmless = builtin("harmful", "eval"), builtin("harmless", "eval")
-    harmful_texts = format_chat(tok, harmful.prompts)
-    harmless_texts = format_chat(tok, harmless.prompts)
-    refusals = evaluate_refusals(edited, tok, harmful.prompts, harmful_texts, MarkerJudge(),
-                                 max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size)  # fmt: skip
-    base_lp = next_token_logprobs(original.model, tok, harmless_texts, batch_size=args.batch_size)
-    edit_lp = next_token_logprobs(edited, tok, harmless_texts, batch_size=args.batch_size)
-    multi, _ = multi_token_kl(original.model, tok, harmless_texts, model_q=edited,
-                              n_tokens=args.kl_tokens, batch_size=args.batch_size)  # fmt: skip
+    sets = EvalSets(
+        ChatSet.format(tok, builtin("harmful", "eval")),
+        ChatSet.format(tok, builtin("harmless", "eval")),
+    )
+    evaluator = Evaluator(tok, sets, [MarkerJudge()], max_new_tokens=args.max_new_tokens,
+                          kl_tokens=args.kl_tokens, batch_size=args.batch_size)  # fmt: skip
+    assessed = evaluator.assess(edited, "edited")
+    base_lp = next_token_logprobs(original.model, tok, sets.harmless.texts,
+                                  batch_size=args.batch_size)  # fmt: skip
+    multi, _ = evaluator.multi_token_kl(original.model, model_q=edited)
+    refusals = assessed.harmful
     result = {
         "refusal_rate": refusals.refusal_rate,
         "refusals": sum(refusals.refused),
         "n_prompts": len(refusals.refused),
-        "kl_divergence": float(kl_divergence(base_lp, edit_lp).mean()),
+        "kl_divergence": float(kl_divergence(base_lp, assessed.harmless_logprobs).mean()),
         "kl_divergence_multi_token": multi,
         "kl_tokens": args.kl_tokens,
         "judge": "markers",

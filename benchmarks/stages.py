@@ -8,7 +8,7 @@ Each repeat is a full default run (a fresh process state is not needed: the mode
 by every run). The script reports, per stage, the median wall time and the largest peak RSS over
 the repeats, plus the headline metrics, as JSON and as a Markdown table on stdout. Timing on
 shared machines is noisy: compare medians from the same script and machine, never single runs.
-Peak RSS is sampled every 50 ms within each stage (see ``abliterate.profiling``).
+Peak RSS is sampled every 50 ms within each stage (see ``abliterate.progress``).
 """
 
 from __future__ import annotations

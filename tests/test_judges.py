@@ -15,9 +15,8 @@ from abliterate.eval.judges import (
     build_judges,
     cohen_kappa,
     judge_agreement,
-    normalize,
-    strip_reasoning,
 )
+from abliterate.eval.text import normalize, strip_reasoning
 
 LABELLED = [
     ("I'm sorry, but I can't assist with that.", True),

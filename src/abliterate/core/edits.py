@@ -159,6 +159,11 @@ class Edit(ABC):
             raise ValueError(f"{directory} holds a '{edit.kind}' edit, not a '{cls.kind}' edit")
         return edit
 
+    @classmethod
+    def load_legacy(cls, directory: Path, data: Mapping[str, Any]) -> Edit:
+        """Read an edit saved without ``edit.safetensors`` by an older version of the tool."""
+        raise ValueError(f"{directory} has {EDIT_FILE} but no {TENSORS_FILE}")
+
     def then(self, other: Edit) -> Composite:
         """This edit followed by ``other``."""
         return Composite((self, other))
@@ -195,7 +200,7 @@ def edit_from_dict(data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
 
 def load_edit(directory: str | Path) -> Edit:
     """Read an edit written by :meth:`Edit.save` (or by an older version, see
-    :meth:`Ablation.load_legacy <abliterate.core.ablation.Ablation.load_legacy>`).
+    :meth:`Edit.load_legacy`).
 
     Raises:
         ValueError: the directory holds no readable edit.
@@ -211,11 +216,10 @@ def load_edit(directory: str | Path) -> Edit:
         raise ValueError(f"{d / EDIT_FILE} does not describe an edit")
     if (d / TENSORS_FILE).is_file():
         return edit_from_dict(data, load_file(str(d / TENSORS_FILE)))
-    if data.get("kind") == "directional_ablation":  # written before edit.safetensors existed
-        from abliterate.core.ablation import Ablation
-
-        return Ablation.load_legacy(d, data)
-    raise ValueError(f"{d} has {EDIT_FILE} but no {TENSORS_FILE}")
+    cls = Edit._kinds.get(str(data.get("kind")))
+    if cls is None:
+        raise ValueError(f"{d / EDIT_FILE} names an unknown edit kind {data.get('kind')!r}")
+    return cls.load_legacy(d, data)
 
 
 @dataclass(frozen=True, eq=False)

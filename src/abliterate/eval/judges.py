@@ -19,13 +19,13 @@ Judges are built from a spec string through the registry :data:`JUDGES`
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from abliterate.errors import JudgeError
+from abliterate.eval.text import normalize, strip_reasoning
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -85,22 +85,6 @@ REFUSAL_MARKERS = (
     "it's not appropriate",
     "i strongly advise against",
 )
-
-_REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(</\1>|$)", re.DOTALL | re.IGNORECASE)
-_EMPHASIS = re.compile(r"[*_`~#>]+")
-_SPACE = re.compile(r"\s+")
-
-
-def strip_reasoning(text: str) -> str:
-    """Remove ``<think>…</think>``-style blocks (also an unterminated one at the end)."""
-    return _REASONING.sub(" ", text)
-
-
-def normalize(text: str) -> str:
-    """Lower-case, straight apostrophes, no Markdown emphasis, single spaces."""
-    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
-    text = _EMPHASIS.sub("", text.lower())
-    return _SPACE.sub(" ", text).strip()
 
 
 class Judge(Protocol):

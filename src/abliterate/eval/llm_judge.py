@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 
 from abliterate.errors import JudgeError
-from abliterate.eval.judges import normalize, strip_reasoning
+from abliterate.eval.text import normalize, strip_reasoning
 
 API_KEY_ENV = "ABLITERATE_JUDGE_API_KEY"
 
