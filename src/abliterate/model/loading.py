@@ -90,6 +90,54 @@ def _check_model_config(path: Path) -> None:
     )
 
 
+@dataclass
+class ModelSource:
+    """Where and how transformers reads a model: the path or hub id and the loader options."""
+
+    source: str
+    display: str
+    model_kwargs: dict[str, Any]
+    tokenizer_kwargs: dict[str, Any]
+
+
+def resolve_source(name: str, revision: str | None, trust_remote_code: bool) -> ModelSource:
+    """Turn what the user asked for (``demo``, a hub id, a directory, a ``.gguf`` file) into
+    loader arguments; only safetensors weights are ever read.
+
+    Raises:
+        ModelLoadError: the path does not exist or holds no loadable model.
+    """
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if name == "demo":
+        from abliterate.model.demo import DEMO_NAME, ensure_demo_model
+
+        kwargs["use_safetensors"] = True
+        return ModelSource(str(ensure_demo_model()), DEMO_NAME, kwargs, tok_kwargs)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist.")
+        kwargs["gguf_file"] = tok_kwargs["gguf_file"] = path.name
+        return ModelSource(str(path.parent), name, kwargs, tok_kwargs)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json).")
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{path} holds no .safetensors weights; abliterate loads safetensors only "
+                "(convert pickled .bin weights first)."
+            )
+        _check_model_config(path)
+        kwargs["use_safetensors"] = True
+        return ModelSource(str(path), name, kwargs, tok_kwargs)
+    if path.exists() or _looks_like_path(name):
+        raise ModelLoadError(f"model path {path} does not exist or is not a directory.")
+    kwargs["use_safetensors"] = True
+    kwargs["revision"] = tok_kwargs["revision"] = revision
+    return ModelSource(name, name, kwargs, tok_kwargs)
+
+
 def load_model(
     name: str = "demo",
     *,
@@ -97,15 +145,21 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, str] | None = None,
 ) -> LoadedModel:
     """Load a chat model and its tokenizer.
 
     Args:
         name: ``demo``, a hub id ``ORG/NAME``, a local model directory or a ``.gguf`` file.
         revision: Hub revision to load.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (ignored with ``device_map``).
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         trust_remote_code: Allow the repository's own modelling code.
+        device_map: Spread the model over devices (``"auto"`` or an explicit map, as
+            accelerate takes it) instead of moving it to ``device``.
+        max_memory: Per-device memory caps for ``device_map="auto"`` (``{0: "20GiB", "cpu":
+            "60GiB"}``).
 
     Raises:
         ModelLoadError: the path does not exist, holds no model, or the hub is unreachable.
@@ -115,44 +169,16 @@ def load_model(
     from abliterate.data.chat import prepare_tokenizer
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    source = name
-    if name == "demo":
-        from abliterate.model.demo import DEMO_NAME, ensure_demo_model
-
-        source = str(ensure_demo_model())
-        kwargs["use_safetensors"] = True
-        display = DEMO_NAME
-    else:
-        display = name
-        path = Path(name).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file {path} does not exist.")
-            source = str(path.parent)
-            kwargs["gguf_file"] = tok_kwargs["gguf_file"] = path.name
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} is not a model directory (no config.json).")
-            if not any(path.glob("*.safetensors")):
-                raise ModelLoadError(
-                    f"{path} holds no .safetensors weights; abliterate loads safetensors only "
-                    "(convert pickled .bin weights first)."
-                )
-            _check_model_config(path)
-            source = str(path)
-            kwargs["use_safetensors"] = True
-        elif path.exists() or _looks_like_path(name):
-            raise ModelLoadError(f"model path {path} does not exist or is not a directory.")
-        else:
-            kwargs["use_safetensors"] = True
-            kwargs["revision"] = tok_kwargs["revision"] = revision
+    src = resolve_source(name, revision, trust_remote_code)
+    kwargs = dict(src.model_kwargs)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **tok_kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, **kwargs
+            src.source, dtype=resolve_dtype(dtype, dev), **kwargs
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         # transformers reports a malformed or unsupported checkpoint with any of these.
@@ -163,8 +189,9 @@ def load_model(
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    model.to(dev)  # type: ignore[arg-type]
+    if device_map is None:
+        model.to(dev)  # type: ignore[arg-type]
     model.eval()
     prepare_tokenizer(tokenizer)
     commit = getattr(model.config, "_commit_hash", None)
-    return LoadedModel(model, tokenizer, display, source, revision=commit or revision)
+    return LoadedModel(model, tokenizer, src.display, src.source, revision=commit or revision)
