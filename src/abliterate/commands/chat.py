@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.config import ChatConfig
+from abliterate.data.chat import format_chat
+from abliterate.model.loading import load_model
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -202,7 +204,6 @@ def _model_path(model: str) -> str:
 
 def load_sides(config: ChatConfig) -> list[ChatModel]:
     """Load MODEL and its baseline (``--baseline``, else the recorded base model, if any)."""
-    from abliterate.model.loading import load_model
 
     def load(name: str, revision: str | None) -> LoadedModel:
         return load_model(
@@ -286,8 +287,6 @@ def chat(
     """
     from rich.console import Console
     from rich.text import Text
-
-    from abliterate.data.chat import format_chat
 
     if sides is None:
         sides = load_sides(config)

@@ -20,11 +20,19 @@ from typing import TYPE_CHECKING, Any
 from abliterate import __version__
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import EvaluateConfig, to_dict
+from abliterate.data.chat import ChatSet
+from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
 from abliterate.errors import ConfigError
+from abliterate.eval.benchmarks import check_task_names
+from abliterate.eval.evaluator import EvalSets, Evaluator
+from abliterate.eval.judges import JudgeOptions, build_judges
+from abliterate.eval.metrics import reference_answers
+from abliterate.model.loading import load_model
+from abliterate.progress import Stages
+from abliterate.report.markdown import evaluation_summary_table, write_evaluation_reports
 
 if TYPE_CHECKING:
     from abliterate.data.prompts import PromptSet
-    from abliterate.eval.evaluator import EvalSets
     from abliterate.eval.metrics import ReferenceAnswers
     from abliterate.model.loading import LoadedModel
 
@@ -35,8 +43,6 @@ def load_prompt_sets(
     config: EvaluateConfig,
 ) -> tuple[PromptSet, PromptSet, PromptSet, ReferenceAnswers]:
     """Harmful, harmless, over-refusal prompts and reference answers, capped at ``n_eval``."""
-    from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
-    from abliterate.eval.metrics import reference_answers
 
     col, n = config.prompt_column, config.n_eval
     over = (
@@ -75,8 +81,6 @@ def _format_sets(
     config: EvaluateConfig,
     raw: tuple[PromptSet, PromptSet, PromptSet, ReferenceAnswers],
 ) -> EvalSets:
-    from abliterate.data.chat import ChatSet
-    from abliterate.eval.evaluator import EvalSets
 
     harmful, harmless, over, reference = raw
     tok, system = loaded.tokenizer, config.system_prompt
@@ -95,13 +99,6 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         The report, also written to ``config.out/report.json`` and ``report.md``.
     """
     import torch
-
-    from abliterate.eval.benchmarks import check_task_names
-    from abliterate.eval.evaluator import Evaluator
-    from abliterate.eval.judges import JudgeOptions, build_judges
-    from abliterate.model.loading import load_model
-    from abliterate.progress import Stages
-    from abliterate.report.markdown import evaluation_summary_table, write_evaluation_reports
 
     check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)

@@ -30,18 +30,33 @@ from typing import TYPE_CHECKING, Any
 from abliterate import __version__
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import RunConfig, to_dict
+from abliterate.core.ablation import Ablation
+from abliterate.core.directions import Direction
+from abliterate.data.chat import ChatSet
+from abliterate.data.prompts import resolve_prompts
+from abliterate.edit.export import save_model, verify_export
+from abliterate.edit.hooks import edit_hooks
+from abliterate.edit.weights import bake
 from abliterate.errors import ConfigError
+from abliterate.eval.evaluator import EvalSets, Evaluator
+from abliterate.eval.judges import MarkerJudge
+from abliterate.measure.activations import collect_activations
+from abliterate.measure.candidates import Candidates
+from abliterate.measure.refusal import refusal_token_ids
+from abliterate.model.anatomy import anatomy_of
+from abliterate.model.forward import next_token_logprobs
+from abliterate.model.loading import load_model
+from abliterate.progress import Stages
+from abliterate.report.markdown import scores_table, summary_table, write_reports
+from abliterate.search.optimize import optimize_edit
+from abliterate.search.selection import select_direction
+from abliterate.search.study import default_storage
 
 if TYPE_CHECKING:
-    from abliterate.core.ablation import Ablation
-    from abliterate.core.directions import Direction
-    from abliterate.data.chat import ChatSet
     from abliterate.data.prompts import PromptSet
     from abliterate.eval.evaluator import Assessment
     from abliterate.eval.judges import Judge
-    from abliterate.measure.candidates import Candidates
     from abliterate.model.loading import LoadedModel
-    from abliterate.progress import Stages
     from abliterate.search.optimize import SearchResult
     from abliterate.search.selection import Selection
 
@@ -72,7 +87,6 @@ class EditOutcome:
 
 def load_prompt_sets(config: RunConfig) -> dict[str, PromptSet]:
     """The six prompt sets of a run (train, validation and evaluation, harmful and harmless)."""
-    from abliterate.data.prompts import resolve_prompts
 
     col = config.prompt_column
     return {
@@ -94,7 +108,6 @@ def load_prompt_sets(config: RunConfig) -> dict[str, PromptSet]:
 
 
 def _saved_direction(config: RunConfig, d_model: int) -> Direction:
-    from abliterate.core.directions import Direction
 
     assert config.direction is not None
     if not config.direction.with_suffix(".json").is_file():
@@ -115,8 +128,6 @@ def compute_candidates(
     config: RunConfig, loaded: LoadedModel, chats: dict[str, ChatSet], data: dict[str, Any]
 ) -> Candidates:
     """Mean activations of the training sets at every layer and site."""
-    from abliterate.measure.activations import collect_activations
-    from abliterate.measure.candidates import Candidates
 
     model, tok = loaded.model, loaded.tokenizer
     # Per-prompt activations are kept only when the search may use extra directions.
@@ -175,10 +186,6 @@ def choose_edit(
     Writes ``candidates.safetensors`` (and ``scores.json`` when selecting,
     ``optimization.json`` when searching) into ``tmp``.
     """
-    from abliterate.core.ablation import Ablation
-    from abliterate.measure.refusal import refusal_token_ids
-    from abliterate.model.anatomy import anatomy_of
-    from abliterate.search.selection import select_direction
 
     model, tok = loaded.model, loaded.tokenizer
     n_layers, d_model = anatomy_of(model).n_layers, anatomy_of(model).d_model
@@ -219,8 +226,6 @@ def _optimize(
     refusal_ids: list[int],
 ) -> SearchResult:
     """The ``--optimize`` search: validation prompts only; the eval split is never passed in."""
-    from abliterate.search.optimize import optimize_edit
-    from abliterate.search.study import default_storage
 
     fingerprint = {
         "model": candidates.model,
@@ -255,10 +260,6 @@ def evaluate_edit(
     the baked weights are then compared on a few prompts, so the evaluated model is the one
     the hooks describe.
     """
-    from abliterate.edit.hooks import edit_hooks
-    from abliterate.edit.weights import bake
-    from abliterate.eval.evaluator import EvalSets, Evaluator
-    from abliterate.model.forward import next_token_logprobs
 
     model, tok = loaded.model, loaded.tokenizer
     evaluator = Evaluator(
@@ -322,7 +323,6 @@ def _report(
     export_diff: float | None,
     stages: Stages,
 ) -> dict[str, Any]:
-    from abliterate.model.anatomy import anatomy_of
 
     report: dict[str, Any] = {
         "abliterate_version": __version__,
@@ -354,14 +354,6 @@ def _report(
 def run(config: RunConfig) -> dict[str, Any]:
     """Run the whole pipeline and return the report (also written to ``config.out``)."""
     import torch
-
-    from abliterate.data.chat import ChatSet
-    from abliterate.edit.export import save_model, verify_export
-    from abliterate.eval.judges import MarkerJudge
-    from abliterate.model.anatomy import anatomy_of
-    from abliterate.model.loading import load_model
-    from abliterate.progress import Stages
-    from abliterate.report.markdown import scores_table, summary_table, write_reports
 
     check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from abliterate.core.stats import kl_divergence
 from abliterate.data.chat import ChatSet
 from abliterate.eval.judges import Judge, judge_agreement
 from abliterate.eval.kl import Context, multi_token_kl
@@ -233,7 +234,6 @@ class Evaluator:
     def compare(self, baseline: Assessment, model: Assessment, multi_token: float) -> None:
         """Record on ``model`` its KL divergences from ``baseline`` (first-token KL from the
         stored distributions; ``multi_token`` as measured by :meth:`multi_token_kl`)."""
-        from abliterate.core.stats import kl_divergence
 
         kl = kl_divergence(baseline.harmless_logprobs, model.harmless_logprobs)
         model.kl_divergence = float(kl.mean())

@@ -25,8 +25,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 
+from abliterate.data.chat import format_chat
 from abliterate.errors import JudgeError
 from abliterate.eval.text import normalize, strip_reasoning
+from abliterate.model.forward import generate
+from abliterate.model.loading import load_model
 
 API_KEY_ENV = "ABLITERATE_JUDGE_API_KEY"
 
@@ -77,9 +80,6 @@ class LLMJudge:
     @classmethod
     def from_local(cls, source: str, *, device: str = "auto", batch_size: int = 32) -> LLMJudge:
         """A judge backed by a local chat model (any :func:`load_model` form)."""
-        from abliterate.data.chat import format_chat
-        from abliterate.model.forward import generate
-        from abliterate.model.loading import load_model
 
         loaded = load_model(source, device=device)
 

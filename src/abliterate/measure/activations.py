@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from abliterate.model.anatomy import BoundAnatomy, anatomy_of
+from abliterate.model.forward import SharedPrefixScorer
 from abliterate.progress import progress
 from abliterate.types import SITES, Site
 
@@ -108,7 +109,6 @@ def collect_activations(
         ``(means, per_prompt)``: means ``(n_layers, len(sites), d_model)`` float64 on the CPU;
         per_prompt ``(n_prompts, n_layers, d_model)`` float32 at ``keep_site``, or None.
     """
-    from abliterate.model.forward import SharedPrefixScorer
 
     arch = anatomy_of(model)
     if keep_site is not None and keep_site not in sites:

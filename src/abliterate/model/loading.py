@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abliterate.data.chat import prepare_tokenizer
 from abliterate.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -165,8 +166,6 @@ def load_model(
         ModelLoadError: the path does not exist, holds no model, or the hub is unreachable.
     """
     import transformers
-
-    from abliterate.data.chat import prepare_tokenizer
 
     dev = resolve_device(device)
     src = resolve_source(name, revision, trust_remote_code)
