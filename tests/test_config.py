@@ -223,6 +223,8 @@ def test_config_file_forms(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^cannot read config file .*dir.toml: Is a directory"):
         load_config(RunConfig, config_file=tmp_path / "dir.toml")
     assert read_config_file(toml)["n_train"] == 10
+    bom = _file(tmp_path, "bom.json", b'\xef\xbb\xbf{"n_train": 4}')  # as some editors write it
+    assert load_config(RunConfig, config_file=bom).n_train == 4
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,7 @@ def test_arbitrary_config_file_bytes(tmp_path: Path, content: bytes, suffix: str
     path = tmp_path / f"c{suffix}"
     path.write_bytes(content)
     result = _outcome(lambda: load_config(RunConfig, config_file=path))
-    assert isinstance(result, str) or content.strip() in (b"", b"{}")
+    assert isinstance(result, str) or content.removeprefix(b"\xef\xbb\xbf").strip() in (b"", b"{}")
 
 
 @SETTINGS

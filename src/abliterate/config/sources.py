@@ -51,7 +51,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read {where}: {oneline(exc.strerror or exc)}.") from exc
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
         if kind == ".toml":
             data: Any = tomllib.loads(text)
         else:
