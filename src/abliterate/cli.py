@@ -171,6 +171,7 @@ def _parser_source() -> CliSettingsSource[argparse.ArgumentParser]:
         cli_prog_name="abliterate",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        cli_hide_none_type=True,
         cli_exit_on_error=False,
         cli_shortcuts={"verbose": "v"},
         formatter_class=argparse.HelpFormatter,
