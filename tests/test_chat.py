@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from abliterate.cli import build_parser, main
+from abliterate.cli import main, parse_command
 from abliterate.commands import chat as chat_mod
 from abliterate.commands.chat import ChatModel, load_sides, resolve_baseline, stream_answers
 from abliterate.config import ChatConfig
@@ -45,10 +45,11 @@ def _feed(monkeypatch: pytest.MonkeyPatch, lines: list[str | type[BaseException]
 
 
 def test_model_is_positional_and_values_are_validated() -> None:
-    args = build_parser().parse_args(["chat", "runs/x", "--temperature", "0.7"])
-    assert (args.model, args.temperature) == ("runs/x", 0.7)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["chat", "--baseline", "demo"])  # MODEL is required
+    config = parse_command(["chat", "runs/x", "--temperature", "0.7"]).config
+    assert isinstance(config, ChatConfig)
+    assert (config.model, config.temperature) == ("runs/x", 0.7)
+    with pytest.raises(ConfigError, match="required: MODEL"):
+        parse_command(["chat", "--baseline", "demo"])
     with pytest.raises(ConfigError, match="temperature must be positive"):
         ChatConfig(model="m", temperature=0.0)
     with pytest.raises(ConfigError, match="max_new_tokens must be at least 1"):

@@ -108,7 +108,7 @@ def test_evaluate_without_baseline_reports_no_kl(tmp_path: Path, tiny_model_dir:
     [
         (["--judge", "marker"], "Did you mean 'markers'?"),
         (["--benchmarks", "abliterate_arithmatic"], "Did you mean 'abliterate_arithmetic'?"),
-        (["--n-eval", "0"], "n_eval must be at least 1"),
+        (["--n-eval", "0"], "--n-eval (command line) must be at least 1"),
     ],
 )
 def test_evaluate_user_errors_are_one_line_and_write_nothing(
@@ -147,10 +147,11 @@ def test_config_positional_model_and_benchmark_lists() -> None:
     assert EvaluateConfig(benchmarks="a, b").benchmarks == ("a", "b")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="judge must name"):
         EvaluateConfig(judge=" ")
-    from abliterate.cli import build_parser
+    from abliterate.cli import parse_command
 
-    args = build_parser().parse_args(["evaluate", "some/dir", "--benchmarks", "a", "b,c"])
-    assert args.model == "some/dir" and args.benchmarks == ["a", "b,c"]
+    cfg = parse_command(["evaluate", "some/dir", "--benchmarks", "a", "b,c"]).config
+    assert isinstance(cfg, EvaluateConfig)
+    assert cfg.model == "some/dir" and cfg.benchmarks == ("a", "b", "c")
 
 
 def test_capped_over_refusal_set_covers_every_category() -> None:

@@ -1,110 +1,122 @@
 """The ``abliterate`` command line: a thin layer over the library.
 
-Each subcommand builds its typed config (defaults < ``--config FILE`` < command-line options)
-and calls the library function of the same name. Heavy libraries are imported inside the
-commands, so ``abliterate --help`` returns at once. Expected errors (:class:`AbliterateError`)
-print one line and exit with status 2; anything else is a bug and keeps its traceback.
+The parser is generated from the typed configs by pydantic-settings (``CliSettingsSource``):
+one subcommand per config class, one kebab-case option per field with its help text and
+default, ``--flag/--no-flag`` for booleans, positionals where a field is marked so, and lists
+given as ``--sites pre mid`` or ``--sites pre,mid``. The parsed values, a ``--config FILE`` and
+``ABLITERATE_<OPTION>`` environment variables are layered and validated by
+:func:`abliterate.config.load_config`, then the command's library function runs with the
+resolved config. Heavy libraries are imported inside the commands, so ``abliterate --help``
+returns at once. Expected errors (:class:`AbliterateError`), bad options included, print one
+line and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
+import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, Field, create_model
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    CliSubCommand,
+    CliToggleFlag,
+    SettingsError,
+)
 
 from abliterate import __version__
 from abliterate.config import (
     ChatConfig,
     EvaluateConfig,
     OptimizeConfig,
+    Options,
     ReportConfig,
     RunConfig,
-    add_arguments,
-    from_sources,
-    read_config_file,
+    load_config,
+    option_name,
 )
-from abliterate.errors import AbliterateError
+from abliterate.config.messages import oneline
+from abliterate.errors import AbliterateError, ConfigError
 
 EXIT_USER_ERROR = 2
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(config: RunConfig) -> int:
     from abliterate.commands.run import run
 
-    config = _build(RunConfig, args)
     run(config)
     return 0
 
 
-def _cmd_optimize(args: argparse.Namespace) -> int:
-    from abliterate.commands.run import run
-
-    run(_build(OptimizeConfig, args))
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _cmd_evaluate(config: EvaluateConfig) -> int:
     from abliterate.commands.evaluate import evaluate
 
-    config = _build(EvaluateConfig, args)
     evaluate(config)
     return 0
 
 
-def _cmd_chat(args: argparse.Namespace) -> int:
+def _cmd_chat(config: ChatConfig) -> int:
     from abliterate.commands.chat import chat
 
-    config = _build(ChatConfig, args)
     # Live columns need a terminal on both ends; pipes get plain sequential text.
     return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def _cmd_report(config: ReportConfig) -> int:
     from abliterate.report.html import write_run_report
 
-    config = _build(ReportConfig, args)
     print(f"Wrote {write_run_report(config.run)}")
     return 0
 
 
-def _build(cls: type[Any], args: argparse.Namespace) -> Any:
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "verbose")}
-    file_values = read_config_file(args.config) if args.config else {}
-    return from_sources(cls, file_values, values)
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its config class, the function that runs it, and its one-paragraph help."""
+
+    config: type[Options]
+    func: Callable[[Any], int]
+    help: str
 
 
-COMMANDS: dict[str, tuple[type[Any], Callable[[argparse.Namespace], int], str]] = {
-    "run": (
+COMMANDS: dict[str, Command] = {
+    "run": Command(
         RunConfig,
         _cmd_run,
         "Compute candidate refusal directions, select one automatically, remove it from the "
         "weights, evaluate before/after and export the edited model.",
     ),
-    "optimize": (
+    "optimize": Command(
         OptimizeConfig,
-        _cmd_optimize,
+        _cmd_run,
         "Like 'run --optimize': search directions and per-layer strengths for the fewest "
         "refusals at the lowest KL (resumable Optuna study), confirm the Pareto front, then "
         "evaluate once on held-out prompts and export.",
     ),
-    "evaluate": (
+    "evaluate": Command(
         EvaluateConfig,
         _cmd_evaluate,
         "Evaluate MODEL (optionally against --baseline BASE): refusal and over-refusal rates by "
         "one or more judges, KL divergences, reference cross-entropy, fluency and "
         "lm-evaluation-harness benchmarks.",
     ),
-    "chat": (
+    "chat": Command(
         ChatConfig,
         _cmd_chat,
         "Chat in the terminal with an edited model and its original; their answers stream "
         "side by side.",
     ),
-    "report": (
+    "report": Command(
         ReportConfig,
         _cmd_report,
         "Re-render a run's report.html and plots/ from its report.json and scores.json (for "
@@ -112,27 +124,129 @@ COMMANDS: dict[str, tuple[type[Any], Callable[[argparse.Namespace], int], str]] 
     ),
 }
 
+_SOURCES = (
+    "Each option can also be set in a --config file (TOML or JSON, keys spelled like the "
+    "options: n_train = 64) or an environment variable ABLITERATE_<OPTION> (ABLITERATE_N_TRAIN=64)"
+    "; the environment overrides the file and the command line overrides both."
+)
+
+
+class CommandLineOptions(BaseModel):
+    """Options of every subcommand that are not part of its configuration."""
+
+    config: Path | None = Field(
+        None,
+        description="TOML or JSON file of options (environment variables and command-line "
+        "options override it).",
+    )
+    verbose: bool = Field(False, description="Log progress details.")
+
+
+class _Root(BaseSettings):
+    """Edit the alignment behaviour of open-weight chat models without retraining."""
+
+    version: CliToggleFlag[bool] = Field(False, description="Show the version and exit.")
+
+
+@cache
+def _root_model() -> type[BaseSettings]:
+    """The CLI's model: one subcommand field per command, each with the command's options."""
+    subcommand: Any = (
+        CliSubCommand  # applied to classes built at run time, which mypy cannot follow
+    )
+    fields: dict[str, Any] = {}
+    for name, command in COMMANDS.items():
+        options = create_model(
+            f"abliterate {name}",
+            __base__=(command.config, CommandLineOptions),
+            __doc__=f"{command.help}\n\n{_SOURCES}",
+        )
+        fields[name] = (subcommand[options], Field(description=command.help))
+    return create_model("abliterate", __base__=_Root, __doc__=_Root.__doc__, **fields)
+
+
+def _parser_source() -> CliSettingsSource[argparse.ArgumentParser]:
+    return CliSettingsSource(
+        _root_model(),
+        cli_prog_name="abliterate",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_exit_on_error=False,
+        cli_shortcuts={"verbose": "v"},
+        formatter_class=argparse.HelpFormatter,
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="abliterate",
-        description="Edit the alignment behaviour of open-weight chat models without retraining.",
-    )
-    parser.add_argument("--version", action="version", version=f"abliterate {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (cls, func, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "--config",
-            type=Path,
-            metavar="FILE",
-            help="TOML or JSON file of options (command-line options override it).",
+    """The generated argument parser with every subcommand (for help text and introspection;
+    :func:`parse_command` is what turns a command line into a config)."""
+    return _parser_source().root_parser
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """A parsed command line: the command, its resolved config, and the logging level."""
+
+    command: str
+    config: Options
+    verbose: bool = False
+
+
+def _flags(model: type[Options]) -> list[str]:
+    names = [*model.model_fields, *CommandLineOptions.model_fields]
+    flags = [option_name(model, n) for n in names if option_name(model, n).startswith("--")]
+    return flags + ["--no-" + f[2:] for f in flags]
+
+
+def _parse_error(message: str, argv: Sequence[str]) -> str:
+    """The parser's complaint, made to name the option (and suggest one for a typo)."""
+    # argparse quotes the user's tokens as typed, control characters included.
+    message = oneline(message.removeprefix("error parsing CLI: "))
+    unparsable = re.match(r"Parsing error encountered for \S*?(\w+): (.*)", message)
+    if unparsable:
+        name, why = unparsable.groups()
+        return f"--{name.replace('_', '-')} (command line) could not be parsed: {why}"
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    command = next((a for a in argv if a in COMMANDS), None)
+    if unknown is None or command is None:
+        return message
+    flags, typed = _flags(COMMANDS[command].config), unknown.group(1).split("=")[0]
+    # A unique prefix is the likeliest intent (--trust), then the closest spelling (--n-trian).
+    close = [f for f in flags if f.startswith(typed)] if typed.startswith("--") else []
+    close = close if len(close) == 1 else difflib.get_close_matches(typed, flags, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; see abliterate {command} --help."
+    return f"{message}{hint}"
+
+
+def parse_command(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Invocation:
+    """Parse a command line into the command and its config (``environ``: the variables to read
+    ``ABLITERATE_<OPTION>`` from; ``None`` reads none).
+
+    Raises:
+        ConfigError: a malformed command line or any invalid option value, in one line.
+        SystemExit: ``--help`` or ``--version`` printed what was asked (status 0).
+    """
+    try:
+        parsed = _parser_source()(args=list(argv))()
+    except SettingsError as exc:
+        raise ConfigError(_parse_error(str(exc), argv)) from exc
+    if parsed.get("version"):
+        print(f"abliterate {__version__}")
+        raise SystemExit(0)
+    name = next((n for n in COMMANDS if parsed.get(n) is not None), None)
+    if name is None:
+        raise ConfigError(
+            f"choose a command: {', '.join(COMMANDS)} (abliterate --help describes them)."
         )
-        p.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
-        add_arguments(p, cls)
-        p.set_defaults(func=func)
-    return parser
+    values = dict(parsed[name])
+    extra = CommandLineOptions(
+        config=values.pop("config", None), verbose=values.pop("verbose", False)
+    )
+    config = load_config(
+        COMMANDS[name].config, command_line=values, config_file=extra.config, environ=environ
+    )
+    return Invocation(name, config, extra.verbose)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -165,16 +279,17 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``abliterate`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    argv = sys.argv[1:] if argv is None else list(argv)
     # `kill` sends SIGTERM, which would end Python without unwinding; turn it into SystemExit so
     # that context managers run (hooks removed, partial run directories deleted).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        return int(args.func(args))
+        invocation = parse_command(argv, os.environ)
+        _configure_logging(invocation.verbose)
+        return int(COMMANDS[invocation.command].func(invocation.config))
     except AbliterateError as exc:
-        print(f"abliterate: error: {exc}", file=sys.stderr)
+        # One line, whatever the message holds (a path or a value may carry a newline).
+        print(f"abliterate: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("abliterate: interrupted; no output was written.", file=sys.stderr)

@@ -132,8 +132,6 @@ def compute_candidates(
     model, tok = loaded.model, loaded.tokenizer
     # Per-prompt activations are kept only when the search may use extra directions.
     keep = config.site if config.optimize and config.max_directions > 1 else None
-    if keep is not None and keep not in config.sites:
-        raise ConfigError(f"site {keep!r} is not among sites {config.sites}.")
     means = {}
     acts = None
     for key, label in (("train_harmful", "harmful"), ("train_harmless", "harmless")):
@@ -161,8 +159,6 @@ def _given_layer(config: RunConfig, candidates: Candidates) -> Direction:
         raise ConfigError(
             f"layer {config.layer} is out of range: the model has {candidates.n_layers} layers."
         )
-    if config.site not in config.sites:
-        raise ConfigError(f"site {config.site!r} is not among sites {config.sites}.")
     if candidates.is_degenerate(config.layer, config.site):
         raise ConfigError(
             f"layer {config.layer}, site {config.site!r} has no direction: harmful and harmless "
@@ -190,8 +186,6 @@ def choose_edit(
     model, tok = loaded.model, loaded.tokenizer
     n_layers, d_model = anatomy_of(model).n_layers, anatomy_of(model).d_model
     if config.direction is not None:
-        if config.optimize:
-            raise ConfigError("pass either --direction or --optimize, not both.")
         return EditChoice(Ablation.uniform(_saved_direction(config, d_model), n_layers,
                                            config.strength))  # fmt: skip
     with stages.stage("activations"):

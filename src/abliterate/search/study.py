@@ -80,10 +80,7 @@ def open_study(storage: str, study_name: str, fingerprint: dict[str, Any]) -> op
     Raises:
         ConfigError: the stored study's fingerprint differs from ``fingerprint``.
     """
-    try:
-        import optuna
-    except ImportError as exc:
-        raise ConfigError("--optimize needs optuna: pip install 'abliterate[optimize]'.") from exc
+    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats (how workers on other machines are found dead) are marked experimental.

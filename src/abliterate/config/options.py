@@ -1,0 +1,376 @@
+"""The option groups and the command configs built from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import CliPositionalArg
+
+from abliterate.config.messages import describe_errors
+from abliterate.config.values import (
+    Count,
+    FiniteFloat,
+    Index,
+    Names,
+    PathOption,
+    Sites,
+    Text,
+    check_judges,
+    check_temperature,
+    problem,
+)
+from abliterate.errors import ConfigError
+from abliterate.types import SITES, DType, SearchDType, Site
+
+S = TypeVar("S", bound="Options")
+
+
+class Options(BaseModel):
+    """Base of every option group and command config: immutable, unknown names rejected, and
+    pydantic's errors raised as :class:`ConfigError` with one line of text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **values: Any) -> None:
+        """Validate ``values``; raise :class:`ConfigError` naming the first bad option."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_errors(exc, type(self))) from exc
+
+    def section(self, group: type[S]) -> S:
+        """The options of ``group`` (one this config inherits) as an instance of it.
+
+        ``run_config.section(SearchOptions)`` is the whole search section, for the code that
+        searches; the values are this config's (its defaults included, where it overrides one).
+        """
+        if not isinstance(self, group):
+            raise TypeError(f"{type(self).__name__} has no {group.__name__} section")
+        return group(**{name: getattr(self, name) for name in group.model_fields})
+
+
+class ModelOptions(Options):
+    """Which model to load and how."""
+
+    model: Text = Field(
+        "demo",
+        description="Model to edit: a hub id (ORG/NAME), a local directory with safetensors "
+        "weights, a .gguf file, or 'demo' for the embedded Qwen2.5-Coder-0.5B-Instruct.",
+    )
+    revision: Text | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    device: Text = Field(
+        "auto",
+        description="Torch device: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', "
+        "'mps'.",
+    )
+    dtype: DType = Field(
+        "auto",
+        description="Weight dtype. 'auto' uses float32 on CPU and bfloat16 on accelerators.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow the model repository to run its own Python code. Off unless you trust "
+        "it.",
+    )
+
+
+class EvalPromptOptions(Options):
+    """The held-out prompts a model is measured on, and how prompts are read and batched."""
+
+    eval_harmful: Text | None = Field(
+        None,
+        description="Held-out harmful prompts for the refusal rate (file, or "
+        "hf:ORG/NAME[:split[:column]]). Default: the built-in set's eval split.",
+    )
+    eval_harmless: Text | None = Field(
+        None,
+        description="Held-out harmless prompts for the KL divergences. Default: the built-in "
+        "set's eval split.",
+    )
+    prompt_column: Text | None = Field(
+        None,
+        description="Column or field holding the prompt in .csv/.jsonl/.parquet files (default: "
+        "detect prompt/instruction/goal/text/question).",
+    )
+    system_prompt: Text | None = Field(
+        None, description="System prompt for the chat template (default: the template's own)."
+    )
+    n_eval: Count | None = Field(
+        None,
+        description="Cap on the evaluation prompts of each set (evaluate: harmful, harmless, "
+        "over-refusal taken evenly across categories, reference answers); default: all of them. "
+        "Use it to keep CPU runs short.",
+    )
+    batch_size: Count = Field(64, description="Prompts per forward pass or generation batch.")
+
+
+class PromptOptions(EvalPromptOptions):
+    """Where instructions come from (for computing directions too) and how many are used."""
+
+    harmful: Text | None = Field(
+        None,
+        description="Harmful instructions for computing the direction (file, or "
+        "hf:ORG/NAME[:split[:column]]). Default: the built-in set's train split.",
+    )
+    harmless: Text | None = Field(
+        None,
+        description="Harmless instructions for computing the direction. Default: built-in train "
+        "split.",
+    )
+    n_train: Count = Field(
+        128, description="Harmful and harmless prompts (each) to compute directions."
+    )
+    n_val: Count = Field(
+        32, description="Harmful and harmless validation prompts (each) to select."
+    )
+
+
+class SelectionOptions(Options):
+    """Which candidate direction is removed, and how strongly (without ``--optimize``)."""
+
+    sites: Sites = Field(
+        SITES,
+        description="Residual-stream sites at which candidate directions are taken "
+        "(space- or comma-separated).",
+    )
+    kl_threshold: FiniteFloat = Field(
+        0.1,
+        gt=0,
+        description="Selection prefers candidates whose validation first-token KL is at most this.",
+    )
+    prune_last_layers: FiniteFloat = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Fraction of the last layers whose candidates are discarded (they tend to "
+        "encode output tokens rather than the concept).",
+    )
+    n_screen: Count = Field(
+        8,
+        description="Prompts of each kind used to screen every candidate before the finalists are "
+        "scored on the whole validation split.",
+    )
+    n_finalists: Count = Field(8, description="Candidates re-scored on the whole validation split.")
+    layer: Index | None = Field(
+        None, description="Skip selection: use the direction of this layer (with --site)."
+    )
+    direction: PathOption | None = Field(
+        None,
+        description="Skip activations and selection: apply this saved direction (the "
+        "direction.safetensors of an earlier run; its direction.json must sit beside it).",
+    )
+    site: Site = Field("pre", description="Site used with --layer.")
+    strength: FiniteFloat = Field(
+        1.0, description="Ablation strength: 1 removes the direction, 0 leaves the model untouched."
+    )
+
+    @model_validator(mode="after")
+    def _one_source_of_direction(self) -> SelectionOptions:
+        if self.direction is not None and self.layer is not None:
+            raise problem("pass either --direction or --layer, not both.")
+        return self
+
+
+class SearchOptions(Options):
+    """How ``--optimize`` searches the edit space (see :mod:`abliterate.search.optimize`)."""
+
+    optimize: bool = Field(
+        False,
+        description="Search directions, per-layer strength profiles, projection and norm "
+        "preservation with multi-objective Optuna (refusals vs. KL on validation prompts) instead "
+        "of one full-strength direction.",
+    )
+    trials: Count = Field(
+        64,
+        description="Completed search trials to reach (a resumed study counts the trials it "
+        "already has).",
+    )
+    storage: Text | None = Field(
+        None,
+        description="Optuna storage URL of the study (e.g. sqlite:///study.db, "
+        "postgresql://...). Default: sqlite file OUT.study.db beside the run directory, which "
+        "survives a killed run.",
+    )
+    study_name: Text = Field(
+        "abliterate",
+        description="Study name in the storage; workers sharing --storage and --study-name search "
+        "together.",
+    )
+    refusal_target: FiniteFloat = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Judged refusal rate on harmful validation prompts that the chosen trial must "
+        "reach; the lowest-KL Pareto trial at or below it is chosen.",
+    )
+    max_confirm: Count = Field(
+        6, description="Most Pareto-front trials confirmed by generating and judging answers."
+    )
+    search_dtype: SearchDType = Field(
+        "auto",
+        description="Precision the search scores trials in (its forward passes; confirmation "
+        "generates with the model itself). 'auto': bfloat16 when the model is float32 and the "
+        "device computes bfloat16 natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX: about "
+        "4x faster on the demo model), on a bfloat16 copy of the model; else the model's own "
+        "dtype. 'model': never copy. The final evaluation and the exported model always use the "
+        "model's dtype.",
+    )
+    confirm_tokens: Count = Field(
+        32,
+        description="Tokens generated per harmful validation prompt when confirming a trial's "
+        "refusal rate (refusals show in the opening: on the demo model 41 of 42 refusals are "
+        "caught within 32 tokens); the final evaluation uses --max-new-tokens.",
+    )
+    max_directions: Count = Field(
+        1,
+        description="Let the search remove up to this many directions at once: the mean "
+        "difference plus the top singular vectors of the per-prompt differences (each harmful "
+        "prompt's activation minus the harmless mean) orthogonal to it. 1: the mean difference "
+        "only.",
+    )
+    trial: Index | None = Field(
+        None, description="Skip the automatic choice and use this trial number of the study."
+    )
+
+    @model_validator(mode="after")
+    def _trial_needs_a_study(self) -> SearchOptions:
+        if self.trial is not None and not self.optimize:
+            raise problem("--trial picks a trial of an optimization study; add --optimize.")
+        return self
+
+
+class EvalOptions(Options):
+    """How answers are generated and compared in the final evaluation."""
+
+    max_new_tokens: Count = Field(64, description="Tokens generated per evaluation prompt.")
+    kl_tokens: Count = Field(
+        16,
+        description="Positions of the original model's own greedy continuation of each harmless "
+        "prompt over which multi-token KL is averaged (first-token KL understates damage).",
+    )
+    n_examples: Annotated[int, Field(ge=0)] = Field(
+        4, description="Side-by-side example completions shown in the report."
+    )
+
+
+class OutputOptions(Options):
+    """Where the run directory goes, and the seed that makes it reproducible."""
+
+    out: PathOption = Field(Path("runs/latest"), description="Run directory to create.")
+    overwrite: bool = Field(False, description="Replace the run directory if it exists.")
+    # torch.manual_seed takes at most 64 bits; a larger seed would fail only after the model load.
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = Field(
+        0, description="Random seed (used by torch; selection and generation are greedy)."
+    )
+
+
+# --- command configs -----------------------------------------------------------------------------
+
+
+# pydantic orders inherited fields from the last base to the first: this order lists the model
+# options first, as in --help and config.json.
+class RunConfig(
+    OutputOptions, EvalOptions, SelectionOptions, SearchOptions, PromptOptions, ModelOptions
+):
+    """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
+
+    save_model: bool = Field(True, description="Write the edited model to OUT/model.")
+
+    @model_validator(mode="after")
+    def _fixed_or_searched(self) -> RunConfig:
+        if self.optimize and self.layer is not None:
+            raise problem("--layer fixes the direction; it cannot be combined with --optimize.")
+        if self.optimize and self.direction is not None:
+            raise problem("pass either --direction or --optimize, not both.")
+        # The site's direction is taken from the candidates, which exist only at --sites.
+        if (self.optimize or self.layer is not None) and self.site not in self.sites:
+            raise problem(
+                f"--site {self.site} is not among --sites {' '.join(self.sites)}; add it to "
+                "--sites or choose one of them."
+            )
+        return self
+
+
+class OptimizeConfig(RunConfig):
+    """Configuration of ``abliterate optimize``: ``abliterate run --optimize``."""
+
+    optimize: bool = Field(True, description="Search the edit space (always on for this command).")
+
+
+class EvaluateConfig(OutputOptions, EvalOptions, EvalPromptOptions, ModelOptions):
+    """Configuration of ``abliterate evaluate``: measure a model, optionally against a baseline."""
+
+    model: CliPositionalArg[Text] = Field(
+        "demo",
+        description="Model to evaluate: 'demo', a hub id (ORG/NAME), a local model directory (for "
+        "example the model/ folder of a run) or a .gguf file.",
+    )
+    baseline: Text | None = Field(
+        None,
+        description="Baseline model to compare with (same forms as MODEL, same tokenizer). Needed "
+        "for the KL divergences, which compare the two models' next-token distributions.",
+    )
+    out: PathOption = Field(Path("runs/evaluate"), description="Run directory to create.")
+    over_refusal: Text | None = Field(
+        None,
+        description="Harmless but sensitive-sounding prompts for the over-refusal rate. Default: "
+        "the built-in over-refusal set.",
+    )
+    judge: Annotated[Text, AfterValidator(check_judges)] = Field(
+        "markers",
+        description="Comma-separated refusal judges; the first one decides each completion's "
+        "'refused', all are reported with their pairwise agreement. 'markers': refusal phrases; "
+        "'classifier:MODEL[#LABEL]': a local or hub sequence-classification model, LABEL being "
+        "its label that means refusal (detected when it contains 'refus' or 'reject'); "
+        "'llm:MODEL': a local chat model (load_model forms) asked a fixed yes/no question; "
+        "'llm:http(s)://HOST/v1#NAME': an OpenAI-compatible endpoint serving model NAME, API key "
+        "from $ABLITERATE_JUDGE_API_KEY. Example: markers,classifier:ORG/NAME,llm:demo.",
+    )
+    benchmarks: Names = Field(
+        (),
+        description="lm-evaluation-harness tasks (needs abliterate[eval]): the built-in offline "
+        "tasks abliterate_general_knowledge and abliterate_arithmetic, or any lm-eval task name "
+        "(hub datasets need network). Comma- or space-separated.",
+    )
+    benchmark_limit: Count | None = Field(
+        None, description="Cap on the items of each benchmark task (default: all of them)."
+    )
+    batch_size: Count = Field(32, description="Prompts per forward pass.")
+
+
+class ChatConfig(ModelOptions):
+    """Configuration of ``abliterate chat``: an edited model and its original, side by side."""
+
+    model: CliPositionalArg[Text] = Field(
+        description="Model to chat with, usually an edited one: a run directory or its model/ "
+        "folder, a local model directory, a hub id, a .gguf file or 'demo'.",
+    )
+    baseline: Text | None = Field(
+        None,
+        description="Original model answering beside it (any MODEL form). Default: the base model "
+        "recorded in MODEL's abliteration.json; without one, MODEL answers alone.",
+    )
+    system_prompt: Text | None = Field(
+        None, description="System prompt for both models (default: the chat template's own)."
+    )
+    max_new_tokens: Count = Field(256, description="Longest answer, in tokens.")
+    temperature: Annotated[FiniteFloat | None, AfterValidator(check_temperature)] = Field(
+        None,
+        description="Sample at this temperature (default: greedy decoding, which is reproducible).",
+    )
+
+
+class ReportConfig(Options):
+    """Configuration of ``abliterate report``: re-render a run's HTML report and plots."""
+
+    run: CliPositionalArg[PathOption] = Field(
+        description="Run directory holding report.json (and scores.json, for per-layer plots).",
+    )
+
+
+def to_dict(config: Options) -> dict[str, Any]:
+    """The JSON-ready resolved configuration (paths as strings, tuples as lists), as stored in a
+    run directory's ``config.json``; ``type(config)(**to_dict(config)) == config``."""
+    return config.model_dump(mode="json")
