@@ -270,7 +270,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from abliterate.eval.kl import multi_token_kl
     from abliterate.model.loading import load_model
     from abliterate.progress import Profiler
-    from abliterate.report.markdown import evaluation_summary_table, write_evaluation_reports
+    from abliterate.report.markdown import summary_table, write_reports
+    from abliterate.report.schema import Report
 
     check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)
@@ -336,7 +337,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "n_examples": config.n_examples,
             "timings": prof.to_dict(),
         }
-        write_evaluation_reports(tmp, report)
-    print(evaluation_summary_table(report))
+        typed = Report.model_validate(report)
+        write_reports(tmp, typed)
+    print(summary_table(typed))
     print(f"\nRun directory: {config.out}")
     return report

@@ -230,7 +230,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     from abliterate.model.forward import next_token_logprobs
     from abliterate.model.loading import load_model
     from abliterate.progress import Profiler
-    from abliterate.report.markdown import scores_table, summary_table, write_reports
+    from abliterate.report.markdown import summary_table, write_reports
+    from abliterate.report.schema import Report, SelectionScores
 
     check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)
@@ -383,7 +384,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         }
         if search is not None:
             report["optimization"] = search.to_dict()
-        write_reports(tmp, report, scores_table(selection) if selection else None)
-    print(summary_table(report))
+        typed = Report.model_validate({"command": "optimize" if search else "run", **report})
+        scores = SelectionScores.model_validate(selection.to_dict()) if selection else None
+        write_reports(tmp, typed, scores)
+    print(summary_table(typed))
     print(f"\nRun directory: {config.out}")
     return report
