@@ -360,15 +360,3 @@ def test_native_bf16_reads_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert opt.native_bf16(torch.device("cpu"))
     cpuinfo.unlink()
     assert not opt.native_bf16(torch.device("cpu"))
-
-
-def test_describe_edit_names_extra_directions() -> None:
-    from abliterate.report.optimization import describe_edit
-
-    edit = {"direction": {"layer": 16.1, "site": "pre", "projected": False}, "mode": "plain",
-            "attention": [0.0, 1.0, 0.5], "mlp": [0.0, 0.8, 0.0], "embedding": 0.0,
-            "layer_directions": None, "extra_directions": [{}, {}]}  # fmt: skip
-    text = describe_edit(edit)
-    assert "together with 2 further directions" in text and "layers 1–2" in text
-    edit["extra_directions"] = []
-    assert "further" not in describe_edit(edit)

@@ -46,3 +46,7 @@ class JudgeError(AbliterateError):
 
 class BenchmarkError(AbliterateError):
     """A benchmark task is unknown, or lm-evaluation-harness is missing or failed."""
+
+
+class ReportError(AbliterateError):
+    """A ``report.json`` or ``scores.json`` is missing, malformed, or of an unknown version."""

@@ -29,7 +29,8 @@ from abliterate.eval.judges import JudgeOptions, build_judges
 from abliterate.eval.metrics import reference_answers
 from abliterate.model.loading import load_model
 from abliterate.progress import Stages
-from abliterate.report.markdown import evaluation_summary_table, write_evaluation_reports
+from abliterate.report.markdown import summary_table, write_reports
+from abliterate.report.schema import Report
 
 if TYPE_CHECKING:
     from abliterate.data.prompts import PromptSet
@@ -161,7 +162,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "n_examples": config.n_examples,
             "timings": stages.to_dict(),
         }
-        write_evaluation_reports(tmp, report)
-    print(evaluation_summary_table(report))
+        typed = Report.model_validate(report)
+        write_reports(tmp, typed)
+    print(summary_table(typed))
     print(f"\nRun directory: {config.out}")
-    return report
+    return typed.model_dump(mode="json")

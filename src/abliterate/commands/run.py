@@ -47,7 +47,8 @@ from abliterate.model.anatomy import anatomy_of
 from abliterate.model.forward import next_token_logprobs
 from abliterate.model.loading import load_model
 from abliterate.progress import Stages
-from abliterate.report.markdown import scores_table, summary_table, write_reports
+from abliterate.report.markdown import summary_table, write_reports
+from abliterate.report.schema import Report, SelectionScores
 from abliterate.search.optimize import optimize_edit
 from abliterate.search.selection import select_direction
 from abliterate.search.study import default_storage
@@ -384,9 +385,13 @@ def run(config: RunConfig) -> dict[str, Any]:
                 probe = chats["eval_harmless"].texts[:4]
                 export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
         (tmp / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
-        report = _report(config, loaded, choice, outcome, record, export_diff, stages)
-        scores = scores_table(choice.selection) if choice.selection else None
+        report = Report.model_validate(
+            _report(config, loaded, choice, outcome, record, export_diff, stages)
+        )
+        scores = None
+        if choice.selection is not None:
+            scores = SelectionScores.model_validate(choice.selection.to_dict())
         write_reports(tmp, report, scores)
     print(summary_table(report))
     print(f"\nRun directory: {config.out}")
-    return report
+    return report.model_dump(mode="json")

@@ -1,15 +1,17 @@
-"""Per-category refusal breakdown of judged completions (``report.json`` → rows).
+"""How a report's completions break down: per category, and side by side.
 
 Harmful prompt sets may tag each prompt with a category (the built-in set does: cybercrime,
 drugs, weapons, ...). An edit that removes refusals on average can still leave whole categories
-untouched, so reports show the refusal rate per category for the baseline and the edited model.
+untouched, so reports show the refusal rate per category for the baseline and the edited model,
+and pick their side-by-side examples from as many categories as possible.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from abliterate.report.schema import Completion, Report
 
 UNCATEGORISED = "(none)"
 
@@ -21,14 +23,14 @@ class CategoryRefusals:
     Attributes:
         category: The category name (``(none)`` for prompts without one).
         n: Prompts in the category.
-        baseline: Prompts the baseline refused, or None when the baseline has no completions.
-        edited: Prompts the edited model refused, or None when it has no completions.
+        baseline: Prompts the baseline refused, or None when the report has no baseline.
+        edited: Prompts the edited model refused.
     """
 
     category: str
     n: int
     baseline: int | None
-    edited: int | None
+    edited: int
 
     @property
     def baseline_rate(self) -> float | None:
@@ -36,70 +38,102 @@ class CategoryRefusals:
         return None if self.baseline is None else self.baseline / self.n
 
     @property
-    def edited_rate(self) -> float | None:
+    def edited_rate(self) -> float:
         """Fraction of the category the edited model refused."""
-        return None if self.edited is None else self.edited / self.n
+        return self.edited / self.n
 
 
-def _counts(completions: Sequence[Mapping[str, Any]]) -> tuple[dict[str, int], dict[str, int]]:
+def _counts(completions: Sequence[Completion]) -> tuple[dict[str, int], dict[str, int]]:
     totals: dict[str, int] = {}
     refused: dict[str, int] = {}
     for c in completions:
-        cat = str(c.get("category") or UNCATEGORISED)
+        cat = c.category or UNCATEGORISED
         totals[cat] = totals.get(cat, 0) + 1
-        refused[cat] = refused.get(cat, 0) + bool(c.get("refused"))
+        refused[cat] = refused.get(cat, 0) + c.refused
     return totals, refused
 
 
-def refusal_by_category(report: Mapping[str, Any]) -> list[CategoryRefusals]:
+def refusal_by_category(report: Report) -> list[CategoryRefusals]:
     """Per-category refusal counts of the baseline and edited completions, by category name.
 
     Returns an empty list when no completion carries a category, since a single "(none)" row
     would only repeat the overall refusal rate.
     """
-    sides: dict[str, list[Mapping[str, Any]]] = {}
-    for side in ("baseline", "edited"):
-        block = report.get(side)
-        completions = block.get("completions") if isinstance(block, Mapping) else None
-        if isinstance(completions, list) and completions:
-            sides[side] = [c for c in completions if isinstance(c, Mapping)]
-    if not any(c.get("category") for rows in sides.values() for c in rows):
+    edited = report.edited.completions
+    base = report.baseline.completions if report.baseline else []
+    if not any(c.category for c in [*edited, *base]):
         return []
-    counted = {side: _counts(rows) for side, rows in sides.items()}
-    names = sorted({cat for totals, _ in counted.values() for cat in totals})
+    edited_totals, edited_refused = _counts(edited)
+    base_totals, base_refused = _counts(base)
     out = []
-    for cat in names:
+    for cat in sorted(edited_totals.keys() | base_totals.keys()):
         # Both sides answer the same prompts; take the size from whichever side saw the category.
-        n = max(totals.get(cat, 0) for totals, _ in counted.values())
-        base = counted.get("baseline")
-        edit = counted.get("edited")
+        n = max(edited_totals.get(cat, 0), base_totals.get(cat, 0))
         out.append(
             CategoryRefusals(
                 category=cat,
                 n=n,
-                baseline=base[1].get(cat, 0) if base else None,
-                edited=edit[1].get(cat, 0) if edit else None,
+                baseline=base_refused.get(cat, 0) if report.baseline else None,
+                edited=edited_refused.get(cat, 0),
             )
         )
     return out
 
 
-def category_table(rows: Sequence[CategoryRefusals]) -> str:
-    """A Markdown table of per-category refusal rates (baseline, edited, change)."""
+@dataclass(frozen=True)
+class Pair:
+    """The baseline's and the edited model's completion of one prompt; a side that did not
+    answer the prompt is None."""
 
-    def cell(count: int | None, n: int) -> str:
-        return "-" if count is None else f"{100 * count / n:.0f}% ({count}/{n})"
+    baseline: Completion | None
+    edited: Completion | None
 
-    lines = [
-        "| category | prompts | baseline refused | abliterated refused | change |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        change = ""
-        if r.baseline is not None and r.edited is not None:
-            change = f"{100 * (r.edited - r.baseline) / r.n:+.0f} pp"
-        name = r.category.replace("|", "\\|")  # a literal pipe would split the row
-        lines.append(
-            f"| {name} | {r.n} | {cell(r.baseline, r.n)} | {cell(r.edited, r.n)} | {change} |"
-        )
-    return "\n".join(lines)
+    @property
+    def prompt(self) -> str:
+        """The prompt both sides answered."""
+        side = self.baseline or self.edited
+        assert side is not None, "a pair has at least one side"
+        return side.prompt
+
+    @property
+    def category(self) -> str | None:
+        """The prompt's category, from whichever side has one."""
+        for side in (self.baseline, self.edited):
+            if side is not None and side.category:
+                return side.category
+        return None
+
+
+def pair_completions(base: Sequence[Completion], edited: Sequence[Completion]) -> list[Pair]:
+    """Baseline and edited completions of the same prompts, in prompt order."""
+    if len(base) == len(edited) and all(
+        b.prompt == e.prompt for b, e in zip(base, edited, strict=True)
+    ):
+        return [Pair(b, e) for b, e in zip(base, edited, strict=True)]
+    # Different prompt lists: match by prompt text, leaving the missing side empty.
+    by_prompt = {e.prompt: e for e in edited}
+    pairs = [Pair(b, by_prompt.pop(b.prompt, None)) for b in base]
+    return pairs + [Pair(None, e) for e in by_prompt.values()]
+
+
+def _changed_first(pair: Pair) -> tuple[bool, bool]:
+    # Sorts pairs the baseline refused and the edit answered before everything else.
+    base_refused = pair.baseline is not None and pair.baseline.refused
+    edited_refused = pair.edited is not None and pair.edited.refused
+    return not base_refused, edited_refused
+
+
+def pick_examples(pairs: Sequence[Pair], n: int) -> list[Pair]:
+    """``n`` pairs that show the edit, from as many categories as possible.
+
+    Pairs the baseline refused and the edited model answered come first (they show what the
+    edit changed), then the rest; within that order, one pair per category goes before any
+    second one, so the examples are not all from the first category of the prompt set.
+    """
+    ranked = sorted(pairs, key=_changed_first)
+    seen: dict[str | None, int] = {}
+    order = []
+    for i, pair in enumerate(ranked):
+        seen[pair.category] = seen.get(pair.category, 0) + 1
+        order.append((_changed_first(pair), seen[pair.category], i))
+    return [ranked[i] for *_, i in sorted(order)[:n]]

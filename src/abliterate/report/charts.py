@@ -1,400 +1,421 @@
-"""The charts of a report: ``report.json`` / ``scores.json`` dicts in, SVG figures out.
+"""The charts of a report, drawn with matplotlib as SVG that can be inlined in HTML.
 
-Each function returns the figures its data supports and nothing when the data is absent, so
-``run``, ``evaluate`` and optimized reports all go through the same code. Reading is lenient
-(a missing or non-numeric value is skipped, never an exception), because reports written by
-older or newer versions of the tool must still render.
+Each chart is a function of the typed report (or of the selection scores) that returns a
+:class:`Figure`, or None when the report lacks its data; :func:`all_figures` lists them in
+reading order. A new chart is a function of a dozen lines: open a canvas with :func:`_canvas`,
+draw on its axes, return :func:`_finish`.
+
+Figures are plain :class:`matplotlib.figure.Figure` objects, never pyplot's global figure
+manager, so nothing outlives a call and no backend is selected. The style is applied with
+``rc_context`` around each figure only. Text stays text in the SVG (``svg.fonttype = none``):
+the page's readers can search and copy it, and tests can read it.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping
+import io
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from html import escape
 from typing import Any
 
-from abliterate.report import plots
+import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
+from matplotlib.typing import RcKeyType
+
 from abliterate.report.breakdown import refusal_by_category
+from abliterate.report.format import pct
+from abliterate.report.optimization import pareto_front
+from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
 from abliterate.types import SITES
 
-RATE_KEYS = ("refusal_rate", "over_refusal_rate")
-KL_KEYS = ("kl_divergence", "kl_divergence_multi_token")
-SHORT_LABELS = {
-    "refusal_rate": "refusal rate",
-    "over_refusal_rate": "over-refusal rate",
-    "kl_divergence": "first-token KL",
-    "kl_divergence_multi_token": "multi-token KL",
+# Okabe & Ito (2008): distinguishable under the common forms of colour blindness.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#999999")
+BASELINE_COLOR = "#8C96A3"  # the unedited model: a quiet grey-blue
+EDITED_COLOR = "#D55E00"  # the edited model: the palette's vermillion
+MUTED_COLOR = "#A7B0BA"  # points that are context, not the message
+INK, FAINT = "#1d232b", "#5b6673"
+
+STYLE: dict[RcKeyType, Any] = {
+    "svg.fonttype": "none",  # text as <text>, not glyph outlines
+    "text.parse_math": False,  # category names may contain "$"; they are text, not TeX
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"],
+    "font.size": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.edgecolor": "#8a939e",
+    "axes.labelcolor": INK,
+    "axes.titlesize": 12,
+    "axes.titleweight": "bold",
+    "axes.titlelocation": "left",
+    "axes.titlecolor": INK,
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.color": "#e3e6ea",
+    "grid.linewidth": 0.8,
+    "xtick.color": FAINT,
+    "ytick.color": FAINT,
+    "legend.frameon": False,
+    "legend.fontsize": 9,
+    "figure.facecolor": "white",
 }
+# Without these keys matplotlib writes an RDF block with remote namespace URLs and a date,
+# which would make every report differ and look like remote references.
+_NO_METADATA: dict[str, str | None] = {"Creator": None, "Date": None, "Format": None, "Type": None}
+WIDE, NARROW = 9.6, 4.6  # inches: a full-width chart, half of a row of two
 
 
 @dataclass(frozen=True)
 class Figure:
-    """One chart with its caption.
+    """One chart.
 
     Attributes:
-        name: Stable identifier (``candidates_refusal``), usable as a file stem.
-        svg: The standalone SVG document.
+        name: Stable identifier (``candidates_refusal``), also the file stem under ``plots/``.
+        title: The chart's title, also its accessible name.
+        svg: The SVG document, without XML declaration, ready to inline.
         caption: Plain-text explanation shown under the chart.
     """
 
     name: str
+    title: str
     svg: str
     caption: str
 
 
-def number(value: Any) -> float | None:
-    """``value`` as a finite float, or None for anything else (bools, strings, null, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+@contextmanager
+def _canvas(name: str, height: float, width: float = WIDE) -> Iterator[tuple[MplFigure, Axes]]:
+    # The salt makes the SVG's internal ids differ between figures inlined in one page (they
+    # are hashes), and the same for the same figure in every run.
+    with matplotlib.rc_context({**STYLE, "svg.hashsalt": name}):
+        fig = MplFigure(figsize=(width, height), layout="constrained")
+        yield fig, fig.add_subplot()
+
+
+def _finish(fig: MplFigure, ax: Axes, name: str, title: str, caption: str) -> Figure:
+    """The SVG of a drawn canvas (call inside its ``_canvas`` block, where the style holds)."""
+    ax.set_title(title)
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata=_NO_METADATA)
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg") :]  # the XML declaration and DOCTYPE cannot be inlined
+    head_end = svg.index(">") + 1
+    label = escape(title, quote=True)
+    svg = (
+        svg[:4]
+        + f' role="img" aria-label="{label}"'
+        + svg[4:head_end]
+        + f"<title>{label}</title>"
+        + svg[head_end:]
+    )
+    return Figure(name, title, svg, caption)
+
+
+Series = tuple[str, Sequence[float | None], str]
+"""A bar series: legend name, one value per category (None: not measured), colour."""
+
+
+def _grouped_bars(
+    ax: Axes, labels: Sequence[str], series: Sequence[Series], fmt: Callable[[float], str]
+) -> None:
+    """One group of bars per label, one bar per series, each bar labelled with its value."""
+    width = 0.8 / len(series)
+    for i, (name, values, color) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        drawn = [(j + offset, v) for j, v in enumerate(values) if v is not None]
+        bars = ax.bar(
+            [x for x, _ in drawn], [v for _, v in drawn], width * 0.92, label=name, color=color
+        )
+        ax.bar_label(bars, labels=[fmt(v) for _, v in drawn], padding=2, fontsize=8, color=FAINT)
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 8 else 0)
+    ax.grid(axis="x", visible=False)
+
+
+def _pct0(value: float) -> str:
+    return pct(value, 0)
+
+
+def _rate_bars(ax: Axes, labels: Sequence[str], series: Sequence[Series], y_label: str) -> None:
+    _grouped_bars(ax, labels, series, _pct0)
+    # Headroom above 100% for the value labels (and a legend inside the plot).
+    ax.set_ylim(0, 1.18)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel(y_label)
+
+
+def _sides(report: Report) -> list[tuple[str, str, ModelResult]]:
+    """Legend name, colour and results of each model a report measured (baseline first)."""
+    edited = [("abliterated", EDITED_COLOR, report.edited)]
+    if report.baseline is None:
+        return edited
+    return [("baseline", BASELINE_COLOR, report.baseline), *edited]
+
+
+def rates_figure(report: Report) -> Figure:
+    """Bars of the refusal (and over-refusal) rate, baseline and edited."""
+    sides = _sides(report)
+    keys = ["refusal rate"]
+    if any(r.over_refusal_rate is not None for *_, r in sides):
+        keys.append("over-refusal rate")
+    series: list[Series] = [
+        (name, [r.refusal_rate, r.over_refusal_rate][: len(keys)], color)
+        for name, color, r in sides
+    ]
+    with _canvas("rates", 3.4, NARROW) as (fig, ax):
+        _rate_bars(ax, keys, series, "fraction of prompts")
+        ax.legend(loc="upper right", ncols=len(series))
+        caption = "Share of evaluation prompts the judge counted as refused."
+        return _finish(fig, ax, "rates", "Refusal rate before and after", caption)
+
+
+def kl_figure(report: Report) -> Figure | None:
+    """Bars of the first-token and multi-token KL divergence from the original model."""
+    edited = report.edited
+    if edited.kl_divergence is None:
         return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _nan(value: Any) -> float:
-    # Charts skip NaN points, so a missing value leaves a gap instead of a fake zero.
-    num = number(value)
-    return math.nan if num is None else num
-
-
-def mapping(value: Any) -> Mapping[str, Any]:
-    """``value`` when it is a mapping, else an empty one."""
-    return value if isinstance(value, Mapping) else {}
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.0f}%"
-
-
-def before_after_figures(report: Mapping[str, Any]) -> list[Figure]:
-    """Bars of the refusal (and over-refusal) rate and of the KL divergences, before/after."""
-    base, edited = mapping(report.get("baseline")), mapping(report.get("edited"))
-    out = []
-    rates = [k for k in RATE_KEYS if number(base.get(k)) is not None or number(edited.get(k))]
-    if rates:
-        svg = plots.bar_chart(
-            [SHORT_LABELS[k] for k in rates],
-            [
-                plots.BarSeries(
-                    "baseline", [number(base.get(k)) for k in rates], plots.BASELINE_COLOR
-                ),
-                plots.BarSeries(
-                    "abliterated", [number(edited.get(k)) for k in rates], plots.EDITED_COLOR
-                ),
-            ],
-            title="Refusal rate before and after",
-            y_label="fraction of prompts",
-            y_max=1.0,
-            value_format=_pct,
-            width=420,
+    labels = ["first-token KL"]
+    values = [edited.kl_divergence]
+    if edited.kl_divergence_multi_token is not None:
+        labels.append("multi-token KL")
+        values.append(edited.kl_divergence_multi_token)
+    series = [
+        ("baseline", [0.0] * len(values), BASELINE_COLOR),
+        ("abliterated", values, EDITED_COLOR),
+    ]
+    with _canvas("kl", 3.4, NARROW) as (fig, ax):
+        _grouped_bars(ax, labels, series, lambda v: f"{v:.3g}")
+        ax.legend(loc="upper right", ncols=len(series))
+        ax.set_ylim(0, max(values) * 1.3 or 1.0)
+        ax.set_ylabel("nats")
+        caption = (
+            "KL(original ‖ abliterated) on harmless prompts. The unedited model's KL to itself "
+            "is 0 by definition; lower is better."
         )
-        out.append(
-            Figure("rates", svg, "Share of evaluation prompts the judge counted as refused.")
-        )
-    kls = [k for k in KL_KEYS if number(edited.get(k)) is not None]
-    if kls:
-        svg = plots.bar_chart(
-            [SHORT_LABELS[k] for k in kls],
-            [
-                plots.BarSeries("baseline", [0.0] * len(kls), plots.BASELINE_COLOR),
-                plots.BarSeries(
-                    "abliterated", [number(edited.get(k)) for k in kls], plots.EDITED_COLOR
-                ),
-            ],
-            title="KL divergence from the original",
-            y_label="nats",
-            value_format=lambda v: f"{v:.3g}",
-            width=420,
-        )
-        out.append(
-            Figure(
-                "kl",
-                svg,
-                "KL(original ‖ abliterated) on harmless prompts. The unedited "
-                "model's KL to itself is 0 by definition; lower is better.",
-            )
-        )
-    return out
+        return _finish(fig, ax, "kl", "KL divergence from the original", caption)
 
 
-def category_figure(report: Mapping[str, Any]) -> Figure | None:
+def category_figure(report: Report) -> Figure | None:
     """Grouped bars of the refusal rate per prompt category, baseline vs. edited."""
     rows = refusal_by_category(report)
     if not rows:
         return None
-    svg = plots.bar_chart(
-        [r.category for r in rows],
-        [
-            plots.BarSeries("baseline", [r.baseline_rate for r in rows], plots.BASELINE_COLOR),
-            plots.BarSeries("abliterated", [r.edited_rate for r in rows], plots.EDITED_COLOR),
-        ],
-        title="Refusal rate by category",
-        y_label="fraction refused",
-        y_max=1.0,
-        value_format=_pct,
-        width=960,
-        height=360,
-    )
-    n = sum(r.n for r in rows)
-    return Figure(
-        "categories", svg, f"Harmful evaluation prompts refused, per category ({n} prompts)."
-    )
+    values: dict[str, Sequence[float | None]] = {
+        "baseline": [r.baseline_rate for r in rows],
+        "abliterated": [r.edited_rate for r in rows],
+    }
+    series: list[Series] = [(name, values[name], color) for name, color, _ in _sides(report)]
+    with _canvas("categories", 3.8) as (fig, ax):
+        _rate_bars(ax, [r.category for r in rows], series, "fraction refused")
+        _legend_above(ax)
+        caption = (
+            f"Harmful evaluation prompts refused, per category ({sum(r.n for r in rows)} prompts)."
+        )
+        return _finish(fig, ax, "categories", "Refusal rate by category", caption)
 
 
-def over_refusal_figure(report: Mapping[str, Any]) -> Figure | None:
-    """Grouped bars of the over-refusal rate per category (``over_refusal.by_category``)."""
-    base = mapping(mapping(report.get("baseline")).get("over_refusal")).get("by_category")
-    edited = mapping(mapping(report.get("edited")).get("over_refusal")).get("by_category")
-    base, edited = mapping(base), mapping(edited)
-    categories = sorted({*base, *edited})
+def over_refusal_figure(report: Report) -> Figure | None:
+    """Grouped bars of the over-refusal rate per category (``evaluate`` reports)."""
+    sides = [
+        (name, color, r.over_refusal.by_category)
+        for name, color, r in _sides(report)
+        if r.over_refusal is not None
+    ]
+    categories = sorted({c for *_, by in sides for c in by})
     if not categories:
         return None
-    series = [
-        plots.BarSeries(
-            "baseline", [number(base.get(c)) for c in categories], plots.BASELINE_COLOR
-        ),
-        plots.BarSeries(
-            "abliterated", [number(edited.get(c)) for c in categories], plots.EDITED_COLOR
-        ),
+    series: list[Series] = [
+        (name, [by.get(c) for c in categories], color) for name, color, by in sides
     ]
-    if not any(number(v) is not None for s in series for v in s.values):
-        return None
-    svg = plots.bar_chart(
-        categories,
-        [s for s in series if any(v is not None for v in s.values)],
-        title="Over-refusal by category",
-        y_label="fraction refused",
-        y_max=1.0,
-        value_format=_pct,
-        width=960,
-        height=340,
-    )
-    caption = (
-        "Harmless but sensitive-sounding prompts the judge counted as refused, per category; "
-        "lower is better."
-    )
-    return Figure("over_refusal", svg, caption)
+    with _canvas("over_refusal", 3.6) as (fig, ax):
+        _rate_bars(ax, categories, series, "fraction refused")
+        _legend_above(ax)
+        caption = (
+            "Harmless but sensitive-sounding prompts the judge counted as refused, per category; "
+            "lower is better."
+        )
+        return _finish(fig, ax, "over_refusal", "Over-refusal by category", caption)
 
 
-def _g(value: Any) -> str:
-    num = number(value)
-    return "–" if num is None else f"{num:.4g}"
+def _reference(ax: Axes, y: float, label: str) -> None:
+    """A dashed horizontal reference line, named in the legend (never over the data)."""
+    ax.axhline(y, color=FAINT, linestyle="--", linewidth=1, label=label)
 
 
-def _candidate_tip(s: Mapping[str, Any]) -> str:
-    text = (
-        f"layer {s.get('layer')}/{s.get('site')}: refusal {_g(s.get('screen_refusal'))}, "
-        f"KL {_g(s.get('screen_kl'))} (screen)"
-    )
-    if number(s.get("refusal")) is not None:
-        text += f"; validation refusal {_g(s.get('refusal'))}, KL {_g(s.get('kl'))}"
-    if s.get("same_as"):
-        text += f"; same vector as {s['same_as']}"
-    return text
+def _log_scale(ax: Axes, axis: str) -> None:
+    """A log axis with plain tick labels (0.01, not 10^-2 in TeX, which is not parsed)."""
+    scale = ax.set_xscale if axis == "x" else ax.set_yscale
+    scale("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
 
 
-def candidate_figures(scores: Mapping[str, Any] | None) -> list[Figure]:
-    """Per-layer refusal score and KL of every candidate, one line per site, chosen marked."""
-    scores = scores or {}
-    entries = [s for s in scores.get("scores", []) or [] if isinstance(s, Mapping)]
-    if not entries:
-        return []
+def _legend_above(ax: Axes) -> None:
+    """The legend in one row above the plot's right end, level with the left-aligned title."""
+    n = len(ax.get_legend_handles_labels()[0])
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=n, borderaxespad=0.2)
+
+
+def _ring(ax: Axes, x: float, y: float, label: str) -> None:
+    """Ring and name one point (the chosen candidate or trial)."""
+    ax.plot([x], [y], "o", markersize=12, fillstyle="none", color=INK, markeredgewidth=1.4)
+    ax.annotate(label, (x, y), xytext=(9, 7), textcoords="offset points", fontsize=9, color=INK)
+
+
+def _site_lines(ax: Axes, scores: SelectionScores, metric: str) -> None:
+    """One line per site over the layers, the chosen candidate ringed, the pruning marked."""
     # Residual order (pre, mid, post) keeps each site's colour the same in every report.
-    order: dict[str, int] = {site: i for i, site in enumerate(SITES)}
-    sites = sorted(
-        dict.fromkeys(str(s.get("site")) for s in entries),
-        key=lambda site: order.get(site, len(order)),
-    )
-    key = (scores.get("layer"), scores.get("site"))
-    chosen = next((s for s in entries if (s.get("layer"), s.get("site")) == key), None)
-
-    def series(metric: str) -> list[plots.Series]:
-        out = []
-        for i, site in enumerate(sites):
-            rows = [s for s in entries if str(s.get("site")) == site]
-            points = [(_nan(s.get("layer")), _nan(s.get(metric))) for s in rows]
-            color = plots.PALETTE[i % len(plots.PALETTE)]
-            out.append(plots.Series(site, points, color, [_candidate_tip(s) for s in rows]))
-        return out
-
-    def mark(metric: str) -> list[plots.Highlight]:
-        if chosen is None or number(chosen.get(metric)) is None:
-            return []
-        label = f"chosen: {chosen.get('layer')}/{chosen.get('site')}"
-        return [plots.Highlight(_nan(chosen.get("layer")), float(chosen[metric]), label)]
-
-    base_score = number(scores.get("baseline_refusal_score"))
-    refs = [plots.RefLine(base_score, "unedited model")] if base_score is not None else []
-    figures = [
-        Figure(
-            "candidates_refusal",
-            plots.line_chart(
-                series("screen_refusal"),
-                title="Refusal score by layer",
-                x_label="layer",
-                y_label="refusal log-odds",
-                highlights=mark("screen_refusal"),
-                ref_lines=refs,
-                width=960,
-            ),
-            "Refusal score (log-odds of refusal tokens) on harmful validation prompts with each "
-            "candidate direction ablated; lower means fewer refusals.",
-        )
-    ]
-    kls = [v for s in entries if (v := number(s.get("screen_kl"))) is not None]
-    if kls:
-        positive = [v for v in kls if v > 0]
-        # KL spans orders of magnitude across layers; a log axis keeps small values readable.
-        log_y = len(positive) == len(kls) and max(positive) / min(positive) > 100
-        threshold = number(scores.get("kl_threshold"))
-        kl_refs = [plots.RefLine(threshold, "KL threshold")] if threshold is not None else []
-        figures.append(
-            Figure(
-                "candidates_kl",
-                plots.line_chart(
-                    series("screen_kl"),
-                    title="KL divergence by layer",
-                    x_label="layer",
-                    y_label="KL (nats)",
-                    highlights=mark("screen_kl"),
-                    ref_lines=kl_refs,
-                    log_y=log_y,
-                    width=960,
-                ),
-                "First-token KL(original ‖ ablated) on harmless validation prompts"
-                + (" (log scale)" if log_y else "")
-                + "; lower means less collateral damage.",
+    for i, site in enumerate(SITES):
+        rows = [s for s in scores.scores if s.site == site]
+        if rows:
+            ys = [getattr(s, metric) for s in rows]
+            ax.plot(
+                [s.layer for s in rows],
+                ys,
+                marker="o",
+                markersize=3.5,
+                linewidth=1.6,
+                color=PALETTE[i],
+                label=site,
+                gid=f"site-{site}",
             )
+    chosen = [s for s in scores.scores if (s.layer, s.site) == (scores.layer, scores.site)]
+    for s in chosen:
+        _ring(ax, s.layer, getattr(s, metric), f"chosen: {s.layer}/{s.site}")
+    ax.axvline(
+        scores.max_layer + 0.5,
+        color=FAINT,
+        linestyle=":",
+        linewidth=1.2,
+        label=f"pruned above layer {scores.max_layer}",
+    )
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def candidate_figures(scores: SelectionScores | None) -> list[Figure]:
+    """Per-layer refusal score and KL of every candidate direction, one line per site."""
+    if scores is None or not scores.scores:
+        return []
+    with _canvas("candidates_refusal", 3.6) as (fig, ax):
+        _site_lines(ax, scores, "screen_refusal")
+        _reference(ax, scores.baseline_refusal_score, "unedited model")
+        _legend_above(ax)
+        ax.set_ylabel("refusal log-odds")
+        caption = (
+            "Refusal score (log-odds of refusal tokens) on the screening harmful validation "
+            "prompts with each candidate direction ablated; lower means fewer refusals."
         )
-    return figures
+        refusal = _finish(fig, ax, "candidates_refusal", "Refusal score by layer", caption)
+    kls = [s.screen_kl for s in scores.scores]
+    # KL spans orders of magnitude across layers; a log axis keeps small values readable.
+    log_y = min(kls) > 0 and max(kls) / min(kls) > 100
+    with _canvas("candidates_kl", 3.6) as (fig, ax):
+        _site_lines(ax, scores, "screen_kl")
+        _reference(ax, scores.kl_threshold, "KL threshold")
+        _legend_above(ax)
+        if log_y:
+            _log_scale(ax, "y")
+        ax.set_ylabel("KL (nats)")
+        caption = (
+            "First-token KL(original ‖ ablated) on harmless validation prompts"
+            + (" (log scale)" if log_y else "")
+            + "; lower means less collateral damage."
+        )
+        kl = _finish(fig, ax, "candidates_kl", "KL divergence by layer", caption)
+    return [refusal, kl]
 
 
-def optimization_trials(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], Any]:
-    """The trials and the chosen trial's number from ``report["optimization"]``.
-
-    Accepts ``{"trials": [...], "chosen": N | {"number": N, ...}}`` or a bare list of trials;
-    returns ``([], None)`` when the run was not optimized.
-    """
-    opt = report.get("optimization")
-    trials: Any = opt.get("trials") if isinstance(opt, Mapping) else opt
-    if not isinstance(trials, list):
-        return [], None
-    chosen = opt.get("chosen") if isinstance(opt, Mapping) else None
-    if isinstance(chosen, Mapping):
-        chosen = chosen.get("number")
-    return [t for t in trials if isinstance(t, Mapping)], chosen
-
-
-def refusal_objective(report: Mapping[str, Any]) -> str:
-    """Name of the quantity in the trials' ``refusal_score`` field.
-
-    The search names its objectives (``"refusal_prob (harmful val, next token)"``); the first
-    word of the first one says whether trials hold a probability or log-odds.
-    """
-    objectives = mapping(report.get("optimization")).get("objectives")
-    if isinstance(objectives, list) and objectives and isinstance(objectives[0], str):
-        return objectives[0].split()[0]
-    return "refusal_score"
-
-
-def pareto_figure(report: Mapping[str, Any]) -> Figure | None:
-    """Scatter of optimization trials (refusal score vs. KL), the Pareto front joined, the
-    chosen trial ringed."""
-    trials, chosen = optimization_trials(report)
-    drawable = [
-        t
-        for t in trials
-        if number(t.get("kl")) is not None and number(t.get("refusal_score")) is not None
-    ]
-    if not drawable:
+def pareto_figure(report: Report) -> Figure | None:
+    """Every optimization trial (refusal probability against KL), the Pareto front joined and
+    the chosen trial ringed."""
+    opt = report.optimization
+    if opt is None or not opt.trials:
         return None
-
-    def tip(t: Mapping[str, Any]) -> str:
-        params = json.dumps(t.get("params", {}), sort_keys=True)
-        score, kl = _g(t["refusal_score"]), _g(t["kl"])
-        return f"trial {t.get('number')}: refusal {score}, KL {kl}, {params}"
-
-    def points(rows: list[Mapping[str, Any]]) -> list[tuple[float, float]]:
-        return [(float(t["kl"]), float(t["refusal_score"])) for t in rows]
-
-    front = [t for t in drawable if t.get("pareto")]
-    rest = [t for t in drawable if not t.get("pareto")]
-    kls = [float(t["kl"]) for t in drawable]
-    log_x = min(kls) > 0 and max(kls) / min(kls) > 100
-    highlights = [
-        plots.Highlight(float(t["kl"]), float(t["refusal_score"]), f"chosen: trial {chosen}")
-        for t in drawable
-        if chosen is not None and t.get("number") == chosen
-    ]
-    objective = refusal_objective(report)
-    # The unedited model's value of the refusal objective, when the search recorded it.
-    baseline = number(mapping(mapping(report.get("optimization")).get("baseline")).get(objective))
-    refs = [plots.RefLine(baseline, "unedited model")] if baseline is not None else []
-    svg = plots.scatter_chart(
-        [
-            plots.Series("trials", points(rest), "#A7B0BA", [tip(t) for t in rest]),
-            plots.Series("Pareto front", points(front), plots.PALETTE[0], [tip(t) for t in front]),
-        ],
-        joined=[False, True],
-        title="Optimization: refusal vs. KL",
-        x_label="KL divergence (nats)" + (", log scale" if log_x else ""),
-        y_label=objective.replace("_", " "),
-        highlights=highlights,
-        ref_lines=refs,
-        log_x=log_x,
-        width=960,
-        height=380,
-    )
-    caption = (
-        f"{len(trials)} trials; the front joins those that no other trial beats on both refusal "
-        "and KL. Lower left is better."
-    )
-    return Figure("pareto", svg, caption)
-
-
-def strength_figure(report: Mapping[str, Any]) -> Figure | None:
-    """Per-layer ablation strengths, drawn only when they differ between layers."""
-    edit = mapping(report.get("edit"))
-    attn = [number(v) for v in edit.get("attention", []) or []]
-    mlp = [number(v) for v in edit.get("mlp", []) or []]
-    values = {v for v in attn + mlp if v is not None}
-    if len(values) < 2:
-        return None  # uniform strengths are said in one sentence instead
-    svg = plots.line_chart(
-        [
-            plots.Series("attention", [(i, _nan(v)) for i, v in enumerate(attn)], plots.PALETTE[0]),
-            plots.Series("MLP", [(i, _nan(v)) for i, v in enumerate(mlp)], plots.PALETTE[1]),
-        ],
-        title="Ablation strength by layer",
-        x_label="layer",
-        y_label="strength",
-        width=960,
-        height=280,
-    )
-    return Figure("strengths", svg, "Per-layer strength of the edit on each residual writer.")
+    front = pareto_front(opt)
+    rest = [t for t in opt.trials if not t.pareto]
+    with _canvas("pareto", 4.0) as (fig, ax):
+        ax.scatter(
+            [t.kl for t in rest],
+            [t.refusal_prob for t in rest],
+            s=16,
+            color=MUTED_COLOR,
+            label="trial",
+            gid="pareto-trials",
+            zorder=2,
+        )
+        ax.plot(
+            [t.kl for t in front],
+            [t.refusal_prob for t in front],
+            color=PALETTE[0],
+            linewidth=1.4,
+            zorder=3,
+        )
+        ax.scatter(
+            [t.kl for t in front],
+            [t.refusal_prob for t in front],
+            s=24,
+            color=PALETTE[0],
+            label="Pareto front",
+            gid="pareto-front",
+            zorder=4,
+        )
+        _ring(ax, opt.chosen.kl, opt.chosen.refusal_prob, f"chosen: trial {opt.chosen.number}")
+        _reference(ax, opt.baseline.refusal_prob, "unedited model")
+        _legend_above(ax)
+        log_x = all(t.kl > 0 for t in opt.trials)
+        if log_x:
+            _log_scale(ax, "x")
+        ax.set_xlabel("first-token KL divergence (nats)" + (", log scale" if log_x else ""))
+        ax.set_ylabel("refusal probability (next token)")
+        caption = (
+            f"{len(opt.trials)} trials on validation prompts; the front joins those that no "
+            "other trial beats on both refusal probability and KL. Lower left is better."
+        )
+        return _finish(fig, ax, "pareto", "Optimization: refusal vs. KL", caption)
 
 
-def all_figures(report: Mapping[str, Any], scores: Mapping[str, Any] | None) -> list[Figure]:
+def strength_figure(report: Report) -> Figure | None:
+    """Per-layer strengths of an ablation edit, drawn only when they differ between layers
+    (uniform strengths are said in one sentence instead)."""
+    edit = report.edit
+    if not isinstance(edit, AblationEdit) or len({*edit.attention, *edit.mlp}) < 2:
+        return None
+    with _canvas("strengths", 3.0) as (fig, ax):
+        for values, label, color in (
+            (edit.attention, "attention", PALETTE[0]),
+            (edit.mlp, "MLP", PALETTE[1]),
+        ):
+            ax.plot(
+                range(len(values)),
+                values,
+                marker="o",
+                markersize=3.5,
+                linewidth=1.6,
+                color=color,
+                label=label,
+                gid=f"strength-{label}",
+            )
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("strength")
+        _legend_above(ax)
+        caption = "Per-layer strength of the edit on each kind of residual writer."
+        return _finish(fig, ax, "strengths", "Ablation strength by layer", caption)
+
+
+def all_figures(report: Report, scores: SelectionScores | None = None) -> list[Figure]:
     """Every figure the report's data supports, in reading order."""
-    head = [category_figure(report), over_refusal_figure(report)]
-    tail = [pareto_figure(report), strength_figure(report)]
-    return [
-        *before_after_figures(report),
-        *(f for f in head if f is not None),
+    optional = [
+        kl_figure(report),
+        category_figure(report),
+        over_refusal_figure(report),
         *candidate_figures(scores),
-        *(f for f in tail if f is not None),
+        pareto_figure(report),
+        strength_figure(report),
     ]
-
-
-def write_figures(directory: Path, figures: list[Figure]) -> str:
-    """Write each figure to ``directory/NAME.svg``; return Markdown that shows them.
-
-    The Markdown refers to the files relative to the directory's parent (the run directory),
-    so it can be appended to ``report.md``.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for f in figures:
-        (directory / f"{f.name}.svg").write_text(f.svg, encoding="utf-8")
-        lines += [f"![{f.caption}]({directory.name}/{f.name}.svg)", ""]
-    return "\n".join(lines)
+    return [rates_figure(report), *(f for f in optional if f is not None)]

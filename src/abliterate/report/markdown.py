@@ -1,49 +1,119 @@
-"""Automatic choice of the refusal direction among the per-layer, per-site candidates.
+"""``report.md`` and the table printed at the end of a command, from the typed report.
 
-Following Arditi et al., each candidate is scored by ablating it from every residual writer and
-measuring (a) the refusal score on harmful validation prompts and (b) the first-token KL
-divergence on harmless validation prompts; candidates from the last layers are discarded. To
-keep this affordable on a CPU it runs in two stages:
+``report.md`` is for people reading a run directory (or a pull request): the before/after
+table, the edit, the optimization or selection behind it, checks, refusals per category,
+examples side by side, the candidates' scores, stage times and the charts from ``plots/``.
+``evaluate`` reports get their own variant (judges, over-refusal, fluency, benchmarks).
 
-1. *screen*: every distinct candidate on the first ``n_screen`` prompts of each kind;
-2. *final*: the ``n_finalists`` best screened candidates on the whole validation split.
+Prompts and responses are model input and output: they are HTML-escaped, so that markup in
+them stays text in any Markdown viewer, and their pipes cannot split a table row.
 
-The chosen candidate is the finalist with the lowest refusal score among those whose KL is at
-most ``kl_threshold`` and whose refusal score is below the unedited model's. If none qualifies,
-the run says so and picks the best trade-off: the finalist closest to the ideal point (lowest
-refusal score, lowest KL) after min-max normalising both over the finalists.
-
-Reports: ``report.json`` (every number, for scripts), ``report.md`` (for people) and the
-before/after table printed at the end of a run.
+:func:`write_reports` writes every file of a report (``report.json``, ``report.md``,
+``report.html``, ``plots/*.svg``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from abliterate.search.selection import Selection
-
-if TYPE_CHECKING:
-    pass
-import json
+from collections.abc import Sequence
+from html import escape
 from pathlib import Path
 
-from abliterate.report.breakdown import category_table, refusal_by_category
+from abliterate.report.breakdown import (
+    CategoryRefusals,
+    pair_completions,
+    pick_examples,
+    refusal_by_category,
+)
+from abliterate.report.charts import all_figures
+from abliterate.report.files import write_figures, write_text_atomic
+from abliterate.report.format import MISSING, fixed, pct, sci
+from abliterate.report.html import render_html
+from abliterate.report.optimization import describe_edit, front_plot, pareto_table
+from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
 
 
-def scores_table(selection: Selection) -> str:
+def text(value: object) -> str:
+    """Untrusted text for a Markdown table cell: HTML-escaped, pipes as entities (an escaped
+    ``\\|`` can still split a row in some renderers), line breaks as ``<br>``."""
+    escaped = escape(str(value), quote=False).replace("|", "&#124;")
+    return "<br>".join(escaped.splitlines())
+
+
+def code(value: object) -> str:
+    """Untrusted text in code style: an HTML ``<code>`` element around escaped text (a
+    Markdown code span would show entities literally and could be closed by a backtick)."""
+    return f"<code>{text(value)}</code>"
+
+
+def _quote(response: str) -> str:
+    return text(response.strip() or "(empty)")
+
+
+def _rate_of(result: ModelResult) -> str:
+    k = round(result.refusal_rate * result.n_prompts)
+    return f"{pct(result.refusal_rate)} ({k}/{result.n_prompts})"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of plain-text columns, aligned for the terminal."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def summary_table(report: Report) -> str:
+    """The before/after table printed at the end of a command, as plain text."""
+    if report.command == "evaluate":
+        return _evaluation_summary(report)
+    base, edited = report.baseline, report.edited
+    rows = [("", "refusal rate", "first-token KL", "multi-token KL")]
+    if base is not None:
+        rows.append(("baseline", _rate_of(base), "-", "-"))
+    rows.append(
+        (
+            "abliterated",
+            _rate_of(edited),
+            fixed(edited.kl_divergence),
+            fixed(edited.kl_divergence_multi_token),
+        )
+    )
+    return _table(rows)
+
+
+def _models(report: Report) -> list[tuple[str, ModelResult]]:
+    rows = [("baseline", report.baseline)] if report.baseline else []
+    return [*rows, ("model", report.edited)]
+
+
+def _evaluation_summary(report: Report) -> str:
+    rows = [("", "refusal", "over-refusal", "first-token KL", "multi-token KL", "reference CE")]
+    for label, m in _models(report):
+        ce = m.reference_cross_entropy
+        rows.append(
+            (
+                label,
+                pct(m.refusal_rate),
+                pct(m.over_refusal_rate),
+                fixed(m.kl_divergence),
+                fixed(m.kl_divergence_multi_token),
+                fixed(ce, 3),
+            )
+        )
+    return _table(rows)
+
+
+def scores_table(scores: SelectionScores) -> str:
     """A Markdown table of every candidate with a bar for its screening refusal score."""
-    scores = selection.scores
-    lo = min(s.screen_refusal for s in scores)
-    hi = max(s.screen_refusal for s in scores)
+    rows = scores.scores
+    lo = min(s.screen_refusal for s in rows)
+    hi = max(s.screen_refusal for s in rows)
     span = (hi - lo) or 1.0
     lines = [
         "| layer | site | refusal (screen) | KL (screen) | refusal (val) | KL (val) | |",
         "|---:|:---|---:|---:|---:|---:|:---|",
     ]
-    for s in scores:
+    for s in rows:
         bar = "█" * max(1, round(12 * (s.screen_refusal - lo) / span))
-        chosen = " ◀ chosen" if (s.layer, s.site) == (selection.layer, selection.site) else ""
+        chosen = " ◀ chosen" if (s.layer, s.site) == (scores.layer, scores.site) else ""
         val_r = f"{s.refusal:.2f}" if s.refusal is not None else ""
         val_k = f"{s.kl:.3f}" if s.kl is not None else ""
         lines.append(
@@ -53,90 +123,107 @@ def scores_table(selection: Selection) -> str:
     return "\n".join(lines)
 
 
-def _pct(rate: float) -> str:
-    return f"{100 * rate:.1f}%"
+def category_table(rows: list[CategoryRefusals]) -> str:
+    """A Markdown table of per-category refusal rates (baseline, edited, change)."""
 
+    def cell(count: int | None, n: int) -> str:
+        return MISSING if count is None else f"{100 * count / n:.0f}% ({count}/{n})"
 
-def summary_table(report: dict[str, Any]) -> str:
-    """The before/after table, as plain text for the terminal."""
-    base, edited = report["baseline"], report["edited"]
-    n = base["n_prompts"]
-    rows = [
-        ("", "refusal rate", "first-token KL", "multi-token KL"),
-        (
-            "baseline",
-            f"{_pct(base['refusal_rate'])} ({round(base['refusal_rate'] * n)}/{n})",
-            "-",
-            "-",
-        ),
-        (
-            "abliterated",
-            f"{_pct(edited['refusal_rate'])} ({round(edited['refusal_rate'] * n)}/{n})",
-            f"{edited['kl_divergence']:.4f}",
-            f"{edited['kl_divergence_multi_token']:.4f}",
-        ),
+    lines = [
+        "| category | prompts | baseline refused | abliterated refused | change |",
+        "|---|---:|---:|---:|---:|",
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    for r in rows:
+        change = "" if r.baseline is None else f"{100 * (r.edited - r.baseline) / r.n:+.0f} pp"
+        lines.append(
+            f"| {text(r.category)} | {r.n} | {cell(r.baseline, r.n)} | {cell(r.edited, r.n)} "
+            f"| {change} |"
+        )
+    return "\n".join(lines)
 
 
-def _stages_lines(timings: dict[str, dict[str, float]]) -> list[str]:
-    """The Markdown table of stage wall times and memory peaks (none when there are none)."""
-    if not timings:
+def _stages(report: Report) -> list[str]:
+    """The stage wall times and memory peaks (nothing when there are none)."""
+    if not report.timings:
         return []
     lines = ["", "## Stages", "", "| stage | seconds | peak RSS (MB) |", "|---|---:|---:|"]
-    for name, t in timings.items():
-        lines.append(f"| {name} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |")
+    for name, t in report.timings.items():
+        lines.append(f"| {text(name)} | {t.seconds:.1f} | {t.peak_rss_mb:.0f} |")
     return lines
 
 
-def _quote(text: str) -> str:
-    text = text.strip() or "(empty)"
-    return "<br>".join(line.replace("|", "\\|") for line in text.splitlines())
+def _examples(report: Report, edited_label: str) -> list[str]:
+    """Side-by-side examples, preferring prompts the baseline refused (see pick_examples)."""
+    if not report.n_examples or report.baseline is None:
+        return []
+    pairs = pair_completions(report.baseline.completions, report.edited.completions)
+    lines = ["", "## Examples", "", f"| prompt | baseline | {edited_label} |", "|---|---|---|"]
+    for p in pick_examples(pairs, report.n_examples):
+        base = _quote(p.baseline.response) if p.baseline else MISSING
+        edited = _quote(p.edited.response) if p.edited else MISSING
+        lines.append(f"| {text(p.prompt)} | {base} | {edited} |")
+    return lines
 
 
-def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> str:
-    """A self-contained Markdown report."""
-    model = report["model"]
-    base, edited = report["baseline"], report["edited"]
-    sel = report.get("selection", {})
+def _header(report: Report, title: str) -> list[str]:
+    model = report.model
+    facts = f"abliterate {text(report.abliterate_version)} · source {code(model.source)}"
+    facts += f" · {text(model.architecture)}"
+    if report.command == "evaluate":
+        facts += (
+            f" · baseline {code(report.baseline_model.name)}"
+            if report.baseline_model
+            else " · no baseline"
+        )
+    return [f"# {title}: {text(model.name)}", "", facts, ""]
+
+
+def _prompt_set(report: Report, role: str) -> str:
+    record = report.data.get(role)
+    return code(record.name) if record else MISSING
+
+
+def render_markdown(report: Report, scores: SelectionScores | None = None) -> str:
+    """A self-contained Markdown report (the ``evaluate`` variant for evaluate reports)."""
+    if report.command == "evaluate":
+        return _render_evaluation(report)
+    return _render_run(report, scores)
+
+
+def _result_lines(report: Report) -> list[str]:
+    base, edited = report.baseline, report.edited
     lines = [
-        f"# Abliteration report: {model['name']}",
-        "",
-        f"abliterate {report['abliterate_version']} · source `{model['source']}` · "
-        f"{model['architecture']}",
-        "",
-        "Plots, every completion and every number: [report.html](report.html).",
-        "",
         "## Result",
         "",
         "| model | refusal rate (harmful eval) | first-token KL | multi-token KL |",
         "|---|---:|---:|---:|",
-        f"| baseline | {_pct(base['refusal_rate'])} of {base['n_prompts']} | - | - |",
-        f"| abliterated | {_pct(edited['refusal_rate'])} of {edited['n_prompts']} | "
-        f"{edited['kl_divergence']:.4f} | {edited['kl_divergence_multi_token']:.4f} |",
-        "",
-        f"KL divergences are KL(original ‖ abliterated) on harmless eval prompts; multi-token KL "
-        f"averages the first {edited['kl_tokens']} positions of the original model's own "
-        "greedy continuations.",
-        "",
-        f"Judge: `{base['judge']}`. Evaluation prompts: harmful "
-        f"`{report['data']['eval_harmful']['name']}`, harmless "
-        f"`{report['data']['eval_harmless']['name']}`.",
-        "",
-        "## Edit",
-        "",
     ]
-    opt = report.get("optimization")
-    if opt:
-        from abliterate.report.optimization import describe_edit, front_plot, pareto_table
+    if base is not None:
+        lines.append(f"| baseline | {pct(base.refusal_rate)} of {base.n_prompts} | - | - |")
+    lines += [
+        f"| abliterated | {pct(edited.refusal_rate)} of {edited.n_prompts} | "
+        f"{fixed(edited.kl_divergence)} | {fixed(edited.kl_divergence_multi_token)} |",
+        "",
+        "KL divergences are KL(original ‖ abliterated) on harmless eval prompts; multi-token KL "
+        f"averages the first {edited.kl_tokens} positions of the original model's own greedy "
+        "continuations.",
+        "",
+        f"Judge: {code(edited.judge)}. Evaluation prompts: harmful "
+        f"{_prompt_set(report, 'eval_harmful')}, harmless {_prompt_set(report, 'eval_harmless')}.",
+    ]
+    return lines
 
+
+def _edit_lines(report: Report) -> list[str]:
+    edit, opt = report.edit, report.optimization
+    lines = ["", "## Edit", ""]
+    if isinstance(edit, AblationEdit) and opt is not None:
         lines += [
-            describe_edit(report["edit"]),
+            describe_edit(edit),
             "",
-            f"Chosen trial {opt['chosen']['number']} of {len(opt['trials'])}: {opt['rule']}. "
-            f"Trials scored in {opt.get('search_dtype', 'the model dtype')}; the evaluation "
-            "below uses the model's own dtype.",
+            f"Chosen trial {opt.chosen.number} of {len(opt.trials)}: {text(opt.rule)}. "
+            f"Trials scored in {text(opt.search_dtype)}; the evaluation below uses the model's "
+            "own dtype.",
             "",
             "## Optimization (validation prompts only)",
             "",
@@ -146,201 +233,196 @@ def render_markdown(report: dict[str, Any], scores_table: str | None = None) -> 
             front_plot(opt),
             "```",
         ]
-    else:
+    elif isinstance(edit, AblationEdit):
         lines.append(
-            f"Direction from layer {report['edit']['direction']['layer']}, site "
-            f"`{report['edit']['direction']['site']}`, removed from the embedding and every "
-            "attention and MLP output projection at strength "
-            f"{report['edit']['embedding']}."
+            f"Direction from layer {edit.direction.layer}, site `{edit.direction.site}`, removed "
+            "from the embedding and every attention and MLP output projection at strength "
+            f"{edit.embedding:g}."
         )
-    if sel:
-        lines += ["", f"Selection rule: {sel['rule']}."]
-    checks = report.get("checks", {})
-    if checks:
-        reload = checks["export_reload_max_abs_diff"]
-        lines += [
-            "",
-            "## Checks",
-            "",
-            f"- hooks vs. orthogonalized weights, max |Δ log-prob|: "
-            f"{checks['hooks_vs_weights_max_abs_diff']:.2e}",
-            "- saved model reloaded vs. evaluated model, max |Δ logit|: "
-            + ("model not saved" if reload is None else f"{reload:.2e}"),
-        ]
+    elif edit is not None:
+        lines.append(f"Edit of kind {code(edit.kind)}; see report.json for its parameters.")
+    if report.selection is not None:
+        lines += ["", f"Selection rule: {text(report.selection.rule)}."]
+    return lines
+
+
+def _check_lines(report: Report) -> list[str]:
+    checks = report.checks
+    if checks is None:
+        return []
+    reload = checks.export_reload_max_abs_diff
+    return [
+        "",
+        "## Checks",
+        "",
+        f"- hooks vs. orthogonalized weights, max |Δ log-prob|: "
+        f"{sci(checks.hooks_vs_weights_max_abs_diff)}",
+        "- saved model reloaded vs. evaluated model, max |Δ logit|: "
+        + ("model not saved" if reload is None else sci(reload)),
+    ]
+
+
+def _render_run(report: Report, scores: SelectionScores | None) -> str:
+    lines = [
+        *_header(report, "Abliteration report"),
+        "Plots, every completion and every number: [report.html](report.html).",
+        "",
+        *_result_lines(report),
+        *_edit_lines(report),
+        *_check_lines(report),
+    ]
     categories = refusal_by_category(report)
     if categories:
         lines += ["", "## Refusals by category", "", category_table(categories)]
-    n_examples = report.get("n_examples", 4)
-    if n_examples:
-        lines += ["", "## Examples", "", "| prompt | baseline | abliterated |", "|---|---|---|"]
-        pairs = list(zip(base["completions"], edited["completions"], strict=True))
-        # Prefer prompts the baseline refused: they show what the edit changed.
-        pairs.sort(key=lambda p: (not p[0]["refused"], p[1]["refused"]))
-        for b, e in pairs[:n_examples]:
-            lines.append(
-                f"| {_quote(b['prompt'])} | {_quote(b['response'])} | {_quote(e['response'])} |"
-            )
-    if scores_table:
-        lines += ["", "## Candidate directions", "", scores_table]
-    lines += _stages_lines(report.get("timings", {}))
+    lines += _examples(report, "abliterated")
+    if scores is not None and scores.scores:
+        lines += ["", "## Candidate directions", "", scores_table(scores)]
+    lines += _stages(report)
     return "\n".join(lines) + "\n"
 
 
-def write_reports(directory: Path, report: dict[str, Any], scores_table: str | None) -> None:
-    """Write ``report.json``, ``report.md``, ``report.html`` and ``plots/*.svg`` into
-    ``directory``.
-
-    The per-layer plots come from ``scores.json`` in the same directory, when the run wrote one.
-    """
-    from abliterate.report.charts import all_figures, write_figures
-    from abliterate.report.html import render_html
-
-    scores_path = directory / "scores.json"
-    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else None
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report, scores_table)
-    figures = all_figures(report, scores)
-    if figures:
-        # The same charts as report.html, as SVG files the Markdown can show.
-        markdown += "\n## Plots\n\n" + write_figures(directory / "plots", figures)
-    (directory / "report.md").write_text(markdown)
-    (directory / "report.html").write_text(render_html(report, scores), encoding="utf-8")
-
-
-def _num(value: float | None, fmt: str = ".4f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _eval_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    rows = [("baseline", report["baseline"])] if report.get("baseline") else []
-    return [*rows, ("model", report["edited"])]
-
-
-def evaluation_summary_table(report: dict[str, Any]) -> str:
-    """The evaluate command's table (refusal, over-refusal, KL, CE), as plain text."""
-    header = ("", "refusal", "over-refusal", "first-token KL", "multi-token KL", "reference CE")
-    rows = [header]
-    for label, m in _eval_rows(report):
-        rows.append(
-            (
-                label,
-                _pct(m["refusal_rate"]),
-                _pct(m["over_refusal_rate"]),
-                _num(m.get("kl_divergence")),
-                _num(m.get("kl_divergence_multi_token")),
-                _num(m["reference_cross_entropy"], ".3f"),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-
-
-def render_evaluation_markdown(report: dict[str, Any]) -> str:
-    """A self-contained Markdown report of ``abliterate evaluate``."""
-    model, edited = report["model"], report["edited"]
-    rows = _eval_rows(report)
-    base_model = report.get("baseline_model")
+def _evaluation_result(report: Report) -> list[str]:
     lines = [
-        f"# Evaluation report: {model['name']}",
-        "",
-        f"abliterate {report['abliterate_version']} · source `{model['source']}` · "
-        f"{model['architecture']}"
-        + (f" · baseline `{base_model['name']}`" if base_model else " · no baseline"),
-        "",
         "## Result",
         "",
         "| model | refusal (harmful) | over-refusal | first-token KL | multi-token KL "
         "| reference CE (nats/token) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, m in rows:
+    for label, m in _models(report):
+        over_n = m.over_refusal.n_prompts if m.over_refusal else MISSING
         lines.append(
-            f"| {label} | {_pct(m['refusal_rate'])} of {m['n_prompts']} | "
-            f"{_pct(m['over_refusal_rate'])} of {m['over_refusal']['n_prompts']} | "
-            f"{_num(m.get('kl_divergence'))} | {_num(m.get('kl_divergence_multi_token'))} | "
-            f"{m['reference_cross_entropy']:.3f} |"
+            f"| {label} | {pct(m.refusal_rate)} of {m.n_prompts} | "
+            f"{pct(m.over_refusal_rate)} of {over_n} | {fixed(m.kl_divergence)} | "
+            f"{fixed(m.kl_divergence_multi_token)} | {fixed(m.reference_cross_entropy, 3)} |"
         )
     lines.append("")
-    if "kl_tokens" in edited:
+    if report.edited.kl_tokens is not None:
         lines.append(
             "KL divergences are KL(baseline ‖ model) on harmless prompts; multi-token KL averages "
-            f"the first {edited['kl_tokens']} positions of the baseline's own greedy "
+            f"the first {report.edited.kl_tokens} positions of the baseline's own greedy "
             "continuations."
         )
     else:
         lines.append("No baseline was given, so no KL divergence was measured.")
-    data = report["data"]
+    roles = ("eval_harmful", "eval_harmless", "over_refusal", "reference_answers")
+    names = [_prompt_set(report, role) for role in roles]
     lines += [
         "",
-        f"Prompts: harmful `{data['eval_harmful']['name']}`, harmless "
-        f"`{data['eval_harmless']['name']}`, over-refusal `{data['over_refusal']['name']}`, "
-        f"reference answers `{data['reference_answers']['name']}`.",
+        f"Prompts: harmful {names[0]}, harmless {names[1]}, over-refusal {names[2]}, "
+        f"reference answers {names[3]}.",
+    ]
+    return lines
+
+
+def _judge_lines(report: Report) -> list[str]:
+    first = report.judges[0] if report.judges else report.edited.judge
+    lines = [
         "",
         "## Judges",
         "",
-        f"The first judge (`{report['judges'][0]}`) decides each completion's verdict.",
+        f"The first judge ({code(first)}) decides each completion's verdict.",
         "",
         "| model | judge | refusal | over-refusal |",
         "|---|---|---:|---:|",
     ]
-    for label, m in rows:
-        for name, j in m["judges"].items():
+    for label, m in _models(report):
+        for name, j in (m.judges or {}).items():
             lines.append(
-                f"| {label} | `{name}` | {_pct(j['refusal_rate'])} | "
-                f"{_pct(j['over_refusal_rate'])} |"
+                f"| {label} | {text(name)} | {pct(j.refusal_rate)} | {pct(j.over_refusal_rate)} |"
             )
-    if len(report["judges"]) > 1:
-        lines += ["", "| model | prompts | judges | agreement | Cohen's kappa |",
-                  "|---|---|---|---:|---:|"]  # fmt: skip
-        for label, m in rows:
-            for kind, pairs in m["judge_agreement"].items():
+    if report.judges and len(report.judges) > 1:
+        lines += [
+            "",
+            "| model | prompts | judges | agreement | Cohen's kappa |",
+            "|---|---|---|---:|---:|",
+        ]
+        for label, m in _models(report):
+            agreement = m.judge_agreement
+            if agreement is None:
+                continue
+            for kind, pairs in agreement.items():
                 for p in pairs:
                     lines.append(
-                        f"| {label} | {kind} | `{p['judges'][0]}` vs `{p['judges'][1]}` | "
-                        f"{_pct(p['agreement'])} | {_num(p['cohen_kappa'], '.3f')} |"
+                        f"| {label} | {kind} | {text(p.judges[0])} vs {text(p.judges[1])} | "
+                        f"{pct(p.agreement)} | {fixed(p.cohen_kappa, 3)} |"
                     )
-    lines += ["", "## Over-refusal by category", "", "| model | category | over-refusal |",
-              "|---|---|---:|"]  # fmt: skip
-    for label, m in rows:
-        for cat, rate in m["over_refusal"]["by_category"].items():
-            lines.append(f"| {label} | {cat} | {_pct(rate)} |")
-    lines += ["", "## Fluency of generated answers", "",
-              "Mean over answers of distinct-n (share of unique word n-grams) and n-gram entropy "
-              "(bits).", "",
-              "| model | prompts | distinct-1 | distinct-2 | distinct-3 | entropy-1 | entropy-2 "
-              "| entropy-3 |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for label, m in rows:
-        for kind, f in m["fluency"].items():
-            cells = [_num(f[f"distinct_{n}"], ".3f") for n in (1, 2, 3)]
-            cells += [_num(f[f"entropy_{n}"], ".2f") for n in (1, 2, 3)]
+    return lines
+
+
+def _evaluation_extras(report: Report) -> list[str]:
+    """Over-refusal by category, fluency and benchmarks of an evaluation."""
+    lines = [
+        "",
+        "## Over-refusal by category",
+        "",
+        "| model | category | over-refusal |",
+        "|---|---|---:|",
+    ]
+    for label, m in _models(report):
+        for cat, rate in (m.over_refusal.by_category if m.over_refusal else {}).items():
+            lines.append(f"| {label} | {text(cat)} | {pct(rate)} |")
+    lines += [
+        "",
+        "## Fluency of generated answers",
+        "",
+        "Mean over answers of distinct-n (share of unique word n-grams) and n-gram entropy (bits).",
+        "",
+        "| model | prompts | distinct-1 | distinct-2 | distinct-3 | entropy-1 | entropy-2 "
+        "| entropy-3 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in _models(report):
+        if m.fluency is None:
+            continue
+        for kind, f in m.fluency.items():
+            cells = [fixed(v, 3) for v in (f.distinct_1, f.distinct_2, f.distinct_3)]
+            cells += [fixed(v, 2) for v in (f.entropy_1, f.entropy_2, f.entropy_3)]
             lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
-    if "benchmarks" in edited:
-        lines += ["", "## Benchmarks (lm-evaluation-harness, zero-shot)", "",
-                  "| model | task | items | acc | acc_norm |",
-                  "|---|---|---:|---:|---:|"]  # fmt: skip
-        for label, m in rows:
-            for task, s in m["benchmarks"].items():
+    if report.edited.benchmarks is not None:
+        lines += [
+            "",
+            "## Benchmarks (lm-evaluation-harness, zero-shot)",
+            "",
+            "| model | task | items | acc | acc_norm |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for label, m in _models(report):
+            for task, b in (m.benchmarks or {}).items():
                 lines.append(
-                    f"| {label} | {task} | {s['n']} | {_num(s.get('acc'), '.3f')} ± "
-                    f"{_num(s.get('acc_stderr'), '.3f')} | {_num(s.get('acc_norm'), '.3f')} |"
+                    f"| {label} | {text(task)} | {b.n} | {fixed(b.metric('acc'), 3)} ± "
+                    f"{fixed(b.metric('acc_stderr'), 3)} | {fixed(b.metric('acc_norm'), 3)} |"
                 )
-    n_examples = report.get("n_examples", 4)
-    if n_examples and report.get("baseline"):
-        lines += ["", "## Examples", "", "| prompt | baseline | model |", "|---|---|---|"]
-        pairs = list(zip(report["baseline"]["completions"], edited["completions"], strict=True))
-        pairs.sort(key=lambda p: (not p[0]["refused"], p[1]["refused"]))
-        for b, e in pairs[:n_examples]:
-            lines.append(
-                f"| {_quote(b['prompt'])} | {_quote(b['response'])} | {_quote(e['response'])} |"
-            )
-    lines += _stages_lines(report.get("timings", {}))
+    return lines
+
+
+def _render_evaluation(report: Report) -> str:
+    lines = [
+        *_header(report, "Evaluation report"),
+        "Plots, every completion and every number: [report.html](report.html).",
+        "",
+        *_evaluation_result(report),
+        *_judge_lines(report),
+        *_evaluation_extras(report),
+        *_examples(report, "model"),
+        *_stages(report),
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_evaluation_reports(directory: Path, report: dict[str, Any]) -> None:
-    """Write the evaluate command's ``report.json``, ``report.md`` and ``report.html``."""
-    from abliterate.report.html import render_html
+def write_reports(directory: Path, report: Report, scores: SelectionScores | None = None) -> None:
+    """Write ``report.json``, ``report.md``, ``report.html`` and ``plots/*.svg`` into
+    ``directory``, each atomically.
 
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (directory / "report.md").write_text(render_evaluation_markdown(report))
-    (directory / "report.html").write_text(render_html(report), encoding="utf-8")
+    Args:
+        report: The typed report.
+        scores: The selection's candidate scores (also in ``scores.json``), when the command
+            selected a direction; they add the per-layer charts and the candidates table.
+    """
+    write_text_atomic(directory / "report.json", report.to_json())
+    figures = all_figures(report, scores)
+    markdown = render_markdown(report, scores)
+    # The same charts as report.html, as SVG files the Markdown can show.
+    markdown += "\n## Plots\n\n" + write_figures(directory / "plots", figures)
+    write_text_atomic(directory / "report.md", markdown)
+    write_text_atomic(directory / "report.html", render_html(report, scores, figures))

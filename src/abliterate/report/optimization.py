@@ -1,62 +1,68 @@
-"""Trials as reported, the Pareto front, the documented choice rule and its renderings.
-
-``report.json`` carries every trial as ``{"number", "refusal_score", "kl", "params", "pareto",
-"confirmed_refusal_rate"?}`` plus ``"chosen"``; :func:`pareto_table` and :func:`front_plot`
-render exactly that shape for ``report.md``.
-"""
+"""Renderings of an optimization (the ``optimization`` entry of ``report.json``) and of the
+edit it chose, for ``report.md``: the Pareto table, a text plot of the trials and one paragraph
+describing the edit."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+
+from abliterate.report.format import pct
+from abliterate.report.schema import AblationEdit, Optimization, Trial, TrialParams
 
 
-def pareto_table(optimization: dict[str, Any]) -> str:
-    """A Markdown table of the Pareto-front trials (from the ``optimization`` report entry)."""
-    chosen = optimization["chosen"]["number"]
-    front = [t for t in optimization["trials"] if t["pareto"]]
-    front.sort(key=lambda t: t["kl"])
-    lines = [
-        "| trial | refusal prob (val) | first-token KL (val) | judged refusals (val) | "
-        "direction layer | attn peak @ pos | MLP peak @ pos | per-layer | projected | "
-        "norm-pres. | |",
-        "|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|:---|",
-    ]
-    for t in front:
-        p = t["params"]
-        rate = t.get("confirmed_refusal_rate")
-        lines.append(
-            f"| {t['number']} | {t['refusal_score']:.3f} | {t['kl']:.4f} | "
-            f"{'' if rate is None else f'{100 * rate:.1f}%'} | {p['direction_layer']:.2f} | "
-            f"{p['attention_peak']:.2f} @ {p['attention_position']:.1f} | "
-            f"{p['mlp_peak']:.2f} @ {p['mlp_position']:.1f} | {_yes(p['per_layer'])} | "
-            f"{_yes(p['projected'])} | {_yes(p['norm_preserving'])} | "
-            f"{'◀ chosen' if t['number'] == chosen else ''} |"
-        )
-    return "\n".join(lines)
+def pareto_front(optimization: Optimization) -> list[Trial]:
+    """The trials the search marked as Pareto-optimal, by increasing KL."""
+    return sorted((t for t in optimization.trials if t.pareto), key=lambda t: t.kl)
 
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def front_plot(optimization: dict[str, Any], width: int = 60, height: int = 16) -> str:
+def _param_cells(p: TrialParams) -> str:
+    return (
+        f"{p.direction_layer:.2f} | {p.attention_peak:.2f} @ {p.attention_position:.1f} | "
+        f"{p.mlp_peak:.2f} @ {p.mlp_position:.1f} | {_yes(p.per_layer)} | {_yes(p.projected)} | "
+        f"{_yes(p.norm_preserving)}"
+    )
+
+
+def pareto_table(optimization: Optimization) -> str:
+    """A Markdown table of the Pareto-front trials, the chosen one marked."""
+    chosen = optimization.chosen.number
+    lines = [
+        "| trial | refusal prob (val) | first-token KL (val) | judged refusals (val) | "
+        "direction layer | attn peak @ pos | MLP peak @ pos | per-layer | projected | "
+        "norm-pres. | |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|:---|",
+    ]
+    for t in pareto_front(optimization):
+        rate = "" if t.confirmed_refusal_rate is None else pct(t.confirmed_refusal_rate)
+        lines.append(
+            f"| {t.number} | {t.refusal_prob:.3f} | {t.kl:.4f} | {rate} | "
+            f"{_param_cells(t.params)} | {'◀ chosen' if t.number == chosen else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def front_plot(optimization: Optimization, width: int = 60, height: int = 16) -> str:
     """A text scatter plot of every trial: KL (x, log scale) against refusal probability (y).
 
     ``·`` is a trial, ``o`` a Pareto-front trial, ``*`` the chosen one.
     """
-    trials = optimization["trials"]
-    kls = [max(t["kl"], 1e-6) for t in trials]
+    trials = optimization.trials
+    kls = [max(t.kl, 1e-6) for t in trials]
     lo, hi = math.log10(min(kls)), math.log10(max(kls))
     span = (hi - lo) or 1.0
     grid = [[" "] * width for _ in range(height)]
-    for t, kl in sorted(zip(trials, kls, strict=True), key=lambda p: p[0]["pareto"]):
+    # Front trials are drawn last so that they stay visible where points overlap.
+    for t, kl in sorted(zip(trials, kls, strict=True), key=lambda p: p[0].pareto):
         x = round((math.log10(kl) - lo) / span * (width - 1))
-        y = round((1.0 - min(max(t["refusal_score"], 0.0), 1.0)) * (height - 1))
-        mark = "o" if t["pareto"] else "·"
-        if t["number"] == optimization["chosen"]["number"]:
+        y = round((1.0 - t.refusal_prob) * (height - 1))
+        mark = "o" if t.pareto else "·"
+        if t.number == optimization.chosen.number:
             mark = "*"
-        if grid[y][x] not in ("*",):
+        if grid[y][x] != "*":
             grid[y][x] = mark
     rows = ["refusal prob", "1.0 ┤" + "".join(grid[0])]
     rows += ["    │" + "".join(r) for r in grid[1:-1]]
@@ -65,22 +71,21 @@ def front_plot(optimization: dict[str, Any], width: int = 60, height: int = 16) 
     return "\n".join(rows)
 
 
-def describe_edit(edit: dict[str, Any]) -> str:
-    """One paragraph describing an optimized edit (from its ``Ablation.to_dict``)."""
-    d = edit["direction"]
+def describe_edit(edit: AblationEdit) -> str:
+    """One paragraph describing an optimized directional-ablation edit."""
+    d = edit.direction
     source = (
         "each layer's own direction"
-        if edit.get("layer_directions")
-        else f"the direction at layer position {float(d['layer']):.2f}, site `{d['site']}`"
+        if edit.layer_directions
+        else f"the direction at layer position {float(d.layer):.2f}, site `{d.site}`"
     )
-    touched = [i for i, (a, m) in enumerate(zip(edit["attention"], edit["mlp"], strict=True))
-               if a or m]  # fmt: skip
+    touched = [i for i, (a, m) in enumerate(zip(edit.attention, edit.mlp, strict=True)) if a or m]
     span = f"layers {touched[0]}–{touched[-1]}" if touched else "no layer"
-    extra = len(edit.get("extra_directions") or [])
+    extra = len(edit.extra_directions)
     together = f" together with {extra} further direction{'s' * (extra > 1)}" if extra else ""
     return (
-        f"Removed {source}{' (projected off the harmless mean)' if d.get('projected') else ''}"
-        f"{together} in {edit.get('mode', 'plain').replace('_', '-')} mode from {span}: peak "
-        f"attention strength {max(edit['attention']):.2f}, peak MLP strength "
-        f"{max(edit['mlp']):.2f}, embedding {edit['embedding']:g}."
+        f"Removed {source}{' (projected off the harmless mean)' if d.projected else ''}"
+        f"{together} in {edit.mode.replace('_', '-')} mode from {span}: peak "
+        f"attention strength {max(edit.attention, default=0.0):.2f}, peak MLP strength "
+        f"{max(edit.mlp, default=0.0):.2f}, embedding {edit.embedding:g}."
     )

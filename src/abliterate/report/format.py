@@ -1,0 +1,51 @@
+"""How numbers read in every rendering of a report (Markdown, HTML, terminal, charts).
+
+One copy of each formatter, so a rate reads the same in ``report.md``, ``report.html`` and the
+table printed at the end of a run. A missing value (None) is shown as an en dash.
+"""
+
+from __future__ import annotations
+
+import math
+
+MISSING = "–"
+
+
+def pct(rate: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage: ``0.125 -> "12.5%"``."""
+    return MISSING if rate is None else f"{100 * rate:.{digits}f}%"
+
+
+def fixed(value: float | None, digits: int = 4) -> str:
+    """A float with a fixed number of decimals."""
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def sig(value: float | None, digits: int = 4) -> str:
+    """A number to ``digits`` significant digits; integers in full."""
+    if value is None:
+        return MISSING
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def sci(value: float | None) -> str:
+    """A small difference in scientific notation (``3.10e-06``); exactly 0 says so."""
+    if value is None:
+        return MISSING
+    return "0 (identical)" if value == 0 else f"{value:.2e}"
+
+
+def leaf(value: object) -> str:
+    """A JSON leaf (``report.json`` listed value by value): numbers to 4 significant digits,
+    booleans and null as JSON spells them, strings as they are."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(value) if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,495 @@
+"""``report.json`` and ``scores.json`` as typed, validated data.
+
+Every command that evaluates a model (``run``, ``optimize``, ``evaluate``, and later ``detox``,
+``heal``, ``steer``) writes one :class:`Report`; the renderers (Markdown, HTML, charts) read its
+typed fields. The JSON keys are the ones abliterate 0.1.0 wrote, so scripts keep working
+(``baseline`` / ``edited`` with ``refusal_rate``, ``kl_divergence``, ``completions`` of
+``{prompt, response, refused}``, ...); reports now also carry ``schema_version``.
+
+Two conventions keep the written keys exactly those of 0.1.0:
+
+* a field that some reports lack altogether (``kl_divergence`` of an unedited model, the
+  ``evaluate`` extras of a ``run`` report, ``optimization`` of a run that did not search) is
+  *omitted* when it is None (:func:`_omitted`);
+* a field that 0.1.0 wrote as ``null`` (``model.revision``, ``selection`` of an optimized run,
+  ``baseline`` of an evaluation without a baseline model) is written as ``null``.
+
+:func:`load_report` reads a file, migrates a report written before ``schema_version`` existed
+(abliterate 0.1.0) and refuses anything else with a one-line :class:`ReportError`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Final, Generic, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    computed_field,
+    model_validator,
+)
+
+from abliterate.errors import ReportError
+from abliterate.types import Site
+
+SCHEMA_VERSION: Final = 1
+"""The version of the ``report.json`` layout this package writes and reads."""
+
+Command = Literal["run", "optimize", "evaluate", "detox", "heal", "steer"]
+"""The command that wrote a report."""
+
+Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A fraction of prompts, in [0, 1]."""
+
+T = TypeVar("T")
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def _omitted() -> Any:
+    """A field that defaults to None and is left out of the JSON when None (see module doc)."""
+    return Field(default=None, exclude_if=_is_none)
+
+
+class _Record(BaseModel):
+    # Unknown keys are refused: a producer that adds a key must add it here too, so the
+    # schema stays the one description of report.json. NaN and infinities are written as JSON
+    # constants (as json.dumps did), so a report survives a round trip through its JSON.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+
+class ByPromptSet(_Record, Generic[T]):
+    """One value per prompt set of an evaluation: the harmful prompts and, where the command
+    measures over-refusal (``evaluate``), the over-refusal prompts."""
+
+    harmful: T
+    over_refusal: T | None = _omitted()
+
+    def items(self) -> list[tuple[str, T]]:
+        """``(prompt set, value)`` for every prompt set that was measured."""
+        out = [("harmful", self.harmful)]
+        if self.over_refusal is not None:
+            out.append(("over_refusal", self.over_refusal))
+        return out
+
+
+# --- what was evaluated ---------------------------------------------------------------------
+
+
+class ModelRecord(_Record):
+    """The model a report is about."""
+
+    name: str
+    source: str = Field(description="Local directory or file the weights were read from.")
+    revision: str | None = None
+    architecture: str = Field(description="One-line description of the architecture.")
+
+
+class PromptSetRecord(_Record):
+    """A prompt set as used: its name, size and content hash."""
+
+    name: str
+    n: int = Field(ge=0)
+    sha256: str | None = _omitted()
+
+
+class DirectionRecord(_Record):
+    """A direction's metadata (``Direction.metadata()``), without the vector."""
+
+    model_config = ConfigDict(extra="allow")
+
+    layer: int | float = Field(description="Layer, fractional when interpolated.")
+    site: Site
+    scale: float | None = None
+    model: str | None = None
+    revision: str | None = None
+    dataset_hashes: dict[str, str] = Field(default_factory=dict)
+    projected: bool = False
+    d_model: int | None = None
+
+
+class AblationEdit(_Record):
+    """A directional-ablation edit (``EditSpec.to_dict()``): per-layer strengths of removing
+    a direction from each residual writer. Further keys are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["directional_ablation"]
+    mode: Literal["plain", "norm_preserving"] = "plain"
+    direction: DirectionRecord
+    embedding: float
+    attention: list[float]
+    mlp: list[float]
+    layer_directions: list[DirectionRecord] | None = None
+    extra_directions: list[DirectionRecord] = Field(default_factory=list)
+
+
+class OtherEdit(_Record):
+    """An edit of any other kind: only its ``kind`` is known to the report."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str
+
+
+def _edit_tag(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return "ablation" if kind == "directional_ablation" else "other"
+
+
+Edit = Annotated[
+    Annotated[AblationEdit, Tag("ablation")] | Annotated[OtherEdit, Tag("other")],
+    Discriminator(_edit_tag),
+]
+"""An edit's ``to_dict()``: typed for directional ablation, a mapping with a ``kind`` else."""
+
+
+# --- how the edit was chosen ----------------------------------------------------------------
+
+
+class SelectionSummary(_Record):
+    """The automatic choice among candidate directions (``report.json`` ``selection``)."""
+
+    layer: int
+    site: Site
+    baseline_refusal_score: float = Field(description="Unedited model's refusal log-odds.")
+    met_kl_threshold: bool
+    rule: str
+    kl_threshold: float
+    max_layer: int = Field(description="Highest layer scored; later layers were pruned.")
+
+
+class CandidateScore(_Record):
+    """Scores of one candidate direction (refusal log-odds and first-token KL)."""
+
+    layer: int
+    site: Site
+    screen_refusal: float
+    screen_kl: float
+    refusal: float | None = Field(None, description="Whole validation split, finalists only.")
+    kl: float | None = None
+    same_as: str | None = Field(None, description="``layer/site`` of an identical candidate.")
+
+
+class SelectionScores(SelectionSummary):
+    """``scores.json``: the selection summary and every candidate's scores."""
+
+    scores: list[CandidateScore]
+
+
+class TrialParams(_Record):
+    """One point of the optimization's search space, as stored in the Optuna study."""
+
+    direction_layer: float
+    per_layer: bool
+    projected: bool
+    norm_preserving: bool
+    attention_peak: float
+    attention_position: float
+    attention_width: float
+    attention_edge: float
+    mlp_peak: float
+    mlp_position: float
+    mlp_width: float
+    mlp_edge: float
+    n_directions: int | None = _omitted()
+
+
+class Trial(_Record):
+    """One finished optimization trial.
+
+    The search minimises the mean next-token refusal *probability*, named ``refusal_prob``.
+    abliterate 0.1.0 wrote it under ``refusal_score`` (which means log-odds everywhere else);
+    that key is still accepted and still written, with the same value, for old scripts.
+    """
+
+    number: int
+    refusal_prob: Rate
+    kl: float
+    params: TrialParams
+    pareto: bool = False
+    confirmed_refusal_rate: Rate | None = _omitted()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_old_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "refusal_score" in data:
+            data = dict(data)
+            old = data.pop("refusal_score")
+            if data.setdefault("refusal_prob", old) != old:
+                raise ValueError("refusal_score and refusal_prob differ; they are one value")
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def refusal_score(self) -> float:
+        """Deprecated name of :attr:`refusal_prob` (a probability, not log-odds)."""
+        return self.refusal_prob
+
+
+class SearchBaseline(_Record):
+    """The unedited model's values of the search objectives on the validation prompts."""
+
+    refusal_prob: Rate
+    refusal_score: float = Field(description="Refusal log-odds.")
+
+
+class SearchSeconds(_Record):
+    """Wall time of the search and of the confirmations."""
+
+    search: float
+    confirm: float
+
+
+class Optimization(_Record):
+    """The ``optimize`` search: every trial, the Pareto front and the documented choice."""
+
+    objectives: list[str]
+    trials: list[Trial]
+    chosen: Trial
+    rule: str
+    met_refusal_target: bool
+    refusal_target: Rate
+    baseline: SearchBaseline
+    storage: str
+    study_name: str
+    n_trials: int
+    seconds: SearchSeconds
+    search_dtype: str
+
+    @model_validator(mode="after")
+    def _chosen_is_a_trial(self) -> Optimization:
+        if self.chosen.number not in {t.number for t in self.trials}:
+            raise ValueError(f"chosen trial {self.chosen.number} is not among the trials")
+        return self
+
+
+class EditedWriters(_Record):
+    """What baking the edit changed: tensors written, and residual writers edited per role
+    (``embedding``, ``attention``, ``mlp``, ``expert``, ``shared_expert``, ``mixer``)."""
+
+    n_tensors: int = Field(ge=0)
+    writers_by_role: dict[str, int]
+
+
+class Checks(_Record):
+    """Consistency checks of a run's edit and export."""
+
+    hooks_vs_weights_max_abs_diff: float
+    export_reload_max_abs_diff: float | None = Field(description="None: model not saved.")
+    edited_writers: EditedWriters | None = _omitted()
+
+
+# --- what was measured ----------------------------------------------------------------------
+
+
+class Completion(_Record):
+    """One prompt, the model's answer and the judges' verdict."""
+
+    prompt: str
+    response: str
+    refused: bool
+    category: str | None = _omitted()
+    judges: dict[str, bool] | None = _omitted()
+
+
+class OverRefusal(_Record):
+    """Answers to harmless but sensitive-sounding prompts."""
+
+    n_prompts: int = Field(ge=0)
+    by_category: dict[str, Rate]
+    completions: list[Completion]
+
+
+class JudgeResult(_Record):
+    """One judge's rates; an LLM judge also keeps its raw answers and how many it could not
+    parse."""
+
+    refusal_rate: Rate
+    over_refusal_rate: Rate | None = _omitted()
+    n_unparsed: ByPromptSet[int] | None = _omitted()
+    answers: ByPromptSet[list[str]] | None = _omitted()
+
+
+class AgreementPair(_Record):
+    """Agreement of two judges on the same answers."""
+
+    judges: tuple[str, str]
+    agreement: Rate
+    cohen_kappa: float | None
+    n: int
+
+
+class Fluency(_Record):
+    """Mean distinct-n (share of unique word n-grams) and n-gram entropy (bits) of answers."""
+
+    n_texts: int
+    distinct_1: float | None
+    distinct_2: float | None
+    distinct_3: float | None
+    entropy_1: float | None
+    entropy_2: float | None
+    entropy_3: float | None
+
+
+class BenchmarkScores(_Record):
+    """One lm-evaluation-harness task: items scored, where the task came from, and its metrics
+    under lm-eval's names (``acc``, ``acc_stderr``, ``acc_norm``, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float | None]  # the metrics
+
+    n: int
+    source: Literal["builtin", "lm-eval"]
+
+    def metric(self, name: str) -> float | None:
+        """The metric ``name``, or None when the task does not report it."""
+        return (self.__pydantic_extra__ or {}).get(name)
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        """Every metric, by lm-eval name."""
+        return dict(self.__pydantic_extra__ or {})
+
+
+class ModelResult(_Record):
+    """Everything measured on one model (``baseline`` or ``edited``).
+
+    ``run`` reports carry the refusal rate, the completions and, for the edited model, the KL
+    divergences; ``evaluate`` reports add over-refusal, per-judge rates, reference
+    cross-entropy, fluency and benchmarks.
+    """
+
+    refusal_rate: Rate
+    n_prompts: int = Field(ge=0)
+    judge: str = Field(description="The judge that decided each completion's ``refused``.")
+    kl_divergence: float | None = _omitted()
+    kl_divergence_multi_token: float | None = _omitted()
+    kl_tokens: int | None = _omitted()
+    over_refusal_rate: Rate | None = _omitted()
+    over_refusal: OverRefusal | None = _omitted()
+    judges: dict[str, JudgeResult] | None = _omitted()
+    judge_agreement: ByPromptSet[list[AgreementPair]] | None = _omitted()
+    reference_cross_entropy: float | None = _omitted()
+    fluency: ByPromptSet[Fluency] | None = _omitted()
+    benchmarks: dict[str, BenchmarkScores] | None = _omitted()
+    completions: list[Completion]
+
+    @model_validator(mode="after")
+    def _one_completion_per_prompt(self) -> ModelResult:
+        if len(self.completions) != self.n_prompts:
+            raise ValueError(
+                f"n_prompts is {self.n_prompts} but there are {len(self.completions)} completions"
+            )
+        return self
+
+
+class StageTiming(_Record):
+    """Wall time and peak resident memory of one stage."""
+
+    seconds: float
+    peak_rss_mb: float
+
+
+class Report(_Record):
+    """``report.json``: everything a command measured, for scripts and for the renderers."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    command: Command
+    abliterate_version: str
+    model: ModelRecord
+    baseline_model: ModelRecord | None = Field(
+        None, description="``evaluate``: the model compared against, if any."
+    )
+    data: dict[str, PromptSetRecord] = Field(description="Prompt sets by role (eval_harmful...).")
+    judges: list[str] | None = _omitted()
+    edit: Edit | None = _omitted()
+    selection: SelectionSummary | None = None
+    optimization: Optimization | None = _omitted()
+    checks: Checks | None = _omitted()
+    baseline: ModelResult | None = None
+    edited: ModelResult = Field(description="The edited (or evaluated) model.")
+    n_examples: int = Field(4, ge=0, description="Examples shown side by side in report.md.")
+    timings: dict[str, StageTiming] = Field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The ``report.json`` text: indented, with the keys described in the module doc."""
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+# --- reading --------------------------------------------------------------------------------
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ReportError(f"{path} does not exist.") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path} cannot be read: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ReportError(f"{path} must hold a JSON object, not {type(raw).__name__}.")
+    return raw
+
+
+def _validate(cls: type[ModelT], data: dict[str, Any], path: Path) -> ModelT:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ReportError(
+            f"{path} is not a valid {cls.__name__}: {where}: {first['msg']}{more}."
+        ) from exc
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """A report written before ``schema_version`` existed (abliterate 0.1.0), in the current
+    layout: the version is added and the command inferred (0.1.0 named only ``evaluate``).
+
+    Trials' old ``refusal_score`` key is read by :class:`Trial` itself.
+    """
+    command = raw.get("command") or ("optimize" if raw.get("optimization") else "run")
+    return {"schema_version": SCHEMA_VERSION, "command": command, **raw}
+
+
+def load_report(path: Path) -> Report:
+    """Read ``report.json``, migrating one written by abliterate 0.1.0.
+
+    Raises:
+        ReportError: The file is missing, is not JSON, has a ``schema_version`` this package
+            does not read, or does not match the schema; the message names the file and the
+            first problem.
+    """
+    raw = _read_object(path)
+    version = raw.get("schema_version")
+    if version is None:
+        raw = migrate(raw)
+    elif type(version) is not int or version != SCHEMA_VERSION:
+        raise ReportError(
+            f"{path} has schema_version {version!r}, but this abliterate reads version "
+            f"{SCHEMA_VERSION} (and unversioned 0.1.0 reports); upgrade abliterate to read it."
+        )
+    return _validate(Report, raw, path)
+
+
+def load_scores(path: Path) -> SelectionScores:
+    """Read ``scores.json`` (the candidate scores of a selection).
+
+    Raises:
+        ReportError: As :func:`load_report`.
+    """
+    return _validate(SelectionScores, _read_object(path), path)
