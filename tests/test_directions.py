@@ -1,4 +1,5 @@
-"""Direction value type, candidate means and activation collection."""
+"""Direction value type, candidate directions (plain, projected, interpolated, extra) and
+activation collection."""
 
 from __future__ import annotations
 
@@ -99,3 +100,65 @@ def test_identical_means_are_degenerate_not_nan() -> None:
     assert c.is_degenerate(0, "pre") and not c.is_degenerate(1, "pre")
     with pytest.raises(ValueError, match="identical"):
         c.direction(0, "pre")
+
+
+def test_candidates_extra_directions(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    n_layers, d = 3, 16
+    harmless = torch.randn(n_layers, 3, d, dtype=torch.float64, generator=g)
+    # Harmful prompts: the harmless mean, a shared shift, and spread mostly along two axes.
+    shift = torch.zeros(d, dtype=torch.float64)
+    shift[0] = 5.0
+    spread = torch.randn(40, 2, dtype=torch.float64, generator=g) * torch.tensor([3.0, 1.0])
+    acts = harmless[:, 1].unsqueeze(0) + shift + torch.zeros(40, n_layers, d, dtype=torch.float64)
+    acts[:, :, 1] += spread[:, :1]
+    acts[:, :, 2] += spread[:, 1:]
+    acts += 0.01 * torch.randn(acts.shape, dtype=torch.float64, generator=g)
+    c = Candidates(acts.mean(0).unsqueeze(1).expand(-1, 3, -1).clone(), harmless,
+                   harmful_acts=acts.float(), acts_site="mid")  # fmt: skip
+    main = c.direction(1, "mid")
+    assert abs(float(main.vector[0])) > 0.99
+    extra = c.extra_directions(main, 1, "mid", 2)
+    assert len(extra) == 2
+    basis = torch.stack([main.vector, *(e.vector for e in extra)])
+    assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-5)  # orthonormal to main
+    assert abs(float(extra[0].vector[1])) > 0.99  # the strongest spread first
+    assert abs(float(extra[1].vector[2])) > 0.99
+    assert extra[0].scale > extra[1].scale > 0
+    assert c.extra_directions(main, 1, "mid", 0) == ()
+    with pytest.raises(ValueError, match="per-prompt"):
+        c.extra_directions(main, 1, "pre", 1)
+    with pytest.raises(ValueError, match="per-prompt"):
+        Candidates(c.harmful_mean, harmless).extra_directions(main, 1, "mid", 1)
+    # The kept activations survive a save/load round trip.
+    c.save(tmp_path / "c.safetensors")
+    back = Candidates.load(tmp_path / "c.safetensors")
+    assert back.acts_site == "mid" and back.harmful_acts is not None
+    assert torch.equal(back.harmful_acts, c.harmful_acts)
+    assert back.extra_directions(main, 1, "mid", 2) == extra
+
+
+def test_projected_and_interpolated_directions() -> None:
+    g = torch.Generator().manual_seed(0)
+    harmful = torch.randn(4, 3, 16, dtype=torch.float64, generator=g)
+    harmless = torch.randn(4, 3, 16, dtype=torch.float64, generator=g)
+    c = Candidates(harmful, harmless)
+    plain = c.direction(2, "mid")
+    projected = c.direction(2, "mid", projected=True)
+    mean = harmless[2, 1] / harmless[2, 1].norm()
+    assert abs(float(projected.vector.double() @ mean)) < 1e-6  # orthogonal to harmless mean
+    assert abs(float(plain.vector.double() @ mean)) > 1e-3  # which the plain one is not
+    assert float(projected.vector.norm()) == pytest.approx(1.0)
+    assert projected.projected and not plain.projected
+    assert projected.scale == plain.scale  # the raw mean difference's norm either way
+    # Integer positions are the layer's own direction; fractional ones lie between.
+    assert c.direction_at(2.0, "mid") == plain
+    mid = c.direction_at(2.5, "mid")
+    assert mid.layer == 2.5 and float(mid.vector.norm()) == pytest.approx(1.0)
+    expected = Direction.interpolate(plain, c.direction(3, "mid"), 0.5)
+    assert torch.allclose(mid.vector, expected.vector)
+    mid_projected = c.direction_at(2.5, "mid", projected=True)
+    mean_mid = (harmless[2, 1] + harmless[3, 1]) / 2
+    assert abs(float(mid_projected.vector.double() @ mean_mid)) < 1e-5
+    with pytest.raises(ValueError, match="out of range"):
+        c.direction_at(3.5, "mid")
