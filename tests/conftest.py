@@ -103,9 +103,12 @@ def make_model(tokenizer: Any) -> Callable[[str], Any]:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(_config(family, len(tokenizer)))
         # Default init is tiny (std 0.02); larger weights make the tests' differences visible.
+        # Biases start at zero, which an edit leaves at zero whether or not it edits them, so
+        # the llama's are drawn too (its writer biases exercise the bias path of the weight edit;
+        # qwen2's attention biases are left as they were, so the other tests' models are too).
         with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim > 1:
+            for name, p in model.named_parameters():
+                if p.ndim > 1 or (family == "llama" and name.endswith(".bias")):
                     p.normal_(0.0, 0.2)
         return model.eval()
 
