@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from abliterate.core.directions import Direction
+from abliterate.core.directions import Direction, DirectionSet
 from abliterate.measure.activations import mean_activations
 from abliterate.measure.candidates import Candidates
 from abliterate.model.anatomy import anatomy_of
@@ -51,6 +51,29 @@ def test_direction_arithmetic() -> None:
         Direction(torch.zeros(3)).normalized()
     with pytest.raises(ValueError, match="1-D"):
         Direction(torch.zeros(2, 3))
+
+
+def test_directions_are_added_to_directions_and_scaled_by_numbers_only() -> None:
+    """Regression: ``d + 1.0`` added 1 to every coordinate and ``d * e`` multiplied two
+    directions coordinate-wise (and ``d / e`` divided by their zero coordinates)."""
+    a = Direction(torch.tensor([3.0, 4.0]))
+    b = Direction(torch.tensor([1.0, 0.0]))
+    sa = DirectionSet(torch.tensor([[3.0, 4.0]]), layers=(0,))
+    sb = DirectionSet(torch.tensor([[1.0, 0.0]]), layers=(0,))
+    for x, y, what in ((a, b, "a direction"), (sa, sb, "a direction set")):
+        for number in (1.0, 2, True):
+            with pytest.raises(TypeError, match=f"{what} can be added to or subtracted from"):
+                x + number  # type: ignore[operator]
+            with pytest.raises(TypeError, match=f"{what} can be added to or subtracted from"):
+                x - number  # type: ignore[operator]
+        with pytest.raises(TypeError, match="with a number"):
+            x * y  # type: ignore[operator]
+        with pytest.raises(TypeError, match="with a number"):
+            x / y  # type: ignore[operator]
+        with pytest.raises(TypeError):
+            1.0 + x  # type: ignore[operator]
+    assert torch.equal((a + b).vector, torch.tensor([4.0, 4.0]))
+    assert torch.equal((sa - sb).vectors, torch.tensor([[2.0, 4.0]]))
 
 
 def test_candidates_direction_and_round_trip(tmp_path: Path) -> None:
