@@ -41,11 +41,21 @@ def test_direction_arithmetic() -> None:
     assert torch.equal((2 * a).vector, torch.tensor([6.0, 8.0]))
     assert torch.equal((a / 2).vector, torch.tensor([1.5, 2.0]))
     assert torch.equal((-a).vector, torch.tensor([-3.0, -4.0]))
+    assert torch.equal(a.normalized().vector, torch.tensor([0.6, 0.8]))  # |(3, 4)| = 5 exactly
     assert float(a.normalized().vector.norm()) == pytest.approx(1.0)
-    assert (a + b).layer is None  # a sum of two layers' directions belongs to neither
+    # A sum of two layers' directions belongs to neither; scaling keeps the provenance.
+    assert ((a + b).layer, (a + b).site) == (None, None)
+    assert ((2 * a).layer, (2 * a).site, (-a).layer, a.normalized().layer) == (1, "pre", 1, 1)
+    # Equality is by value: the same vector and provenance, and nothing else.
+    assert a == Direction(torch.tensor([3.0, 4.0]), layer=1, site="pre")
     assert a != b
+    assert a != Direction(torch.tensor([3.0, 4.0]), layer=2, site="pre")  # other provenance
+    assert a != Direction(torch.tensor([3.0, 4.5]), layer=1, site="pre")  # other vector
+    assert a.__eq__(a.vector) is NotImplemented  # not a Direction at all
+    # (1 - t) (0.6, 0.8) + t (1, 0) at t = 0.5 is (0.8, 0.4), normalised (2, 1) / sqrt(5).
     mid = Direction.interpolate(a.normalized(), b, 0.5)
     assert mid.layer == 1.5
+    assert torch.allclose(mid.vector, torch.tensor([2.0, 1.0]) / 5**0.5, atol=1e-7)
     assert float(mid.vector.norm()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="zero"):
         Direction(torch.zeros(3)).normalized()
