@@ -4,7 +4,7 @@ the supported families, all built in-process (no network, no downloads)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,22 @@ def _transformers_logging_to_pytest() -> None:
 
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The tiny models' matrices are too small for intra-op threads to pay: on a shared 2-core
+    machine one thread runs the edit tests 2-3x faster. Slow tests (the real demo model) keep
+    torch's default."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
