@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from abliterate.core.directions import Direction, DirectionSet
 
-LAWS = settings(max_examples=50, deadline=None, database=None)
+LAWS = settings(max_examples=50, deadline=None)
 EPS = torch.finfo(torch.float32).eps  # 2 ** -23: twice float32's unit roundoff
 
 # Coordinates: zero or of magnitude 2^-13 … 2^10, so products and quotients by the scales below

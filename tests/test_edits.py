@@ -53,6 +53,14 @@ from abliterate.model.anatomy import BoundAnatomy, anatomy_of
 ORTHOGONAL_RTOL = 1e-5
 
 
+def across(every_family: tuple[str, ...], llama_only: tuple[str, ...] = ()) -> Any:
+    """Parametrize ``(family, variant)``: some variants on every family, the others on the
+    llama only (its writer biases make it the most demanding), to keep the suite fast."""
+    pairs = [(f, v) for v in every_family for f in ("llama", "qwen2", "gemma")]
+    pairs += [("llama", v) for v in llama_only]
+    return pytest.mark.parametrize(("family", "variant"), pairs, ids=[f"{f}-{v}" for f, v in pairs])
+
+
 @contextlib.contextmanager
 def residual_states(arch: BoundAnatomy) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Every residual state of a forward pass at every position: the embedding's output, and
@@ -87,7 +95,10 @@ def relative_component(h: torch.Tensor, d: torch.Tensor) -> float:
 # --- what a writer keeps, and what the stream keeps ------------------------------------------
 
 
-@pytest.mark.parametrize("variant", SINGLE)
+@across(
+    ("partial", "norm_preserving_per_layer_extra_partial"),
+    tuple(v for v in SINGLE if v not in ("partial", "norm_preserving_per_layer_extra_partial")),
+)
 def test_each_write_keeps_one_minus_strength_of_its_span(
     variant: str, family: str, make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
@@ -210,12 +221,9 @@ def test_norm_preserving_keeps_write_norms_and_removes_the_direction(
 # --- identities ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "variant",
-    ["plain", "per_layer", "extra_directions", "norm_preserving",
-     "norm_preserving_per_layer_partial", "norm_preserving_per_layer_extra_partial",
-     "plain_then_norm_preserving"],
-)  # fmt: skip
+@across(("plain", "plain_then_norm_preserving"),
+        ("per_layer", "extra_directions", "norm_preserving", "norm_preserving_per_layer_partial",
+         "norm_preserving_per_layer_extra_partial"))  # fmt: skip
 def test_strength_zero_is_the_identity(
     variant: str, family: str, make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
@@ -234,7 +242,7 @@ def test_strength_zero_is_the_identity(
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
 
 
-@pytest.mark.parametrize("variant", PLAIN_MODE[:1] + PLAIN_MODE[2:])
+@across(("plain",), ("per_layer", "extra_directions"))
 def test_hooks_twice_equal_hooks_once(
     variant: str, family: str, make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]
 ) -> None:
@@ -417,10 +425,7 @@ def test_ablation_rejects_inconsistent_fields() -> None:
 # --- measuring under an edit -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [None, "per_layer", "norm_preserving_per_layer_partial", "plain_then_norm_preserving"],
-)
+@pytest.mark.parametrize("variant", [None, "per_layer", "norm_preserving_per_layer_partial"])
 def test_shared_prefix_scorer_equals_plain_next_token_logprobs(
     variant: str | None,
     family: str,
@@ -485,7 +490,3 @@ def test_multi_token_kl_is_zero_for_itself_and_equals_a_separate_baked_model(
     multi2, first2 = multi_token_kl(model, tokenizer, texts, model_q=other, n_tokens=5,
                                     batch_size=4)  # fmt: skip
     assert multi2 == pytest.approx(multi, rel=1e-3) and first2 == pytest.approx(first, rel=1e-3)
-    # And the baked model compared with itself is at zero again.
-    assert multi_token_kl(other, tokenizer, texts, n_tokens=5, batch_size=4)[0] == pytest.approx(
-        0.0, abs=1e-6
-    )

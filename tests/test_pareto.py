@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
 
-LAWS = settings(max_examples=50, deadline=None, database=None)
+LAWS = settings(max_examples=50, deadline=None)
 
 
 def _records(points: list[tuple[float, float]]) -> list[TrialRecord]:

@@ -28,7 +28,7 @@ from abliterate.core.directions import Direction
 from abliterate.core.edits import WriterInfo
 from abliterate.core.linalg import orthonormal_rows
 
-LAWS = settings(max_examples=50, deadline=None, database=None)
+LAWS = settings(max_examples=50, deadline=None)
 ENTRY = st.floats(-4.0, 4.0, width=32, allow_subnormal=False)
 STRENGTH = st.one_of(st.sampled_from([0.0, 0.5, 1.0, 1.2]), st.floats(0.0, 1.5))
 TOL = 1e-5  # relative to the size of what is compared
