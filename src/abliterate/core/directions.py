@@ -40,6 +40,14 @@ def _finite_scalar(value: object, op: Any) -> float:
     return x
 
 
+def _same_kind(value: object, cls: type, what: str) -> None:
+    """Directions are added to and subtracted from directions only: a number added to every
+    coordinate, or a coordinate-wise product of two directions, means nothing."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{what} can be added to or subtracted from {what}, not "
+                        f"{type(value).__name__}; numbers multiply or divide it")  # fmt: skip
+
+
 def _check_same_model(a: str, b: str) -> None:
     if a and b and a != b:
         raise ValueError(f"directions of different models cannot be combined: {a!r} and {b!r}")
@@ -89,12 +97,14 @@ class Direction:
             raise ValueError("cannot normalise a zero vector")
         return replace(self, vector=self.vector / norm)
 
-    def _combine(self, other: Direction | float, op: Any) -> Direction:
-        if isinstance(other, Direction):
-            if other.d_model != self.d_model:
-                raise ValueError(f"d_model mismatch: {self.d_model} vs {other.d_model}")
-            _check_same_model(self.model, other.model)
-            return replace(self, vector=op(self.vector, other.vector), layer=None, site=None)
+    def _combine(self, other: Direction, op: Any) -> Direction:
+        _same_kind(other, Direction, "a direction")
+        if other.d_model != self.d_model:
+            raise ValueError(f"d_model mismatch: {self.d_model} vs {other.d_model}")
+        _check_same_model(self.model, other.model)
+        return replace(self, vector=op(self.vector, other.vector), layer=None, site=None)
+
+    def _scale(self, other: float, op: Any) -> Direction:
         return replace(self, vector=op(self.vector, _finite_scalar(other, op)))
 
     def __add__(self, other: Direction) -> Direction:
@@ -104,12 +114,12 @@ class Direction:
         return self._combine(other, torch.sub)
 
     def __mul__(self, other: float) -> Direction:
-        return self._combine(other, torch.mul)
+        return self._scale(other, torch.mul)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: float) -> Direction:
-        return self._combine(other, torch.div)
+        return self._scale(other, torch.div)
 
     def __neg__(self) -> Direction:
         return replace(self, vector=-self.vector)
@@ -293,17 +303,19 @@ class DirectionSet:
             raise ValueError(f"site mismatch: {self.site!r} vs {other.site!r}")
         _check_same_model(self.model, other.model)
 
-    def _combine(self, other: DirectionSet | float, op: Any) -> DirectionSet:
-        if isinstance(other, DirectionSet):
-            self._check_compatible(other)
-            hashes = {**self.dataset_hashes, **other.dataset_hashes}
-            return replace(
-                self,
-                vectors=op(self.vectors, other.vectors),
-                site=self.site or other.site,
-                model=self.model or other.model,
-                dataset_hashes=hashes,
-            )
+    def _combine(self, other: DirectionSet, op: Any) -> DirectionSet:
+        _same_kind(other, DirectionSet, "a direction set")
+        self._check_compatible(other)
+        hashes = {**self.dataset_hashes, **other.dataset_hashes}
+        return replace(
+            self,
+            vectors=op(self.vectors, other.vectors),
+            site=self.site or other.site,
+            model=self.model or other.model,
+            dataset_hashes=hashes,
+        )
+
+    def _scale(self, other: float, op: Any) -> DirectionSet:
         return replace(self, vectors=op(self.vectors, _finite_scalar(other, op)))
 
     def __add__(self, other: DirectionSet) -> DirectionSet:
@@ -313,12 +325,12 @@ class DirectionSet:
         return self._combine(other, torch.sub)
 
     def __mul__(self, other: float) -> DirectionSet:
-        return self._combine(other, torch.mul)
+        return self._scale(other, torch.mul)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: float) -> DirectionSet:
-        return self._combine(other, torch.div)
+        return self._scale(other, torch.div)
 
     def __neg__(self) -> DirectionSet:
         return replace(self, vectors=-self.vectors)

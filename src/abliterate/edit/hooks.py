@@ -36,9 +36,10 @@ class _WriterHooks:
             w = weight
             for k, e in enumerate(edits):
                 self.scales[k] = e.input_scale(w)
-                # Later scales are computed from the weight as edited so far; copying the
-                # weight is only needed when another edit follows one that rescales inputs.
-                if k + 1 < len(edits) and any(s is not None for s in self.scales[: k + 1]):
+                # Later scales are computed from the weight as edited so far: every edit
+                # changes the column norms that a later norm-preserving edit restores, not
+                # only the edits that rescale inputs themselves.
+                if k + 1 < len(edits):
                     w = e.columns(w, 0)
         self.inputs: list[torch.Tensor | None] = [None] * len(edits)
 
