@@ -279,3 +279,18 @@ def test_direction_set_rejects_malformed_values(tmp_path: Path) -> None:
               metadata={"abliterate": '{"format": "abliterate.direction_set/99"}'})  # fmt: skip
     with pytest.raises(ValueError, match="unknown format"):
         DirectionSet.load(tmp_path / "future.safetensors")
+
+
+def test_a_sum_of_directions_has_symmetric_provenance_and_finite_values() -> None:
+    a = Direction(torch.tensor([1.0, 0.0, 2.0]), layer=3, site="pre", scale=5.0, model="m",
+                  dataset_hashes={"harmful": "aa"}, projected=True)  # fmt: skip
+    b = Direction(torch.tensor([0.5, 1.0, 0.0]), layer=4, site="pre", scale=7.0, model="m",
+                  dataset_hashes={"harmless": "bb"})  # fmt: skip
+    assert a + b == b + a
+    total = a + b
+    assert total.scale == 1.0 and total.layer is None and total.site is None
+    assert total.dataset_hashes == {"harmful": "aa", "harmless": "bb"} and not total.projected
+    with pytest.raises(ValueError, match="site mismatch"):
+        _ = a + Direction(torch.ones(3), site="post", model="m")
+    with pytest.raises(ValueError, match="finite"):
+        Direction(torch.tensor([1.0, float("nan"), 0.0]))

@@ -162,3 +162,15 @@ def test_exported_model_reproduces_the_edited_model_exactly(
     record = json.loads((tmp_path / "m" / "abliteration.json").read_text())
     assert edit_from_dict(record["edit"], edit.tensors()) == edit
     assert list((tmp_path / "m").glob("*.safetensors"))
+
+
+def test_a_corrupt_edit_file_is_a_value_error(tmp_path: Path) -> None:
+    edit = build("plain")
+    edit.save(tmp_path)
+    (tmp_path / "edit.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_edit(tmp_path)
+    (tmp_path / "edit.safetensors").unlink()
+    (tmp_path / "direction.safetensors").unlink()  # the legacy layout's file is missing too
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_edit(tmp_path)

@@ -177,3 +177,9 @@ def test_choose_follows_the_documented_rule(
         assert met == (first is not None)
         if first is not None:
             assert chosen.kl == front[first].kl
+
+
+def test_choose_needs_a_confirmation_budget() -> None:
+    front = [TrialRecord(0, 0.1, 0.01, {}, pareto=True)]
+    with pytest.raises(ValueError, match="max_confirm"):
+        choose(front, lambda r: 0.0, 0.05, 0)

@@ -264,3 +264,13 @@ def test_projection_edit_needs_a_nonzero_gain_direction() -> None:
     ablation = Ablation(v, 1.0, (1.0,), (1.0,))
     with pytest.raises(ValueError, match="no nonzero direction"):
         ablation.writer_edit(WriterInfo("w", "mlp", 0, norm_gain=torch.tensor([0.0, 1.0, 1.0])))
+
+
+def test_norm_preserving_leaves_a_column_inside_the_span_removed() -> None:
+    # A column (numerically) inside the removed span keeps only rounding noise, which must not
+    # be scaled back up to the column's norm.
+    basis = torch.tensor([1.0, 0.0, 0.0])
+    w = torch.tensor([[3.0, 1.0], [1e-9, 1.0], [0.0, 1.0]])  # (d_model, d_in); column 0 ≈ basis
+    edited = ProjectionEdit(basis, 1.0, True, False).columns(w, 0)
+    assert float(edited[:, 0].norm()) < 1e-6
+    assert torch.allclose(edited[:, 1].norm(), w[:, 1].norm())

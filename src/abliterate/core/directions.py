@@ -83,7 +83,10 @@ class Direction:
     def __post_init__(self) -> None:
         if self.vector.ndim != 1:
             raise ValueError(f"a Direction is a 1-D vector, got shape {tuple(self.vector.shape)}")
-        object.__setattr__(self, "vector", self.vector.detach().to("cpu", torch.float32))
+        vector = self.vector.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError("a Direction must hold finite values")
+        object.__setattr__(self, "vector", vector)
 
     @property
     def d_model(self) -> int:
@@ -102,7 +105,18 @@ class Direction:
         if other.d_model != self.d_model:
             raise ValueError(f"d_model mismatch: {self.d_model} vs {other.d_model}")
         _check_same_model(self.model, other.model)
-        return replace(self, vector=op(self.vector, other.vector), layer=None, site=None)
+        if self.site is not None and other.site is not None and self.site != other.site:
+            raise ValueError(f"site mismatch: {self.site!r} vs {other.site!r}")
+        # A combination is no longer the mean difference of one layer: it keeps the provenance
+        # both operands share (symmetrically, so a + b == b + a) and a neutral scale.
+        return Direction(
+            vector=op(self.vector, other.vector),
+            scale=1.0,
+            model=self.model or other.model,
+            revision=self.revision if self.revision == other.revision else None,
+            dataset_hashes=dict(sorted({**other.dataset_hashes, **self.dataset_hashes}.items())),
+            projected=self.projected and other.projected,
+        )
 
     def _scale(self, other: float, op: Any) -> Direction:
         return replace(self, vector=op(self.vector, _finite_scalar(other, op)))

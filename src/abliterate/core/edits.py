@@ -205,6 +205,7 @@ def load_edit(directory: str | Path) -> Edit:
     Raises:
         ValueError: the directory holds no readable edit.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(directory)
@@ -214,12 +215,16 @@ def load_edit(directory: str | Path) -> Edit:
         raise ValueError(f"{d / EDIT_FILE} is not a readable edit: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{d / EDIT_FILE} does not describe an edit")
-    if (d / TENSORS_FILE).is_file():
-        return edit_from_dict(data, load_file(str(d / TENSORS_FILE)))
     cls = Edit._kinds.get(str(data.get("kind")))
     if cls is None:
         raise ValueError(f"{d / EDIT_FILE} names an unknown edit kind {data.get('kind')!r}")
-    return cls.load_legacy(d, data)
+    try:
+        if (d / TENSORS_FILE).is_file():
+            return edit_from_dict(data, load_file(str(d / TENSORS_FILE)))
+        return cls.load_legacy(d, data)
+    except (OSError, SafetensorError, KeyError) as exc:
+        # A missing or truncated tensor file, or a description that does not match its tensors.
+        raise ValueError(f"the edit in {d} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)
