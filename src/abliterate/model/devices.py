@@ -43,7 +43,10 @@ def input_device(model: nn.Module) -> torch.device:
         return torch.device(weight.device)
     placed = getattr(model, "hf_device_map", None) or {}
     main = [d for d in placed.values() if d not in ("cpu", "disk")]
-    return torch.device(main[0] if main else "cpu")
+    if not main:
+        return torch.device("cpu")
+    # A GPU index in a device map is a CUDA device.
+    return torch.device("cuda", main[0]) if isinstance(main[0], int) else torch.device(main[0])
 
 
 def is_quantized(param: torch.Tensor) -> bool:

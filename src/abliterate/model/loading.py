@@ -97,7 +97,8 @@ def quantization_config(load_in: str, device: str, compute_dtype: torch.dtype) -
     ``compute_dtype``; 8-bit: LLM.int8()).
 
     bitsandbytes quantizes on CUDA GPUs; its CPU backend works too but is slow, so the CPU is
-    used only when asked for by name (``--device cpu``), never as the fallback of ``auto``.
+    used only when asked for by name (``device="cpu"``), never as the fallback of ``auto``
+    (the caller passes ``"cuda"`` for ``auto`` and for device maps).
 
     Raises:
         ConfigError: bitsandbytes is not installed, or the device is neither CUDA nor an
@@ -214,8 +215,10 @@ def load_model(
                 f"--load-in {load_in} quantizes safetensors weights; {name} is a GGUF file, "
                 "already quantized (its weights are dequantized on loading)."
             )
+        # "auto" that found no GPU is not a request for the CPU: only an explicit cpu is.
+        asked = "cuda" if device_map is not None or device == "auto" else dev
         kwargs["quantization_config"] = quantization_config(
-            load_in, "cuda" if device_map is not None else dev, resolve_dtype(dtype, dev)
+            load_in, asked, resolve_dtype(dtype, dev)
         )
         # Quantized weights are placed while loading; they cannot be moved afterwards.
         kwargs["device_map"] = {"": dev}
