@@ -164,6 +164,7 @@ def test_run_measures_on_the_spread_model_and_bakes_a_full_precision_copy(
     spread = _run(tiny_model_dir, tmp_path / "spread", device_map=json.dumps(disk_map()))
     assert "measured_on" not in plain
     assert "offloaded" in spread["measured_on"]
+    assert "measured and searched on another copy" in (tmp_path / "spread/report.md").read_text()
     # The same edit is chosen and evaluated to the same numbers; the export reloads exactly.
     _same_numbers(plain, spread)
     assert spread["checks"]["export_reload_max_abs_diff"] == 0.0

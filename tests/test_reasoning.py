@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -317,3 +318,49 @@ def test_chat_formats_with_the_switch(tokenizer: Any, make_model: Callable[[str]
     assert answer_tokens(ChatConfig(model="m", max_new_tokens=10)) == 10
     config = ChatConfig(model="m", max_new_tokens=10, thinking="on", thinking_budget=5)
     assert answer_tokens(config) == 15
+
+
+# --- end to end on a tiny model whose template always opens a reasoning block -----------------
+
+
+@pytest.fixture
+def r1_model_dir(tmp_path: Path, make_model: Callable[[str], Any], tokenizer: Any) -> Path:
+    path = tmp_path / "tiny-r1"
+    make_model("qwen2").save_pretrained(path)
+    with_template(tokenizer, R1_STYLE).save_pretrained(path)
+    return path
+
+
+def test_a_run_with_thinking_on_reports_unfinished_answers(
+    tmp_path: Path, r1_model_dir: Path
+) -> None:
+    from abliterate.commands.run import run
+
+    report = run(
+        RunConfig(
+            model=str(r1_model_dir), out=tmp_path / "run", thinking="on", thinking_budget=3,
+            n_train=4, n_val=4, n_eval=4, batch_size=4, max_new_tokens=3, kl_tokens=2,
+            n_screen=2, n_finalists=2, device="cpu",
+        )
+    )  # fmt: skip
+    # A random model never closes the block the template opened: no answer arrives, and that
+    # is reported as such, not as four refusals.
+    for side in ("baseline", "edited"):
+        result = report[side]
+        assert (result["n_unfinished"], result["unfinished_rate"]) == (4, 1.0)
+        assert result["refusal_rate"] == 0.0
+        assert all(c["unfinished"] and not c["refused"] for c in result["completions"])
+    assert "unfinished, not counted" in (tmp_path / "run/report.md").read_text()
+
+
+def test_evaluate_with_thinking_off_closes_the_block(tmp_path: Path, r1_model_dir: Path) -> None:
+    from abliterate.commands.evaluate import evaluate
+    from abliterate.config import EvaluateConfig
+
+    report = evaluate(
+        EvaluateConfig(model=str(r1_model_dir), out=tmp_path / "eval", n_eval=3, batch_size=4,
+                       max_new_tokens=3, device="cpu")
+    )  # fmt: skip
+    # The prompt ends after an empty block: the continuation is the answer, finished.
+    assert "n_unfinished" not in report["edited"]
+    assert all("unfinished" not in c for c in report["edited"]["completions"])

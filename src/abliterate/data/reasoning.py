@@ -15,7 +15,7 @@ follow for abliterate, all decided here from text, never by trying things on the
   way by :func:`close_reasoning`, so with thinking off the next token is the answer's first.
   A template that has neither (the demo model's Qwen2.5 template) is left exactly as it is.
 * **Where the generation starts.** :func:`opens_reasoning` tells whether a formatted prompt
-  ends inside an open block, in which case the model's continuation *is* reasoning until the
+  ends with an opening tag, in which case the model's continuation *is* reasoning until the
   closing tag (the answer extraction of :func:`abliterate.eval.text.split_answer` needs this).
 
 Reasoning blocks are recognised by the tags of :data:`REASONING_TAGS`. Formats without such

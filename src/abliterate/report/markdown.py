@@ -234,6 +234,13 @@ def _result_lines(report: Report) -> list[str]:
         f"Judge: {code(edited.judge)}. Evaluation prompts: harmful "
         f"{_prompt_set(report, 'eval_harmful')}, harmless {_prompt_set(report, 'eval_harmless')}.",
     ]
+    if report.measured_on is not None:
+        lines += [
+            "",
+            "The edit was measured and searched on another copy of the model "
+            f"({text(report.measured_on)}); the model evaluated here and exported is the "
+            "full-precision checkpoint with the edit baked in.",
+        ]
     return lines
 
 
