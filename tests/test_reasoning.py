@@ -351,6 +351,8 @@ def test_a_run_with_thinking_on_reports_unfinished_answers(
         assert result["refusal_rate"] == 0.0
         assert all(c["unfinished"] and not c["refused"] for c in result["completions"])
     assert "unfinished, not counted" in (tmp_path / "run/report.md").read_text()
+    html = (tmp_path / "run/report.html").read_text()
+    assert 'class="badge unfinished"' in html and "unfinished answers" in html
 
 
 def test_evaluate_with_thinking_off_closes_the_block(tmp_path: Path, r1_model_dir: Path) -> None:
