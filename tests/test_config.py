@@ -53,11 +53,17 @@ CHAT_DEFAULTS = {
 }  # fmt: skip
 
 
+# Keys added since (issue 10: placement, quantized measurement, reasoning models); their
+# defaults change nothing.
+PLACEMENT = {"device_map": None, "max_memory": None, "load_in": None}
+THINKING = {"thinking": "off", "thinking_budget": 512}
+
+
 def test_defaults_and_record_keys_are_unchanged() -> None:
-    assert to_dict(RunConfig()) == RUN_DEFAULTS
-    assert to_dict(OptimizeConfig()) == {**RUN_DEFAULTS, "optimize": True}
-    assert to_dict(EvaluateConfig()) == EVALUATE_DEFAULTS
-    assert to_dict(ChatConfig(model="m")) == CHAT_DEFAULTS
+    assert to_dict(RunConfig()) == {**RUN_DEFAULTS, **PLACEMENT, **THINKING}
+    assert to_dict(OptimizeConfig()) == {**RUN_DEFAULTS, **PLACEMENT, **THINKING, "optimize": True}
+    assert to_dict(EvaluateConfig()) == {**EVALUATE_DEFAULTS, **PLACEMENT, **THINKING}
+    assert to_dict(ChatConfig(model="m")) == {**CHAT_DEFAULTS, **PLACEMENT, **THINKING}
     assert to_dict(ReportConfig(run=Path("r"))) == {"run": "r"}
     assert RunConfig().sites == ("pre", "mid", "post") and RunConfig().out == Path("runs/latest")
 

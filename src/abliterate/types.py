@@ -11,3 +11,9 @@ SITES: tuple[Site, ...] = ("pre", "mid", "post")
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SearchDType = Literal["auto", "model", "float32", "bfloat16", "float16"]
+
+Thinking = Literal["off", "on"]
+"""Whether a reasoning model reasons before answering (the chat template's thinking switch)."""
+
+LoadIn = Literal["4bit", "8bit"]
+"""bitsandbytes quantization of the model the edit is measured and searched on."""

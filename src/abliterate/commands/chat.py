@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.config import ChatConfig
-from abliterate.data.chat import format_chat
+from abliterate.data.chat import format_chat, format_messages
 from abliterate.model.loading import load_model
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
     from abliterate.model.loading import LoadedModel
+    from abliterate.types import Thinking
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,13 @@ class ChatModel:
     system_prompt: str | None = None
     color: str = "green"
     history: list[dict[str, str]] = field(default_factory=list)
+    thinking: Thinking = "off"
 
     def prompt_text(self, user: str) -> str:
-        """The chat-formatted conversation so far plus ``user``, ready for the answer."""
+        """The chat-formatted conversation so far plus ``user``, ready for the answer (with
+        the template's thinking switch set as ``thinking`` says)."""
         messages = [*self.history, {"role": "user", "content": user}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.loaded.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
+        return format_messages(self.loaded.tokenizer, messages, self.system_prompt, self.thinking)
 
     def remember(self, user: str, answer: str) -> None:
         """Append a finished exchange to the history."""
@@ -212,6 +210,7 @@ def load_sides(config: ChatConfig) -> list[ChatModel]:
             device=config.device,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
+            **config.placement(),
         )
 
     model = _model_path(config.model)
@@ -219,12 +218,14 @@ def load_sides(config: ChatConfig) -> list[ChatModel]:
     baseline = (config.baseline, None) if config.baseline else resolve_baseline(model)
     if baseline is None:
         log.info("no --baseline given and %s records no base model: chatting with it alone", model)
-        return [ChatModel(edited.name, edited, config.system_prompt)]
+        return [ChatModel(edited.name, edited, config.system_prompt, thinking=config.thinking)]
     original = load(*baseline)
     return [
-        ChatModel(f"edited · {edited.name}", edited, config.system_prompt),
-        ChatModel(f"original · {original.name}", original, config.system_prompt, color="blue"),
-    ]
+        ChatModel(f"edited · {edited.name}", edited, config.system_prompt,
+                  thinking=config.thinking),
+        ChatModel(f"original · {original.name}", original, config.system_prompt, color="blue",
+                  thinking=config.thinking),
+    ]  # fmt: skip
 
 
 def _columns(
@@ -292,7 +293,7 @@ def chat(
         sides = load_sides(config)
     for side in sides:
         # Fail now, with the usual one-line error, if a model cannot be prompted at all.
-        format_chat(side.loaded.tokenizer, ["hello"], config.system_prompt)
+        format_chat(side.loaded.tokenizer, ["hello"], config.system_prompt, config.thinking)
     if interactive:
         console = console or Console()
         # Line editing and history for input(); readline is missing on Windows, where plain
@@ -365,7 +366,7 @@ def _live_turn(
             sides,
             user,
             update,
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=answer_tokens(config),
             temperature=config.temperature,
         )
     console.print(_columns(sides, answers, [True] * len(sides), console, tail=False))
@@ -389,11 +390,16 @@ def _plain_answer(side: ChatModel, user: str, config: ChatConfig) -> str:
         [side],
         user,
         update,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=answer_tokens(config),
         temperature=config.temperature,
     )
     print(flush=True)
     return answer
+
+
+def answer_tokens(config: ChatConfig) -> int:
+    """The longest answer: ``--max-new-tokens``, plus the reasoning budget with thinking on."""
+    return config.max_new_tokens + (config.thinking_budget if config.thinking == "on" else 0)
 
 
 def _plain_turn(sides: Sequence[ChatModel], user: str, config: ChatConfig) -> list[str]:

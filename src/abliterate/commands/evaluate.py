@@ -84,11 +84,13 @@ def _format_sets(
 ) -> EvalSets:
 
     harmful, harmless, over, reference = raw
-    tok, system = loaded.tokenizer, config.system_prompt
+    tok, system, thinking = loaded.tokenizer, config.system_prompt, config.thinking
+    # The harmless prompts serve the KL divergences, whose distributions are the answer's:
+    # they are formatted with thinking off (see abliterate.commands.run).
     return EvalSets(
-        harmful=ChatSet.format(tok, harmful, system),
-        harmless=ChatSet.format(tok, harmless, system),
-        over_refusal=ChatSet.format(tok, over, system),
+        harmful=ChatSet.format(tok, harmful, system, thinking),
+        harmless=ChatSet.format(tok, harmless, system, "off"),
+        over_refusal=ChatSet.format(tok, over, system, thinking),
         reference=reference,
     )
 
@@ -120,6 +122,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             device=config.device,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
+            **config.placement(),
         )
 
     with run_directory(config.out, config.overwrite) as tmp:
@@ -135,6 +138,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             kl_tokens=config.kl_tokens, batch_size=config.batch_size,
             benchmarks=config.benchmarks, benchmark_limit=config.benchmark_limit,
             seed=config.seed, system_prompt=config.system_prompt,
+            thinking_budget=config.thinking_budget if config.thinking == "on" else 0,
+            reasoning=config.thinking == "on",
         )  # fmt: skip
         with stages.stage("model eval"):
             edited = evaluator.assess(model.model, "model")

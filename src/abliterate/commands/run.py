@@ -5,6 +5,19 @@ model, choose the edit (a saved direction, a given layer's direction, automatic 
 the ``--optimize`` search; :func:`choose_edit`), evaluate the unedited and the edited model on
 the held-out evaluation prompts (:func:`evaluate_edit`), and export the edited model.
 
+The model the edit is *measured* on (activations, selection, search) may be quantized
+(``--load-in``) or spread over devices with offloaded weights (``--device-map``). Its weights
+cannot be edited in place, so the edit is then baked into the same checkpoint loaded again in
+full precision on the CPU (in the measurement model's compute dtype), and that model is
+evaluated and exported (:func:`full_precision_model`): no quantization error is ever exported,
+and the exported model is the one evaluated.
+
+Reasoning models (``--thinking``): every prompt set is formatted with the switch; directions
+are measured on those texts, and answers generated from them. The sets whose *next-token*
+distributions are read (validation sets for selection and search, the harmless evaluation set
+for the KL divergences) are formatted with thinking off instead, so that the token read is the
+answer's first and not the reasoning block's opening tag (:data:`SCORED`).
+
 The run directory is built under a temporary name beside ``out`` and renamed into place only
 when the run succeeds (:func:`~abliterate.commands.rundir.run_directory`). Contents::
 
@@ -44,6 +57,7 @@ from abliterate.measure.activations import collect_activations
 from abliterate.measure.candidates import Candidates
 from abliterate.measure.refusal import refusal_token_ids
 from abliterate.model.anatomy import anatomy_of
+from abliterate.model.devices import bake_blockers
 from abliterate.model.forward import next_token_logprobs
 from abliterate.model.loading import load_model
 from abliterate.progress import Stages
@@ -54,6 +68,8 @@ from abliterate.search.selection import select_direction
 from abliterate.search.study import default_storage
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from abliterate.data.prompts import PromptSet
     from abliterate.eval.evaluator import Assessment
     from abliterate.eval.judges import Judge
@@ -65,6 +81,25 @@ log = logging.getLogger(__name__)
 
 TRAIN_SETS = ("train_harmful", "train_harmless")
 VAL_SETS = ("val_harmful", "val_harmless")
+SCORED = {"val_harmful": "scored_val_harmful", "val_harmless": "scored_val_harmless",
+          "eval_harmless": "scored_eval_harmless"}  # fmt: skip
+"""Sets whose next-token distributions are read, and the key of their thinking-off texts."""
+
+
+def format_sets(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase, sets: dict[str, PromptSet]
+) -> dict[str, ChatSet]:
+    """Every set chat-formatted with ``--thinking``, plus the :data:`SCORED` sets with thinking
+    off (the same texts when thinking is off)."""
+    system = config.system_prompt
+    chats = {k: ChatSet.format(tokenizer, s, system, config.thinking) for k, s in sets.items()}
+    for key, scored in SCORED.items():
+        chats[scored] = (
+            chats[key]
+            if config.thinking == "off"
+            else ChatSet.format(tokenizer, sets[key], system, "off")
+        )
+    return chats
 
 
 @dataclass
@@ -203,8 +238,8 @@ def choose_edit(
         return EditChoice(search.edit, search=search)
     with stages.stage("selection"):
         selection = select_direction(
-            model, tok, candidates, chats["val_harmful"].texts, chats["val_harmless"].texts,
-            refusal_ids, config,
+            model, tok, candidates, chats[SCORED["val_harmful"]].texts,
+            chats[SCORED["val_harmless"]].texts, refusal_ids, config,
         )  # fmt: skip
     (tmp / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
     edit = Ablation.uniform(selection.direction, n_layers, config.strength)
@@ -238,6 +273,7 @@ def _optimize(
         refusal_ids=refusal_ids,
         storage=config.storage or default_storage(config.out),
         fingerprint=fingerprint,
+        scoring=(chats[SCORED["val_harmful"]].texts, chats[SCORED["val_harmless"]].texts),
     )
 
 
@@ -259,19 +295,21 @@ def evaluate_edit(
     model, tok = loaded.model, loaded.tokenizer
     evaluator = Evaluator(
         tok,
-        EvalSets(chats["eval_harmful"], chats["eval_harmless"]),
+        EvalSets(chats["eval_harmful"], chats[SCORED["eval_harmless"]]),
         [judge],
         max_new_tokens=config.max_new_tokens,
         kl_tokens=config.kl_tokens,
         batch_size=config.batch_size,
         system_prompt=config.system_prompt,
+        thinking_budget=config.thinking_budget if config.thinking == "on" else 0,
+        reasoning=config.thinking == "on",
     )
     with stages.stage("baseline eval"):
         baseline = evaluator.assess(model, "baseline")
     with stages.stage("multi-token KL"):
         kl_multi, _ = evaluator.multi_token_kl(model, q_context=lambda: edit_hooks(model, edit))
     with stages.stage("bake edit"):
-        probe = chats["eval_harmless"].texts[:4]
+        probe = chats[SCORED["eval_harmless"]].texts[:4]
         with edit_hooks(model, edit):
             hooked = next_token_logprobs(model, tok, probe, batch_size=config.batch_size)
         summary = bake(model, edit)
@@ -346,6 +384,52 @@ def _report(
     return report
 
 
+def placement_record(loaded: LoadedModel) -> dict[str, Any]:
+    """How the model is placed, for ``environment.json``: the device map (modules per device)
+    and the quantization, where there are any."""
+    out: dict[str, Any] = {}
+    placed = getattr(loaded.model, "hf_device_map", None)
+    if placed:
+        counts: dict[str, int] = {}
+        for device in placed.values():
+            counts[str(device)] = counts.get(str(device), 0) + 1
+        out["device_map"] = counts
+    quantization = getattr(loaded.model.config, "quantization_config", None)
+    if quantization is not None:
+        out["quantization"] = quantization.to_dict()
+    return out
+
+
+def full_precision_model(
+    config: RunConfig, measured: LoadedModel, why: str, stages: Stages
+) -> LoadedModel:
+    """The checkpoint of ``measured`` loaded again in full precision on the CPU, to bake the
+    edit into, evaluate and export (see the module docstring); ``measured`` is released first,
+    so the two are never held at once.
+
+    ``why`` says why ``measured`` cannot be edited in place; the copy uses the measurement
+    model's compute dtype (bfloat16 for a model quantized on a GPU).
+    """
+    import gc
+
+    import torch
+
+    dtype = str(measured.model.dtype).removeprefix("torch.")
+    log.info("the edit is baked into a full-precision copy on the CPU: %s", why)
+    measured.model = None  # type: ignore[assignment]  # the caller's reference goes too
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with stages.stage("load full precision"):
+        return load_model(
+            config.model,
+            revision=config.revision,
+            device="cpu",
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+        )
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Run the whole pipeline and return the report (also written to ``config.out``)."""
     import torch
@@ -365,28 +449,35 @@ def run(config: RunConfig) -> dict[str, Any]:
                 device=config.device,
                 dtype=config.dtype,
                 trust_remote_code=config.trust_remote_code,
+                **config.placement(),
             )
         log.info("model: %s", anatomy_of(loaded.model).anatomy.describe())
         tok = loaded.tokenizer
-        chats = {k: ChatSet.format(tok, s, config.system_prompt) for k, s in sets.items()}
+        chats = format_sets(config, tok, sets)
         env = {**environment_record(str(loaded.device), config.seed, data),
                "model": {"name": loaded.name, "source": loaded.source,
                          "revision": loaded.revision},
-               "dtype": str(loaded.model.dtype)}  # fmt: skip
+               "dtype": str(loaded.model.dtype), **placement_record(loaded)}  # fmt: skip
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
         choice = choose_edit(config, loaded, chats, data, judge, stages, tmp)
         choice.edit.save(tmp)
+        measured_on = bake_blockers(loaded.model)
+        if measured_on is not None:
+            loaded = full_precision_model(config, loaded, measured_on, stages)
         outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
         record = _record(loaded, choice, outcome, data)
+        if measured_on is not None:
+            record["measured_on"] = measured_on
         export_diff: float | None = None
         if config.save_model:
             with stages.stage("export"):
                 save_model(loaded.model, tok, tmp / "model", record)
-                probe = chats["eval_harmless"].texts[:4]
+                probe = chats[SCORED["eval_harmless"]].texts[:4]
                 export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
         (tmp / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
         report = Report.model_validate(
             _report(config, loaded, choice, outcome, record, export_diff, stages)
+            | ({} if measured_on is None else {"measured_on": measured_on})
         )
         scores = None
         if choice.selection is not None:

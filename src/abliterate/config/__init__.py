@@ -2,7 +2,8 @@
 
 Options are declared once, in groups by concern: :class:`ModelOptions`, :class:`PromptOptions`
 (built on :class:`EvalPromptOptions`), :class:`SelectionOptions`, :class:`SearchOptions`,
-:class:`EvalOptions` and :class:`OutputOptions`. Each field carries its help text. A command's
+:class:`ThinkingOptions`, :class:`EvalOptions` and :class:`OutputOptions`. Each field carries
+its help text. A command's
 config inherits the groups it uses (:class:`RunConfig`, :class:`OptimizeConfig`,
 :class:`EvaluateConfig`, :class:`ChatConfig`, :class:`ReportConfig`), so its fields read flat
 (``config.n_train``), it *is* an instance of each of its groups, and
@@ -35,6 +36,7 @@ from abliterate.config.options import (
     RunConfig,
     SearchOptions,
     SelectionOptions,
+    ThinkingOptions,
     to_dict,
 )
 from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
@@ -54,6 +56,7 @@ __all__ = [
     "RunConfig",
     "SearchOptions",
     "SelectionOptions",
+    "ThinkingOptions",
     "describe_errors",
     "load_config",
     "option_name",

@@ -11,18 +11,22 @@ from pydantic_settings import CliPositionalArg
 from abliterate.config.messages import describe_errors
 from abliterate.config.values import (
     Count,
+    DeviceMap,
     FiniteFloat,
     Index,
+    MaxMemory,
     Names,
     PathOption,
     Sites,
     Text,
     check_judges,
     check_temperature,
+    parse_device_map,
+    parse_max_memory,
     problem,
 )
 from abliterate.errors import ConfigError
-from abliterate.types import SITES, DType, SearchDType, Site
+from abliterate.types import SITES, DType, LoadIn, SearchDType, Site, Thinking
 
 S = TypeVar("S", bound="Options")
 
@@ -73,6 +77,65 @@ class ModelOptions(Options):
         False,
         description="Allow the model repository to run its own Python code. Off unless you trust "
         "it.",
+    )
+    device_map: DeviceMap | None = Field(
+        None,
+        description="Spread the model over several devices instead of --device: 'auto' (or "
+        "'balanced', 'balanced_low_0', 'sequential': accelerate's strategies) or a JSON object "
+        'from module names to devices, e.g. \'{"model.embed_tokens": 0, "model.layers": 1, '
+        '"model.norm": 1, "lm_head": 1}\' (devices: GPU indices, cpu, disk).',
+    )
+    max_memory: MaxMemory | None = Field(
+        None,
+        description="Memory caps per device for --device-map, e.g. '0=20GiB,1=20GiB,cpu=60GiB' "
+        "(GPU indices, cpu; sizes in GiB, MiB, GB, MB).",
+    )
+    load_in: LoadIn | None = Field(
+        None,
+        description="Measure and search on the model quantized to 4 or 8 bits with bitsandbytes "
+        "(needs a CUDA GPU and abliterate[quant]); run then loads the full-precision weights on "
+        "the CPU (or with --device-map), bakes the chosen edit there, and evaluates and exports "
+        "that model, so no quantization error is exported.",
+    )
+
+    def placement(self) -> dict[str, Any]:
+        """The :func:`~abliterate.model.loading.load_model` arguments that place the model:
+        ``device_map``, ``max_memory`` (parsed) and ``load_in``."""
+        return {
+            "device_map": None if self.device_map is None else parse_device_map(self.device_map),
+            "max_memory": None if self.max_memory is None else parse_max_memory(self.max_memory),
+            "load_in": self.load_in,
+        }
+
+    @model_validator(mode="after")
+    def _placement(self) -> ModelOptions:
+        if self.max_memory is not None and self.device_map is None:
+            raise problem("--max-memory caps what --device-map places; add --device-map auto.")
+        if self.device_map is not None and self.device != "auto":
+            raise problem(
+                f"pass either --device {self.device} or --device-map {self.device_map}, not both "
+                "(a device map places every module itself)."
+            )
+        return self
+
+
+class ThinkingOptions(Options):
+    """How reasoning ("thinking") models are prompted and given room to answer."""
+
+    thinking: Thinking = Field(
+        "off",
+        description="Reasoning models: 'off' turns the chat template's thinking switch off (the "
+        "enable_thinking or thinking variable, read from the template) and closes a reasoning "
+        "block the template opens anyway, so the model answers at once; 'on' lets it reason, "
+        "with --thinking-budget more tokens, judges read only the answer after the reasoning, "
+        "and answers that never arrive are reported as unfinished. Directions are measured with "
+        "the same switch; next-token scores always read the answer's first token. Templates "
+        "with neither (most chat models) are not affected.",
+    )
+    thinking_budget: Count = Field(
+        512,
+        description="With --thinking on: tokens for the reasoning, generated on top of "
+        "--max-new-tokens (and of the search's --confirm-tokens).",
     )
 
 
@@ -272,7 +335,13 @@ class OutputOptions(Options):
 # pydantic orders inherited fields from the last base to the first: this order lists the model
 # options first, as in --help and config.json.
 class RunConfig(
-    OutputOptions, EvalOptions, SelectionOptions, SearchOptions, PromptOptions, ModelOptions
+    OutputOptions,
+    EvalOptions,
+    ThinkingOptions,
+    SelectionOptions,
+    SearchOptions,
+    PromptOptions,
+    ModelOptions,
 ):
     """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
 
@@ -290,6 +359,11 @@ class RunConfig(
                 f"--site {self.site} is not among --sites {' '.join(self.sites)}; add it to "
                 "--sites or choose one of them."
             )
+        if self.load_in is not None and self.search_dtype not in ("auto", "model"):
+            raise problem(
+                f"--search-dtype {self.search_dtype} would copy the {self.load_in} model into "
+                "another precision; with --load-in leave it at auto."
+            )
         return self
 
 
@@ -299,7 +373,7 @@ class OptimizeConfig(RunConfig):
     optimize: bool = Field(True, description="Search the edit space (always on for this command).")
 
 
-class EvaluateConfig(OutputOptions, EvalOptions, EvalPromptOptions, ModelOptions):
+class EvaluateConfig(OutputOptions, EvalOptions, ThinkingOptions, EvalPromptOptions, ModelOptions):
     """Configuration of ``abliterate evaluate``: measure a model, optionally against a baseline."""
 
     model: CliPositionalArg[Text] = Field(
@@ -340,7 +414,7 @@ class EvaluateConfig(OutputOptions, EvalOptions, EvalPromptOptions, ModelOptions
     batch_size: Count = Field(32, description="Prompts per forward pass.")
 
 
-class ChatConfig(ModelOptions):
+class ChatConfig(ThinkingOptions, ModelOptions):
     """Configuration of ``abliterate chat``: an edited model and its original, side by side."""
 
     model: CliPositionalArg[Text] = Field(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from abliterate.data.chat import batches
+from abliterate.model.devices import input_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,7 +38,7 @@ def save_model(
 def _last_logits(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
 ) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows: list[torch.Tensor | None] = [None] * len(texts)
     for idx, enc in batches(tokenizer, texts, batch_size=len(texts)):
         logits = model(**enc.to(device)).logits[:, -1, :].float().cpu()  # (batch, vocab)
@@ -59,10 +60,13 @@ def verify_export(
     from transformers import AutoModelForCausalLM
 
     reference = _last_logits(model, tokenizer, texts)
+    placed = getattr(model, "hf_device_map", None)
+    # A model spread over devices is reloaded the same way (one device might not hold it).
     reloaded = AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=model.dtype, use_safetensors=True
+        str(directory), dtype=model.dtype, use_safetensors=True, device_map=placed
     )
-    reloaded.to(next(model.parameters()).device)  # type: ignore[arg-type]
+    if placed is None:
+        reloaded.to(next(model.parameters()).device)  # type: ignore[arg-type]
     reloaded.eval()
     try:
         again = _last_logits(reloaded, tokenizer, texts)

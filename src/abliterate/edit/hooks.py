@@ -7,6 +7,12 @@ error, it removes them, so the model is unchanged afterwards. Writers that no mo
 hook can express (one expert inside a fused expert tensor) have their edited weight swapped in
 for the duration of the block and restored after.
 
+On a model spread over devices or quantized (:mod:`abliterate.model.devices`) the hooks run on
+each writer's own device (every tensor an edit adds is moved to the output's device), and the
+weight that norm-preserving edits rescale inputs by is read onloaded and dequantized
+(:func:`~abliterate.model.devices.dense_weight`). A fused expert tensor that is offloaded or
+quantized cannot be swapped in place and is refused.
+
 Composition follows :mod:`abliterate.core.edits`: with writer edits ``e_1 … e_n`` and input
 scales ``D_k``, the module sees ``D_1 ⋯ D_n x`` and ``e_k`` receives ``D_{k+1} ⋯ D_n x``, which
 makes the hooks equal the weights edited by ``e_1`` then ``e_2`` … for every affine writer edit.
@@ -22,7 +28,9 @@ import torch
 
 from abliterate.core.edits import Edit, WriterEdit
 from abliterate.edit.weights import _rewrite
+from abliterate.errors import UnsupportedArchitectureError
 from abliterate.model.anatomy import BoundAnatomy, BoundWriter, anatomy_of
+from abliterate.model.devices import dense_weight, in_place
 
 
 class _WriterHooks:
@@ -72,6 +80,12 @@ class _WriterHooks:
 @contextmanager
 def _swapped(writer: BoundWriter, edits: list[WriterEdit]) -> Iterator[None]:
     """The writer's edited weight in place of the original for the duration of the block."""
+    if not in_place(writer):
+        raise UnsupportedArchitectureError(
+            f"{writer.writer.name} is a fused expert tensor that is offloaded or quantized; "
+            "hooks swap such a tensor in place, so it must be in memory unquantized (raise "
+            "--max-memory or drop --load-in)."
+        )
     weight = writer.weight()
     original = weight.detach().clone()
     try:
@@ -101,7 +115,10 @@ def edit_hooks(
             if writer.writer.layout in ("fused", "fused_t"):
                 stack.enter_context(_swapped(writer, edits))
                 continue
-            hooks = _WriterHooks(edits, writer.weight(), writer.writer.role == "embedding")
+            embedding = writer.writer.role == "embedding"
+            # The embedding's edit never reads its weight (its outputs are its write vectors).
+            weight = writer.weight() if embedding else dense_weight(writer)
+            hooks = _WriterHooks(edits, weight, embedding)
             if hooks.needs_pre:
                 stack.callback(writer.module.register_forward_pre_hook(hooks.pre).remove)
             stack.callback(writer.module.register_forward_hook(hooks.post).remove)

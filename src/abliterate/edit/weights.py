@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from abliterate.core.edits import Edit, WriterEdit, WriterInfo
+from abliterate.errors import UnsupportedArchitectureError
 from abliterate.model.anatomy import Anatomy, Writer, anatomy_of, canonical
+from abliterate.model.devices import bake_blockers
 from abliterate.model.stores import ModuleStore, WeightStore
 
 if TYPE_CHECKING:
@@ -89,5 +91,18 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
 
 
 def bake(model: nn.Module, edit: Edit) -> EditSummary:
-    """Permanently apply ``edit`` to an in-memory model (a tied head is untied first)."""
+    """Permanently apply ``edit`` to an in-memory model (a tied head is untied first).
+
+    Raises:
+        UnsupportedArchitectureError: some weights are quantized or offloaded by a device map
+            (:func:`~abliterate.model.devices.bake_blockers`); editing them in place would
+            write nothing, or quantization error.
+    """
+    blocker = bake_blockers(model)
+    if blocker is not None:
+        raise UnsupportedArchitectureError(
+            f"cannot edit this model's weights in place: {blocker}. Bake the edit into a "
+            "full-precision copy held in memory (run does so with --load-in or an offloading "
+            "--device-map)."
+        )
     return apply_edit(edit, ModuleStore(model), anatomy_of(model).anatomy)

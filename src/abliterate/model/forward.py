@@ -25,6 +25,7 @@ import torch
 
 from abliterate.data.chat import batches
 from abliterate.model.anatomy import anatomy_of
+from abliterate.model.devices import input_device
 from abliterate.progress import progress
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ def in_order(n: int, pieces: Iterable[tuple[Sequence[int], Iterable[T]]]) -> lis
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter (where its inputs go)."""
-    return next(model.parameters()).device
+    """Where the model's inputs go: its input embedding's device (a model spread over several
+    devices by a device map runs its first module there; :func:`~abliterate.model.devices.
+    input_device`)."""
+    return input_device(model)
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.data.chat import prepare_tokenizer
-from abliterate.errors import ModelLoadError
+from abliterate.errors import ConfigError, ModelLoadError
+from abliterate.model.devices import input_device
 
 if TYPE_CHECKING:
     import torch
@@ -41,8 +42,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return next(self.model.parameters()).device
+        """Where the model's inputs go (its input embedding's device)."""
+        return input_device(self.model)
 
 
 def resolve_device(device: str) -> str:
@@ -88,6 +89,41 @@ def _check_model_config(path: Path) -> None:
         hint = f" It looks like an abliterate run directory: its model is {path / 'model'}."
     raise ModelLoadError(
         f"{path / 'config.json'} is not a transformers model config (no model_type).{hint}"
+    )
+
+
+def quantization_config(load_in: str, device: str, compute_dtype: torch.dtype) -> Any:
+    """The ``BitsAndBytesConfig`` of ``--load-in 4bit|8bit`` (4-bit: NF4, computing in
+    ``compute_dtype``; 8-bit: LLM.int8()).
+
+    bitsandbytes quantizes on CUDA GPUs; its CPU backend works too but is slow, so the CPU is
+    used only when asked for by name (``device="cpu"``), never as the fallback of ``auto``
+    (the caller passes ``"cuda"`` for ``auto`` and for device maps).
+
+    Raises:
+        ConfigError: bitsandbytes is not installed, or the device is neither CUDA nor an
+            explicit ``cpu``.
+    """
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"--load-in {load_in} quantizes with bitsandbytes, which is not installed: "
+            "pip install 'abliterate[quant]'."
+        )
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ConfigError(
+            f"--load-in {load_in} measures on a model quantized by bitsandbytes on a CUDA GPU, "
+            "and this machine has none; drop --load-in (the CPU holds full precision), or pass "
+            "--device cpu to quantize on the CPU anyway (slow)."
+        )
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
     )
 
 
@@ -148,6 +184,7 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[int | str, str] | None = None,
+    load_in: str | None = None,
 ) -> LoadedModel:
     """Load a chat model and its tokenizer.
 
@@ -161,6 +198,8 @@ def load_model(
             accelerate takes it) instead of moving it to ``device``.
         max_memory: Per-device memory caps for ``device_map="auto"`` (``{0: "20GiB", "cpu":
             "60GiB"}``).
+        load_in: ``"4bit"`` or ``"8bit"``: quantize the linear layers with bitsandbytes
+            (:func:`quantization_config`); the model stays on ``device`` (or the map).
 
     Raises:
         ModelLoadError: the path does not exist, holds no model, or the hub is unreachable.
@@ -170,6 +209,19 @@ def load_model(
     dev = resolve_device(device)
     src = resolve_source(name, revision, trust_remote_code)
     kwargs = dict(src.model_kwargs)
+    if load_in is not None:
+        if "gguf_file" in kwargs:
+            raise ConfigError(
+                f"--load-in {load_in} quantizes safetensors weights; {name} is a GGUF file, "
+                "already quantized (its weights are dequantized on loading)."
+            )
+        # "auto" that found no GPU is not a request for the CPU: only an explicit cpu is.
+        asked = "cuda" if device_map is not None or device == "auto" else dev
+        kwargs["quantization_config"] = quantization_config(
+            load_in, asked, resolve_dtype(dtype, dev)
+        )
+        # Quantized weights are placed while loading; they cannot be moved afterwards.
+        kwargs["device_map"] = {"": dev}
     if device_map is not None:
         kwargs["device_map"] = device_map
         if max_memory is not None:
@@ -188,7 +240,7 @@ def load_model(
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    if device_map is None:
+    if "device_map" not in kwargs:
         model.to(dev)  # type: ignore[arg-type]
     model.eval()
     prepare_tokenizer(tokenizer)

@@ -85,6 +85,7 @@ Measure = tuple[str, Callable[[ModelResult], Value], bool]
 
 _MEASURES: list[Measure] = [
     ("refusal rate (harmful eval)", lambda m: m.refusal_rate, True),
+    ("unfinished answers (reasoning past the token budget)", lambda m: m.unfinished_rate, True),
     ("over-refusal rate (harmless but edgy prompts)", lambda m: m.over_refusal_rate, True),
     ("first-token KL (harmless eval)", lambda m: m.kl_divergence, False),
     ("multi-token KL (harmless eval)", lambda m: m.kl_divergence_multi_token, False),

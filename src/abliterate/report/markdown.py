@@ -50,8 +50,30 @@ def _quote(response: str) -> str:
 
 
 def _rate_of(result: ModelResult) -> str:
-    k = round(result.refusal_rate * result.n_prompts)
-    return f"{pct(result.refusal_rate)} ({k}/{result.n_prompts})"
+    unfinished = result.n_unfinished or 0
+    finished = result.n_prompts - unfinished
+    k = round(result.refusal_rate * finished)
+    note = f"; {unfinished} unfinished" if unfinished else ""
+    return f"{pct(result.refusal_rate)} ({k}/{finished}{note})"
+
+
+def _rate_cell(result: ModelResult) -> str:
+    """A refusal rate "of N prompts", with the unfinished answers it leaves out, if any."""
+    cell = f"{pct(result.refusal_rate)} of {result.n_prompts}"
+    if result.n_unfinished:
+        cell += f" ({result.n_unfinished} unfinished, not counted)"
+    return cell
+
+
+def _unfinished_note(result: ModelResult) -> list[str]:
+    if result.n_unfinished is None:
+        return []
+    return [
+        "Reasoning: judges read only the answer after the reasoning block; an answer that never "
+        "arrived within the token budget is *unfinished*, reported apart and left out of the "
+        "refusal rate.",
+        "",
+    ]
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -199,11 +221,12 @@ def _result_lines(report: Report) -> list[str]:
         "|---|---:|---:|---:|",
     ]
     if base is not None:
-        lines.append(f"| baseline | {pct(base.refusal_rate)} of {base.n_prompts} | - | - |")
+        lines.append(f"| baseline | {_rate_cell(base)} | - | - |")
     lines += [
-        f"| abliterated | {pct(edited.refusal_rate)} of {edited.n_prompts} | "
+        f"| abliterated | {_rate_cell(edited)} | "
         f"{fixed(edited.kl_divergence)} | {fixed(edited.kl_divergence_multi_token)} |",
         "",
+        *_unfinished_note(edited),
         "KL divergences are KL(original ‖ abliterated) on harmless eval prompts; multi-token KL "
         f"averages the first {edited.kl_tokens} positions of the original model's own greedy "
         "continuations.",
@@ -211,6 +234,13 @@ def _result_lines(report: Report) -> list[str]:
         f"Judge: {code(edited.judge)}. Evaluation prompts: harmful "
         f"{_prompt_set(report, 'eval_harmful')}, harmless {_prompt_set(report, 'eval_harmless')}.",
     ]
+    if report.measured_on is not None:
+        lines += [
+            "",
+            "The edit was measured and searched on another copy of the model "
+            f"({text(report.measured_on)}); the model evaluated here and exported is the "
+            "full-precision checkpoint with the edit baked in.",
+        ]
     return lines
 
 
@@ -292,11 +322,12 @@ def _evaluation_result(report: Report) -> list[str]:
     for label, m in _models(report):
         over_n = m.over_refusal.n_prompts if m.over_refusal else MISSING
         lines.append(
-            f"| {label} | {pct(m.refusal_rate)} of {m.n_prompts} | "
+            f"| {label} | {_rate_cell(m)} | "
             f"{pct(m.over_refusal_rate)} of {over_n} | {fixed(m.kl_divergence)} | "
             f"{fixed(m.kl_divergence_multi_token)} | {fixed(m.reference_cross_entropy, 3)} |"
         )
     lines.append("")
+    lines += _unfinished_note(report.edited)
     if report.edited.kl_tokens is not None:
         lines.append(
             "KL divergences are KL(baseline ‖ model) on harmless prompts; multi-token KL averages "

@@ -292,19 +292,28 @@ class Checks(_Record):
 
 
 class Completion(_Record):
-    """One prompt, the model's answer and the judges' verdict."""
+    """One prompt, the model's answer and the judges' verdict.
+
+    ``response`` is the whole generation, reasoning included; judges read only the answer
+    after the reasoning. ``unfinished``: the answer never arrived within the token budget (the
+    reasoning did not close, or nothing followed it); such a completion was not judged, is not
+    ``refused`` and is left out of the refusal rate.
+    """
 
     prompt: str
     response: str
     refused: bool
     category: str | None = _omitted()
     judges: dict[str, bool] | None = _omitted()
+    unfinished: bool | None = _omitted()
 
 
 class OverRefusal(_Record):
     """Answers to harmless but sensitive-sounding prompts."""
 
     n_prompts: int = Field(ge=0)
+    n_unfinished: int | None = _omitted()
+    unfinished_rate: Rate | None = _omitted()
     by_category: dict[str, Rate]
     completions: list[Completion]
 
@@ -365,12 +374,20 @@ class ModelResult(_Record):
 
     ``run`` reports carry the refusal rate, the completions and, for the edited model, the KL
     divergences; ``evaluate`` reports add over-refusal, per-judge rates, reference
-    cross-entropy, fluency and benchmarks.
+    cross-entropy, fluency and benchmarks. Reasoning models add the unfinished answers
+    (``n_unfinished``, ``unfinished_rate``: present with ``--thinking on`` or when any answer
+    was unfinished); every rate is then over the finished answers only.
     """
 
     refusal_rate: Rate
     n_prompts: int = Field(ge=0)
     judge: str = Field(description="The judge that decided each completion's ``refused``.")
+    n_unfinished: int | None = _omitted()
+    unfinished_rate: Rate | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Share of prompts whose answer never arrived within the token budget.",
+    )
     kl_divergence: float | None = _omitted()
     kl_divergence_multi_token: float | None = _omitted()
     kl_tokens: int | None = _omitted()
@@ -415,6 +432,13 @@ class Report(_Record):
     selection: SelectionSummary | None = None
     optimization: Optimization | None = _omitted()
     checks: Checks | None = _omitted()
+    measured_on: str | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Why the edit was measured on another model than the one evaluated and "
+        "exported (its weights were quantized or offloaded); the evaluated model is the same "
+        "checkpoint in full precision, with the edit baked in.",
+    )
     baseline: ModelResult | None = None
     edited: ModelResult = Field(description="The edited (or evaluated) model.")
     n_examples: int = Field(4, ge=0, description="Examples shown side by side in report.md.")

@@ -61,7 +61,9 @@ def search_model(model: PreTrainedModel, search_dtype: str) -> PreTrainedModel:
     costs memory (half the float32 model for bfloat16) for as long as the search runs.
     """
     current = next(model.parameters()).dtype
-    if search_dtype == "model":
+    # A model placed by a device map (or quantized) is scored as it is: a copy would need the
+    # memory that the placement saves, and accelerate's hooks do not survive a deep copy.
+    if search_dtype == "model" or getattr(model, "hf_device_map", None) is not None:
         return model
     if search_dtype == "auto":
         device = next(model.parameters()).device

@@ -9,6 +9,13 @@ generating answers to the harmful validation prompts and judging them, and the c
 at most the target. The evaluation prompts are not touched here: the caller evaluates the
 chosen edit on them once.
 
+Reasoning models (``--thinking on``): the cheap objective reads the token after an empty
+reasoning block (the harmful and harmless texts formatted with thinking off, passed as
+``scoring``), because with reasoning on the next token is the block's opening tag whatever the
+edit. Confirmations generate with thinking on and ``--thinking-budget`` more tokens, judge only
+the answers after the reasoning, and count an unfinished answer *against* the trial (as if
+refused): an edit must not meet the target by making the model reason past its budget.
+
 The study lives in Optuna storage (by default a SQLite file beside the run directory), so a
 killed run resumes where it stopped and several workers can share one study (see
 :mod:`abliterate.search.study`).
@@ -19,15 +26,17 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from abliterate.core.ablation import Ablation
 from abliterate.data.chat import ChatSet
+from abliterate.data.reasoning import opens_reasoning
 from abliterate.edit.hooks import edit_hooks
 from abliterate.errors import ConfigError
 from abliterate.eval.judges import Judge
+from abliterate.eval.text import split_answer
 from abliterate.measure.candidates import Candidates
 from abliterate.model.forward import generate
 from abliterate.search.objective import CheapObjective, search_model
@@ -84,14 +93,15 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class _Search:
-    """What one search needs besides the model: the candidates, the validation sets, the
-    judge and the configuration section."""
+    """What one search needs besides the model: the candidates, the validation sets (and the
+    texts the cheap objective scores), the judge and the configuration section."""
 
     candidates: Candidates
     harmful: ChatSet
     harmless: ChatSet
     judge: Judge
     config: RunConfig
+    scoring: tuple[Sequence[str], Sequence[str]]
 
     def edit(self, params: dict[str, Any]) -> Ablation:
         return EditParams.from_params(params).to_edit(self.candidates, self.config.site)
@@ -138,8 +148,7 @@ def _run_study(
     objective = CheapObjective(
         scorer_model,
         tokenizer,
-        search.harmful.texts,
-        search.harmless.texts,
+        *search.scoring,
         refusal_ids,
         batch_size=c.batch_size,
     )
@@ -159,6 +168,9 @@ def _confirmer(
     """The judged refusal rate of a trial's edit on the harmful validation prompts."""
     c = search.config
 
+    texts, prompts = search.harmful.texts, search.harmful.prompts.prompts
+    budget = c.thinking_budget if c.thinking == "on" else 0
+
     def confirm(record: TrialRecord) -> float:
         # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
         # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32 prompts ×
@@ -167,14 +179,23 @@ def _confirmer(
             responses = generate(
                 model,
                 tokenizer,
-                search.harmful.texts,
-                max_new_tokens=min(c.confirm_tokens, c.max_new_tokens),
+                texts,
+                max_new_tokens=min(c.confirm_tokens, c.max_new_tokens) + budget,
                 batch_size=c.batch_size,
                 desc=f"Confirming trial {record.number}",
             )
-        refused = search.judge(list(search.harmful.prompts.prompts), responses)
-        rate = sum(refused) / len(refused)
-        log.info("trial %d: confirmed refusal rate %.3f", record.number, rate)
+        answers = [
+            split_answer(r, opens_reasoning(t)) for r, t in zip(responses, texts, strict=True)
+        ]
+        done = [i for i, a in enumerate(answers) if a.finished]
+        refused = search.judge([prompts[i] for i in done], [answers[i].text for i in done])
+        unfinished = len(answers) - len(done)
+        # Unfinished answers count against the trial (module docstring).
+        rate = (sum(refused) + unfinished) / len(answers)
+        log.info(
+            "trial %d: confirmed refusal rate %.3f (%d unfinished counted as refusals)",
+            record.number, rate, unfinished,
+        )  # fmt: skip
         return rate
 
     return confirm
@@ -227,14 +248,18 @@ def optimize_edit(
     refusal_ids: list[int],
     storage: str,
     fingerprint: dict[str, Any],
+    scoring: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> SearchResult:
     """Search the edit space on validation prompts and choose an edit (see module docstring).
 
     The search options (trials, study, target, confirmation, search precision, site, pruning,
-    batch size, seed, ``--trial``) come from ``config``; ``storage`` is the study's Optuna URL
-    and ``fingerprint`` what a resumed study must have been made for.
+    batch size, seed, ``--trial``, thinking) come from ``config``; ``storage`` is the study's
+    Optuna URL and ``fingerprint`` what a resumed study must have been made for; ``scoring``
+    the harmful and harmless texts of the cheap objective (default: the sets' own texts).
     """
-    search = _Search(candidates, harmful_val, harmless_val, judge, config)
+    if scoring is None:
+        scoring = (harmful_val.texts, harmless_val.texts)
+    search = _Search(candidates, harmful_val, harmless_val, judge, config, scoring)
     study, baseline, dtype, search_seconds = _run_study(
         model, tokenizer, search, refusal_ids, storage, fingerprint
     )
