@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from abliterate.core.directions import Direction
+from abliterate.files import write_bytes
 from abliterate.types import SITES, Site
 
 
@@ -194,7 +195,7 @@ class Candidates:
 
     def save(self, path: str | Path) -> None:
         """Write the means (and kept activations) as safetensors, provenance in the header."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {
             "sites": ",".join(self.sites),
@@ -206,7 +207,7 @@ class Candidates:
         tensors = {"harmful_mean": self.harmful_mean, "harmless_mean": self.harmless_mean}
         if self.harmful_acts is not None:
             tensors["harmful_acts"] = self.harmful_acts.contiguous()
-        save_file(tensors, str(path), metadata=meta)
+        write_bytes(Path(path), save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> Candidates:

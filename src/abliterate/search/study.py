@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.errors import ConfigError
+from abliterate.files import process_alive
 
 if TYPE_CHECKING:
     import optuna
@@ -39,16 +40,6 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def fail_dead_trials(study: optuna.Study) -> list[int]:
     """Mark RUNNING trials whose worker is gone as FAIL; returns their numbers.
 
@@ -64,7 +55,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(t.user_attrs.get("worker", ""))
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+        if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
             # tell() by trial number finishes any worker's trial; skip_if_finished covers a
             # race with another worker failing it first.
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
