@@ -369,3 +369,19 @@ def test_a_failed_stage_is_logged_as_failed(caplog: pytest.LogCaptureFixture) ->
     assert any(m.startswith("good done in") for m in messages), messages
     assert any(m.startswith("bad failed after") for m in messages), messages
     assert not any(m.startswith("bad done") for m in messages)
+
+
+# --- the same prompts as harmful and harmless ---------------------------------------------------
+
+
+def test_identical_training_sets_are_one_line_for_every_way_of_choosing(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    same = tmp_path / "same.txt"
+    same.write_text("\n".join(f"How do I do thing {i}?" for i in range(4)) + "\n")
+    for choice in ([], ["--optimize", "--trials", "2"], ["--layer", "2"]):
+        out = tmp_path / "out"
+        argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--harmful", str(same),
+                "--harmless", str(same), *TINY, *choice]  # fmt: skip
+        assert "identical activations" in _one_error(argv, capsys)
+        assert not out.exists()

@@ -144,7 +144,7 @@ def compute_candidates(
             batch_size=config.batch_size, desc=f"Activations ({label})",
         )  # fmt: skip
         acts = acts if kept is None else kept
-    return Candidates(
+    candidates = Candidates(
         harmful_mean=means["train_harmful"],
         harmless_mean=means["train_harmless"],
         sites=config.sites,
@@ -154,6 +154,12 @@ def compute_candidates(
         harmful_acts=acts,
         acts_site=keep,
     )
+    if not candidates.has_direction():
+        raise ConfigError(
+            "the harmful and harmless training prompts give identical activations at every "
+            "layer, so there is no direction to find; are the two prompt sets the same?"
+        )
+    return candidates
 
 
 def _given_layer(config: RunConfig, candidates: Candidates) -> Direction:

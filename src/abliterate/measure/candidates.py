@@ -88,6 +88,15 @@ class Candidates:
         scale = float(self.harmless_mean[layer].norm()) + float(self.harmful_mean[layer].norm())
         return float(self._diff(layer, site).norm()) <= 1e-9 * max(scale, 1e-30)
 
+    def has_direction(self) -> bool:
+        """Whether any layer and site has a direction: False when the two training sets give the
+        same means everywhere (the same prompts, perhaps in another order)."""
+        return any(
+            not self.is_degenerate(layer, site)
+            for layer in range(self.n_layers)
+            for site in self.sites
+        )
+
     def direction(self, layer: int, site: Site, *, projected: bool = False) -> Direction:
         """The normalised harmful-minus-harmless mean difference at ``(layer, site)``.
 
