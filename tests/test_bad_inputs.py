@@ -115,6 +115,23 @@ def test_model_with_nan_weights_is_refused_at_load_naming_the_tensor(
         load_model(str(tmp_path / "broken"), device="cpu")
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+)
+def test_first_nonfinite_finds_nan_and_inf_in_every_float_type(dtype: torch.dtype) -> None:
+    from abliterate.core.finite import first_nonfinite
+
+    for bad in ("nan", "inf", "-inf"):
+        if dtype == torch.float8_e4m3fn and bad != "nan":
+            continue  # this type has no infinity
+        x = torch.randn(3000).to(dtype)
+        assert first_nonfinite([("x", x)]) is None
+        x[1234] = float(bad)
+        named = [("ints", torch.arange(3)), ("empty", torch.zeros(0)), ("ok", torch.zeros(3)),
+                 ("x", x)]  # fmt: skip
+        assert first_nonfinite(named) == "x"
+
+
 def test_scanning_weights_costs_little_next_to_loading_them(tiny_model_dir: Path) -> None:
     from abliterate.core.finite import first_nonfinite
 
