@@ -286,6 +286,7 @@ def test_a_failed_run_leaves_nothing(tmp_path: Path) -> None:
 def test_folders_of_dead_processes_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
     host, dead = socket.gethostname(), _dead_pid()
     out = tmp_path / "out"
+    out.mkdir()  # an .old-* folder is restored only when OUT is missing (next test)
     stale = [tmp_path / f".out.partial-{host}-{dead}-ab12cd34",
              tmp_path / f".out.old-{host}-{dead}-ab12cd34"]  # fmt: skip
     kept = [
@@ -299,6 +300,15 @@ def test_folders_of_dead_processes_are_swept_and_live_ones_kept(tmp_path: Path) 
         (path / "model" / "model.safetensors").write_bytes(b"big")
     assert sorted(sweep_stale(out)) == sorted(stale)
     assert all(not p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_a_run_killed_between_the_renames_is_restored_not_swept(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old = tmp_path / f".out.old-{socket.gethostname()}-{_dead_pid()}-ab12cd34"
+    old.mkdir()
+    (old / "report.json").write_text("{}")
+    assert sweep_stale(out) == []
+    assert (out / "report.json").is_file() and not old.exists()
 
 
 def test_kill_9_leaves_a_folder_that_the_next_run_sweeps(tmp_path: Path) -> None:

@@ -123,7 +123,8 @@ def _probe_creatable(out: Path, target: Path) -> None:
             f"the name of --out {out} is too long for this filesystem: its temporary name "
             f"needs {size} bytes, at most {limit} are possible; choose a shorter name."
         )
-    missing = [p for p in [target.parent, *target.parent.parents] if not p.exists()][::-1]
+    missing = [p for p in [target.parent, *target.parent.parents] if not os.path.lexists(p)]
+    missing.reverse()  # outermost first
     created: list[Path] = []
     try:
         for directory in missing:
@@ -194,6 +195,9 @@ def _check_existing(out: Path, overwrite: bool) -> None:
 def sweep_stale(out: Path) -> list[Path]:
     """Remove the temporary folders of ``out`` left by dead processes of this host.
 
+    A run killed between the two renames that replace ``out`` leaves the earlier run in
+    ``.OUT.old-*`` and no ``out``: that folder is renamed back to ``out`` instead.
+
     Returns the folders removed.
     """
     out = Path(out)
@@ -208,6 +212,10 @@ def sweep_stale(out: Path) -> list[Path]:
             # HOST-PID-RANDOM; older versions wrote no owner, and those are left alone.
             owner, _, _ = path.name[len(prefix) :].rpartition("-")
             if owner and owned_by_dead_process(owner):
+                if kind == "old" and not os.path.lexists(out):
+                    os.rename(path, out)
+                    log.info("restored %s from %s, left by a run that was killed", out, path)
+                    continue
                 shutil.rmtree(path, ignore_errors=True)
                 log.info("removed %s, left by a run that was killed", path)
                 removed.append(path)
