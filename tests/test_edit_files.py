@@ -172,5 +172,5 @@ def test_a_corrupt_edit_file_is_a_value_error(tmp_path: Path) -> None:
         load_edit(tmp_path)
     (tmp_path / "edit.safetensors").unlink()
     (tmp_path / "direction.safetensors").unlink()  # the legacy layout's file is missing too
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="cannot read the direction"):
         load_edit(tmp_path)

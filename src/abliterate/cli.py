@@ -52,28 +52,35 @@ from abliterate.errors import AbliterateError, ConfigError
 EXIT_USER_ERROR = 2
 
 
-def _cmd_run(config: RunConfig) -> int:
+def _cmd_run(config: RunConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.run import run
 
-    run(config)
+    run(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_evaluate(config: EvaluateConfig) -> int:
+def _cmd_evaluate(config: EvaluateConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.evaluate import evaluate
 
-    evaluate(config)
+    evaluate(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_chat(config: ChatConfig) -> int:
+def _cmd_chat(config: ChatConfig, _inputs: Sequence[Path]) -> int:
     from abliterate.commands.chat import chat
 
-    # Live columns need a terminal on both ends; pipes get plain sequential text.
-    return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
+    # Live columns need a terminal on both ends; pipes get plain sequential text. A closed
+    # stream (`<&-`) is None here.
+    interactive = (
+        sys.stdin is not None
+        and sys.stdout is not None
+        and sys.stdin.isatty()
+        and sys.stdout.isatty()
+    )
+    return chat(config, interactive=interactive)
 
 
-def _cmd_report(config: ReportConfig) -> int:
+def _cmd_report(config: ReportConfig, _inputs: Sequence[Path]) -> int:
     from abliterate.report.html import write_run_report
 
     print(f"Wrote {write_run_report(config.run)}")
@@ -85,7 +92,9 @@ class Command:
     """A subcommand: its config class, the function that runs it, and its one-paragraph help."""
 
     config: type[Options]
-    func: Callable[[Any], int]
+    # Runs the command with its config and the files the command line read besides the
+    # config's own inputs (the --config file), which outputs must not overwrite.
+    func: Callable[[Any, Sequence[Path]], int]
     help: str
 
 
@@ -191,6 +200,7 @@ class Invocation:
     command: str
     config: Options
     verbose: bool = False
+    config_file: Path | None = None
 
 
 def _flags(model: type[Options]) -> list[str]:
@@ -246,7 +256,7 @@ def parse_command(argv: Sequence[str], environ: Mapping[str, str] | None = None)
     config = load_config(
         COMMANDS[name].config, command_line=values, config_file=extra.config, environ=environ
     )
-    return Invocation(name, config, extra.verbose)
+    return Invocation(name, config, extra.verbose, extra.config)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -286,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         invocation = parse_command(argv, os.environ)
         _configure_logging(invocation.verbose)
-        return int(COMMANDS[invocation.command].func(invocation.config))
+        inputs = [invocation.config_file] if invocation.config_file is not None else []
+        return int(COMMANDS[invocation.command].func(invocation.config, inputs))
     except AbliterateError as exc:
         # One line, whatever the message holds (a path or a value may carry a newline).
         print(f"abliterate: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)

@@ -37,7 +37,17 @@ class PromptSetError(AbliterateError):
 
 
 class OutputDirError(AbliterateError):
-    """The output directory exists and is not empty, or cannot be written."""
+    """The output directory is or contains an input, exists and is not a run directory that
+    may be replaced, or cannot be written."""
+
+
+class DirectionFileError(AbliterateError, ValueError):
+    """A saved direction file is missing, truncated, or was not written by this tool."""
+
+
+class NonFiniteError(AbliterateError):
+    """A computation produced NaN or infinite values where only finite ones make sense (an
+    edit's weights)."""
 
 
 class JudgeError(AbliterateError):

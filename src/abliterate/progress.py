@@ -51,7 +51,7 @@ class Stages:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the block and sample its peak RSS."""
+        """Time the block and sample its peak RSS; the log says whether it failed."""
         peak = [rss_bytes()]
         stop = threading.Event()
 
@@ -63,8 +63,10 @@ class Stages:
         sampler.start()
         log.info("%s ...", name)
         start = time.perf_counter()
+        outcome = "failed after"
         try:
             yield
+            outcome = "done in"
         finally:
             stop.set()
             sampler.join()
@@ -72,7 +74,11 @@ class Stages:
             profile = StageProfile(name, time.perf_counter() - start, peak[0] / 2**20)
             self.stages.append(profile)
             log.info(
-                "%s done in %.1f s (peak RSS %.0f MB)", name, profile.seconds, profile.peak_rss_mb
+                "%s %s %.1f s (peak RSS %.0f MB)",
+                name,
+                outcome,
+                profile.seconds,
+                profile.peak_rss_mb,
             )
 
     def to_dict(self) -> dict[str, dict[str, float]]:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from abliterate.config import ChatConfig
 from abliterate.data.chat import format_chat, format_messages
-from abliterate.model.loading import load_model
+from abliterate.errors import ModelLoadError
+from abliterate.model.loading import context_limit, load_model
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -184,11 +186,23 @@ def resolve_baseline(model: str) -> tuple[str, str | None] | None:
     record = Path(model).expanduser() / "abliteration.json"
     if not record.is_file():
         return None
-    base = json.loads(record.read_text()).get("base_model") or {}
-    source, name = base.get("source"), base.get("name")
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{record} is not readable JSON ({exc}); pass --baseline to name the original model."
+        ) from exc
+    base = (data.get("base_model") or {}) if isinstance(data, dict) else None
+    fields = [base.get(k) for k in ("source", "name", "revision")] if isinstance(base, dict) else []
+    if len(fields) != 3 or not all(v is None or isinstance(v, str) for v in fields):
+        raise ModelLoadError(
+            f"{record} has no well-formed base_model entry; pass --baseline to name the "
+            "original model."
+        )
+    source, name, revision = fields
     if source and Path(source).exists():
-        return str(source), None
-    return (str(name), base.get("revision")) if name else None
+        return source, None
+    return (name, revision) if name else None
 
 
 def _model_path(model: str) -> str:
@@ -214,8 +228,9 @@ def load_sides(config: ChatConfig) -> list[ChatModel]:
         )
 
     model = _model_path(config.model)
-    edited = load(model, config.revision)
+    # The record is read first: a malformed one fails before any model is loaded.
     baseline = (config.baseline, None) if config.baseline else resolve_baseline(model)
+    edited = load(model, config.revision)
     if baseline is None:
         log.info("no --baseline given and %s records no base model: chatting with it alone", model)
         return [ChatModel(edited.name, edited, config.system_prompt, thinking=config.thinking)]
@@ -267,9 +282,28 @@ def _columns(
 
 
 def _read(console: Console | None, prompt: str) -> str:
+    # A closed stdin (``<&-``) leaves sys.stdin None, and input() then raises RuntimeError:
+    # for the chat it is the end of the input, like EOF.
+    if sys.stdin is None or sys.stdin.closed:
+        raise EOFError
     if console is None:
         return input()
     return console.input(prompt)
+
+
+def _too_long(sides: Sequence[ChatModel], user: str) -> str | None:
+    """Why the conversation plus ``user`` cannot be answered (longer than a model's context),
+    or None when it can."""
+    for side in sides:
+        tok, model = side.loaded.tokenizer, side.loaded.model
+        limit, why = context_limit(model, tok)
+        n = len(tok(side.prompt_text(user), add_special_tokens=False)["input_ids"])
+        if n > limit:
+            return (
+                f"(this message and the conversation so far are {n:,} tokens, more than the "
+                f"{limit:,} {side.label} reads ({why}); it was not sent: /reset starts over)"
+            )
+    return None
 
 
 def chat(
@@ -290,6 +324,8 @@ def chat(
     from rich.text import Text
 
     if sides is None:
+        if sys.stdin is None or sys.stdin.closed:
+            return 0  # nothing will ever be read: do not load the models for nothing
         sides = load_sides(config)
     for side in sides:
         # Fail now, with the usual one-line error, if a model cannot be prompted at all.
@@ -319,6 +355,9 @@ def chat(
                 console.print()  # leave the shell prompt on a line of its own
             return 0
         if not user:
+            continue
+        if not user.startswith("/") and (problem := _too_long(sides, user)) is not None:
+            say(problem)
             continue
         if user.startswith("/"):
             command = user.split()[0].lower()

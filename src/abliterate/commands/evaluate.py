@@ -13,8 +13,9 @@ and holds ``config.json``, ``environment.json``, ``report.json``, ``report.md`` 
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
@@ -25,9 +26,11 @@ from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
 from abliterate.errors import ConfigError
 from abliterate.eval.benchmarks import check_task_names
 from abliterate.eval.evaluator import EvalSets, Evaluator
-from abliterate.eval.judges import JudgeOptions, build_judges
+from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.metrics import reference_answers
-from abliterate.model.loading import load_model
+from abliterate.files import write_json
+from abliterate.model.forward import check_ready
+from abliterate.model.loading import load_model, local_path, resolve_device
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -95,15 +98,28 @@ def _format_sets(
     )
 
 
-def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+def evaluate_inputs(config: EvaluateConfig) -> list[str | Path | None]:
+    """Everything an evaluation reads: ``--out`` may not be or contain any of it."""
+    models = [config.model, *([config.baseline] if config.baseline else [])]
+    return [
+        *(local_path(m) for m in [*models, *judge_sources(config.judge)]),
+        config.eval_harmful, config.eval_harmless, config.over_refusal,
+    ]  # fmt: skip
+
+
+def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Evaluate ``config.model`` (and ``config.baseline``) and write the run directory.
+
+    ``extra_inputs``: further files the caller read (the CLI's ``--config`` file), which
+    ``--out`` must not contain either.
 
     Returns:
         The report, also written to ``config.out/report.json`` and ``report.md``.
     """
     import torch
 
-    check_output_dir(config.out, config.overwrite)
+    check_output_dir(config.out, config.overwrite, [*evaluate_inputs(config), *extra_inputs])
+    resolve_device(config.device)
     torch.manual_seed(config.seed)
     # Everything that can fail fast (prompt files, judge specs, task names) fails before the
     # models are loaded.
@@ -125,14 +141,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             **config.placement(),
         )
 
-    with run_directory(config.out, config.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    with run_directory(config.out, config.overwrite, "evaluate") as tmp:
+        write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
             model = load(config.model)
         sets = _format_sets(model, config, raw_sets)
+        check_ready(model.model, model.tokenizer, sets.chat_sets(), model.name)
         data = sets.record()
         env = environment_record(str(model.device), config.seed, data)
-        (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+        write_json(tmp / "environment.json", env)
         evaluator = Evaluator(
             model.tokenizer, sets, judges, max_new_tokens=config.max_new_tokens,
             kl_tokens=config.kl_tokens, batch_size=config.batch_size,
@@ -148,6 +165,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         if config.baseline is not None:
             with stages.stage("load baseline"):
                 base_model = load(config.baseline)
+            check_ready(base_model.model, base_model.tokenizer, sets.chat_sets(), base_model.name)
             _check_same_vocabulary(base_model, model)
             with stages.stage("baseline eval"):
                 baseline = evaluator.assess(base_model.model, "baseline")

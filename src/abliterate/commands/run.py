@@ -34,8 +34,8 @@ when the run succeeds (:func:`~abliterate.commands.rundir.run_directory`). Conte
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,19 +53,20 @@ from abliterate.edit.weights import bake
 from abliterate.errors import ConfigError
 from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.eval.judges import MarkerJudge
+from abliterate.files import write_json
 from abliterate.measure.activations import collect_activations
 from abliterate.measure.candidates import Candidates
 from abliterate.measure.refusal import refusal_token_ids
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.devices import bake_blockers
-from abliterate.model.forward import next_token_logprobs
-from abliterate.model.loading import load_model
+from abliterate.model.forward import check_ready, next_token_logprobs
+from abliterate.model.loading import load_model, local_path, resolve_device
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report, SelectionScores
 from abliterate.search.optimize import optimize_edit
 from abliterate.search.selection import select_direction
-from abliterate.search.study import default_storage
+from abliterate.search.study import check_study, default_storage, sqlite_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -144,7 +145,6 @@ def load_prompt_sets(config: RunConfig) -> dict[str, PromptSet]:
 
 
 def _saved_direction(config: RunConfig, d_model: int) -> Direction:
-
     assert config.direction is not None
     if not config.direction.with_suffix(".json").is_file():
         raise ConfigError(
@@ -177,7 +177,7 @@ def compute_candidates(
             batch_size=config.batch_size, desc=f"Activations ({label})",
         )  # fmt: skip
         acts = acts if kept is None else kept
-    return Candidates(
+    candidates = Candidates(
         harmful_mean=means["train_harmful"],
         harmless_mean=means["train_harmless"],
         sites=config.sites,
@@ -187,6 +187,12 @@ def compute_candidates(
         harmful_acts=acts,
         acts_site=keep,
     )
+    if not candidates.has_direction():
+        raise ConfigError(
+            "the harmful and harmless training prompts give identical activations at every "
+            "layer, so there is no direction to find; are the two prompt sets the same?"
+        )
+    return candidates
 
 
 def _given_layer(config: RunConfig, candidates: Candidates) -> Direction:
@@ -234,14 +240,14 @@ def choose_edit(
     if config.optimize:
         with stages.stage("search"):
             search = _optimize(config, loaded, candidates, chats, data, judge, refusal_ids)
-        (tmp / "optimization.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
+        write_json(tmp / "optimization.json", search.to_dict())
         return EditChoice(search.edit, search=search)
     with stages.stage("selection"):
         selection = select_direction(
             model, tok, candidates, chats[SCORED["val_harmful"]].texts,
             chats[SCORED["val_harmless"]].texts, refusal_ids, config,
         )  # fmt: skip
-    (tmp / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
+    write_json(tmp / "scores.json", selection.to_dict())
     edit = Ablation.uniform(selection.direction, n_layers, config.strength)
     return EditChoice(edit, selection=selection)
 
@@ -430,18 +436,38 @@ def full_precision_model(
         )
 
 
-def run(config: RunConfig) -> dict[str, Any]:
-    """Run the whole pipeline and return the report (also written to ``config.out``)."""
+def run_inputs(config: RunConfig) -> list[str | Path | None]:
+    """Everything a run reads: ``--out`` may not be or contain any of it."""
+    study = (config.storage or default_storage(config.out)) if config.optimize else None
+    return [
+        local_path(config.model), config.harmful, config.harmless, config.eval_harmful,
+        config.eval_harmless, config.direction,
+        config.direction.with_suffix(".json") if config.direction is not None else None,
+        sqlite_path(study) if study else None,
+    ]  # fmt: skip
+
+
+def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Run the whole pipeline and return the report (also written to ``config.out``).
+
+    ``extra_inputs``: further files the caller read for this run (the CLI's ``--config``
+    file), which ``--out`` must not contain either.
+    """
     import torch
 
-    check_output_dir(config.out, config.overwrite)
+    # Everything that can be checked without the model fails before it is loaded.
+    check_output_dir(config.out, config.overwrite, [*run_inputs(config), *extra_inputs])
+    resolve_device(config.device)
+    if config.optimize:
+        check_study(config)
     torch.manual_seed(config.seed)
     sets = load_prompt_sets(config)
     data = {k: {"name": s.name, "n": len(s), "sha256": s.sha256} for k, s in sets.items()}
     stages = Stages()
     judge = MarkerJudge()
-    with run_directory(config.out, config.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    command = "optimize" if config.optimize else "run"
+    with run_directory(config.out, config.overwrite, command) as tmp:
+        write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
             loaded = load_model(
                 config.model,
@@ -454,11 +480,12 @@ def run(config: RunConfig) -> dict[str, Any]:
         log.info("model: %s", anatomy_of(loaded.model).anatomy.describe())
         tok = loaded.tokenizer
         chats = format_sets(config, tok, sets)
+        check_ready(loaded.model, tok, list(chats.values()), loaded.name)
         env = {**environment_record(str(loaded.device), config.seed, data),
                "model": {"name": loaded.name, "source": loaded.source,
                          "revision": loaded.revision},
                "dtype": str(loaded.model.dtype), **placement_record(loaded)}  # fmt: skip
-        (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+        write_json(tmp / "environment.json", env)
         choice = choose_edit(config, loaded, chats, data, judge, stages, tmp)
         choice.edit.save(tmp)
         measured_on = bake_blockers(loaded.model)
@@ -474,7 +501,7 @@ def run(config: RunConfig) -> dict[str, Any]:
                 save_model(loaded.model, tok, tmp / "model", record)
                 probe = chats[SCORED["eval_harmless"]].texts[:4]
                 export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
-        (tmp / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp / "abliteration.json", record)
         report = Report.model_validate(
             _report(config, loaded, choice, outcome, record, export_diff, stages)
             | ({} if measured_on is None else {"measured_on": measured_on})

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from abliterate.errors import DirectionFileError
+from abliterate.files import write_bytes, write_json
 from abliterate.types import Site
 
 
@@ -183,23 +185,38 @@ class Direction:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path.safetensors`` and ``path.json``; returns the safetensors path."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         base = Path(path).with_suffix("")
         base.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"direction": self.vector.contiguous()}, str(base) + ".safetensors")
-        Path(str(base) + ".json").write_text(json.dumps(self.metadata(), indent=2) + "\n")
+        write_bytes(Path(str(base) + ".safetensors"), save({"direction": self.vector.contiguous()}))
+        write_json(Path(str(base) + ".json"), self.metadata())
         return Path(str(base) + ".safetensors")
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
-        """Read a direction written by :meth:`save` (either file's path, or the common stem)."""
+        """Read a direction written by :meth:`save` (either file's path, or the common stem).
+
+        Raises:
+            DirectionFileError: a file is missing, unreadable, truncated or not written by
+                :meth:`save`, or the vector is zero or not finite.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         base = Path(path).with_suffix("")
-        tensors = load_file(str(base) + ".safetensors")
-        meta = json.loads(Path(str(base) + ".json").read_text())
-        return cls.from_metadata(tensors["direction"], meta)
+        try:
+            tensors = load_file(str(base) + ".safetensors")
+            meta = json.loads(Path(str(base) + ".json").read_text(encoding="utf-8"))
+            direction = cls.from_metadata(tensors["direction"], meta)
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
+            raise DirectionFileError(
+                f"cannot read the direction {base}.safetensors/.json: {type(exc).__name__}: {exc}"
+            ) from exc
+        norm = float(direction.vector.norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            raise DirectionFileError(f"the direction in {base}.safetensors is zero or not finite.")
+        return direction
 
 
 _SET_FORMAT = "abliterate.direction_set/1"
@@ -372,19 +389,14 @@ class DirectionSet:
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.safetensors`` file (vectors + provenance in its header), atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         target = Path(path)
         if target.suffix != ".safetensors":
             target = target.with_name(target.name + ".safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file(
-            {"vectors": self.vectors},
-            str(tmp),
-            metadata={"abliterate": json.dumps(self.metadata())},
-        )
-        tmp.replace(target)
+        data = save({"vectors": self.vectors}, metadata={"abliterate": json.dumps(self.metadata())})
+        write_bytes(target, data)
         return target
 
     @classmethod
@@ -392,18 +404,25 @@ class DirectionSet:
         """Read a set written by :meth:`save`.
 
         Raises:
-            ValueError: the file is not a direction set written by this tool.
+            DirectionFileError: the file is unreadable, truncated or not a direction set
+                written by this tool.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get("abliterate")
-            if header is None or "vectors" not in f.keys():  # noqa: SIM118
-                raise ValueError(f"{path} is not a direction set written by abliterate")
-            vectors = f.get_tensor("vectors")
-        meta = json.loads(header)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = (f.metadata() or {}).get("abliterate")
+                vectors = f.get_tensor("vectors") if "vectors" in f.keys() else None  # noqa: SIM118
+            meta = json.loads(header) if header is not None else None
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise DirectionFileError(f"cannot read the direction set {path}: {exc}") from exc
+        if vectors is None or not isinstance(meta, dict):
+            raise DirectionFileError(f"{path} is not a direction set written by abliterate")
         if meta.get("format") != _SET_FORMAT:
-            raise ValueError(f"{path} has unknown format {meta.get('format')!r}")
+            raise DirectionFileError(
+                f"{path} has unknown format {meta.get('format')!r} (this version reads "
+                f"{_SET_FORMAT})"
+            )
         return cls(
             vectors=vectors,
             layers=tuple(meta["layers"]),

@@ -39,6 +39,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from abliterate.files import write_bytes, write_json
+
 WriterRole = Literal["embedding", "attention", "mlp", "expert", "shared_expert", "mixer"]
 """What a residual writer is: the token embedding, an attention output projection, an MLP
 output projection, a routed expert's or a shared expert's down projection, or the output
@@ -170,17 +172,13 @@ class Edit(ABC):
 
     def save(self, directory: str | Path) -> None:
         """Write ``edit_spec.json`` and ``edit.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
-        tmp = d / f".{TENSORS_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(d / TENSORS_FILE)
-        tmp = d / f".{EDIT_FILE}.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(d / EDIT_FILE)
+        write_bytes(d / TENSORS_FILE, save(tensors))
+        write_json(d / EDIT_FILE, self.to_dict())
 
 
 def edit_from_dict(data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Edit:

@@ -7,13 +7,13 @@ left-padded batches and remembers where each text came from.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from abliterate.data.prompts import PromptSet
 from abliterate.data.reasoning import close_reasoning, template_options
-from abliterate.errors import ChatTemplateError
+from abliterate.errors import ChatTemplateError, PromptSetError
 from abliterate.types import Thinking
 
 if TYPE_CHECKING:
@@ -91,6 +91,29 @@ def batches(
             [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
         )
         yield idx, enc
+
+
+def check_prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase, chats: Iterable[ChatSet], limit: int, why: str
+) -> None:
+    """Refuse any chat-formatted prompt longer than ``limit`` tokens (``why``: where the limit
+    comes from), before it reaches a model.
+
+    Prompts are never truncated: a cut instruction is a different instruction, and the
+    measured refusal rate would silently describe prompts nobody wrote.
+
+    Raises:
+        PromptSetError: naming the set, the prompt (counting from 1) and its token length.
+    """
+    for chat in chats:
+        encoded = tokenizer(list(chat.texts), add_special_tokens=False)["input_ids"]
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise PromptSetError(
+                    f"prompt {i + 1} of {chat.prompts.name} (counting from 1) is {len(ids):,} "
+                    f"tokens long with the chat template, more than the {limit:,} allowed "
+                    f"({why}); shorten or remove it (prompts are never truncated)."
+                )
 
 
 @dataclass(frozen=True)

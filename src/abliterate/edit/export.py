@@ -7,7 +7,6 @@ that was evaluated, so "the exported model is the one that was scored" is checke
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from abliterate.data.chat import batches
+from abliterate.files import write_json
 from abliterate.model.devices import input_device
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    (directory / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(directory / "abliteration.json", record)
 
 
 @torch.inference_mode()

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from abliterate.core.edits import Edit, WriterEdit, WriterInfo
-from abliterate.errors import UnsupportedArchitectureError
+from abliterate.core.finite import first_nonfinite
+from abliterate.errors import NonFiniteError, UnsupportedArchitectureError
 from abliterate.model.anatomy import Anatomy, Writer, anatomy_of, canonical
 from abliterate.model.devices import bake_blockers
 from abliterate.model.stores import ModuleStore, WeightStore
@@ -61,11 +62,24 @@ def _rewrite(weight: torch.Tensor, edits: list[WriterEdit], chunk: int | None) -
         cols.copy_(edited.to(cols.dtype))
 
 
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    # An edited weight with a NaN would be evaluated as garbage and exported as such.
+    if first_nonfinite([(name, tensor)]) is not None:
+        raise NonFiniteError(
+            f"the edit produced non-finite values (NaN or inf) in {name}; the edited model is "
+            "not usable and is not exported (is the direction or a strength degenerate?)."
+        )
+
+
 def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     """Permanently apply ``edit`` to every writer of ``anatomy`` held in ``store``.
 
+    Every rewritten tensor is checked finite as soon as it is written, so no store (and no
+    exported model) ever keeps a NaN that an edit produced.
+
     Raises:
         ValueError: the edit does not fit the model's shape.
+        NonFiniteError: the edit produced NaN or infinite values in a tensor (named).
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
     summary = EditSummary()
@@ -76,6 +90,7 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
         with store.writable(writer.tensor) as stored:
             chunk = EMBEDDING_CHUNK if writer.layout == "embedding" else None
             _rewrite(canonical(stored, writer.layout, writer.expert), edits, chunk)
+            _check_finite(writer.tensor, stored)
         if writer.bias is not None and store.has(writer.bias):
             with store.writable(writer.bias) as bias:
                 b = bias if writer.expert is None else bias[writer.expert]
@@ -83,6 +98,7 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
                 for e in edits:
                     new = e.bias(new)
                 b.copy_(new.to(b.dtype))
+                _check_finite(writer.bias, bias)
             summary.tensors.append(writer.bias)
         if writer.tensor not in summary.tensors:
             summary.tensors.append(writer.tensor)

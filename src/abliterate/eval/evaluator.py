@@ -60,6 +60,10 @@ class EvalSets:
     over_refusal: ChatSet | None = None
     reference: ReferenceAnswers | None = None
 
+    def chat_sets(self) -> list[ChatSet]:
+        """The chat-formatted sets, in the order harmful, harmless, over-refusal."""
+        return [s for s in (self.harmful, self.harmless, self.over_refusal) if s is not None]
+
     def record(self) -> dict[str, Any]:
         """Names, sizes and content hashes, for ``report.json`` and ``environment.json``."""
         named = {"eval_harmful": self.harmful, "eval_harmless": self.harmless}

@@ -10,6 +10,8 @@
   float rounding (a test checks it on every supported family, with and without edits) at
   roughly half the cost, which is what makes a generation-free search trial cheap.
 * :func:`greedy_tokens` / :func:`generate` — greedy continuations.
+* :func:`check_ready` — the checks between loading a model and its first real forward pass:
+  no prompt longer than the model reads, and finite logits.
 
 Nothing here installs an edit: callers that want an edited model wrap these calls in
 :func:`abliterate.edit.hooks.edit_hooks`.
@@ -23,9 +25,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from abliterate.data.chat import batches
+from abliterate.data.chat import ChatSet, batches, check_prompt_lengths
+from abliterate.errors import ModelLoadError
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.devices import input_device
+from abliterate.model.loading import context_limit
 from abliterate.progress import progress
 
 if TYPE_CHECKING:
@@ -216,3 +220,35 @@ def generate(
             yield idx, [str(tokenizer.decode(row, skip_special_tokens=True)).strip() for row in new]
 
     return in_order(len(texts), pieces())
+
+
+@torch.inference_mode()
+def check_ready(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    chats: Sequence[ChatSet],
+    name: str,
+) -> None:
+    """Refuse, before any long computation, prompts longer than the model's context and a
+    model whose next-token logits are not finite.
+
+    Finite weights can still give infinite logits (float16 overflow, a broken norm); every
+    later measurement would then be NaN. The logits are probed on a few prompts of the first
+    set: one small forward pass.
+
+    Raises:
+        PromptSetError: a prompt is too long (see
+            :func:`~abliterate.data.chat.check_prompt_lengths`).
+        ModelLoadError: the logits hold NaN or infinite values.
+    """
+    limit, why = context_limit(model, tokenizer)
+    check_prompt_lengths(tokenizer, chats, limit, why)
+    probe = [t for chat in chats[:1] for t in chat.texts[:4]]
+    for _, enc in batches(tokenizer, probe, batch_size=len(probe) or 1):
+        logits = model(**enc.to(model_device(model)), logits_to_keep=1).logits  # (batch, 1, vocab)
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelLoadError(
+                f"model '{name}' gives non-finite logits (NaN or inf) on ordinary prompts, so "
+                "nothing it computes can be measured; with float16 weights this is usually "
+                "overflow: try --dtype bfloat16 or float32."
+            )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abliterate.core.finite import first_nonfinite
 from abliterate.data.chat import prepare_tokenizer
 from abliterate.errors import ConfigError, ModelLoadError
 from abliterate.model.devices import input_device
@@ -46,17 +47,48 @@ class LoadedModel:
         return input_device(self.model)
 
 
+# Accelerator types a device string may name, and how torch says whether one is present.
+_ACCELERATORS = {
+    "cuda": lambda torch: torch.cuda.device_count(),
+    "mps": lambda torch: int(torch.backends.mps.is_available()),
+    "xpu": lambda torch: torch.xpu.device_count() if hasattr(torch, "xpu") else 0,
+}
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` or ``mps`` when available, else ``cpu``."""
+    """``auto`` becomes ``cuda`` or ``mps`` when available, else ``cpu``; any other device is
+    checked to exist, so a bad ``--device`` fails before anything is loaded.
+
+    Raises:
+        ConfigError: ``device`` is not a torch device, or names one this machine does not have.
+    """
     import torch
 
-    if device != "auto":
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N, mps or xpu."
+        ) from exc
+    if parsed.type == "cpu":
         return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    if parsed.type not in _ACCELERATORS:
+        raise ConfigError(f"--device {device!r} is not supported; use auto, cpu, cuda, mps or xpu.")
+    count = _ACCELERATORS[parsed.type](torch)
+    if count == 0:
+        raise ConfigError(
+            f"--device {device!r}: this machine (torch {torch.__version__}) has no "
+            f"{parsed.type} device; use --device cpu or auto."
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(f"--device {device!r}: there are only {count} {parsed.type} device(s).")
+    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -202,9 +234,12 @@ def load_model(
             (:func:`quantization_config`); the model stays on ``device`` (or the map).
 
     Raises:
-        ModelLoadError: the path does not exist, holds no model, or the hub is unreachable.
+        ModelLoadError: the path does not exist, holds no model, its weight files are corrupt
+            or hold NaN or infinite values, or the hub is unreachable.
+        ConfigError: ``device`` is not a device this machine has.
     """
     import transformers
+    from safetensors import SafetensorError
 
     dev = resolve_device(device)
     src = resolve_source(name, revision, trust_remote_code)
@@ -231,9 +266,18 @@ def load_model(
         model = transformers.AutoModelForCausalLM.from_pretrained(
             src.source, dtype=resolve_dtype(dtype, dev), **kwargs
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        # transformers reports a malformed or unsupported checkpoint with any of these.
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        # transformers reports a malformed or unsupported checkpoint with any of these, and
+        # safetensors a truncated or garbage weight file.
         raise ModelLoadError(f"cannot load model '{name}': {type(exc).__name__}: {exc}") from exc
+    # A NaN or an infinity in the weights would spread through every measurement silently;
+    # scanning costs little next to reading the weights (see first_nonfinite).
+    bad = first_nonfinite(model.named_parameters())
+    if bad is not None:
+        raise ModelLoadError(
+            f"model '{name}' has non-finite values (NaN or inf) in {bad}; the checkpoint is "
+            "corrupt or was saved from a broken edit."
+        )
     if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
         # transformers has dequantized the GGUF weights into ordinary tensors; clear the marker
         # so the edited model can be saved as plain safetensors.
@@ -246,3 +290,39 @@ def load_model(
     prepare_tokenizer(tokenizer)
     commit = getattr(model.config, "_commit_hash", None)
     return LoadedModel(model, tokenizer, src.display, src.source, revision=commit or revision)
+
+
+# Ceiling on prompt length whatever the model claims: the prompt sets are instructions, and a
+# longer "prompt" is a file read wrongly (a whole document on one line), whose attention over a
+# batch could need more memory than any machine has.
+MAX_PROMPT_TOKENS = 32_768
+
+
+def context_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
+    """The most tokens a prompt may have, and where that limit comes from.
+
+    The smaller of the model's ``max_position_embeddings`` and the tokenizer's
+    ``model_max_length`` where they are known, and never more than :data:`MAX_PROMPT_TOKENS`.
+    """
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [(MAX_PROMPT_TOKENS, "abliterate's ceiling on prompt length")]
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append((positions, "the model's max_position_embeddings"))
+    # Tokenizers without a recorded limit report a huge sentinel value (1e30).
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 10**7:
+        limits.append((tok_limit, "the tokenizer's model_max_length"))
+    return min(limits)
+
+
+def local_path(name: str) -> Path | None:
+    """The file or directory a model name reads from when it is local (``demo``: the cached
+    copy), else None (a hub id)."""
+    if name == "demo":
+        from abliterate.model.demo import demo_dir
+
+        return demo_dir()
+    path = Path(name).expanduser()
+    return path if path.exists() else None

@@ -23,9 +23,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from abliterate.errors import ConfigError
+from abliterate.files import write_text
 from abliterate.report.breakdown import pair_completions, pick_examples, refusal_by_category
 from abliterate.report.charts import Figure, all_figures
-from abliterate.report.files import write_figures, write_text_atomic
+from abliterate.report.files import write_figures
 from abliterate.report.format import MISSING, fixed, leaf, pct, sci, sig
 from abliterate.report.optimization import pareto_front
 from abliterate.report.schema import (
@@ -350,5 +351,5 @@ def write_run_report(run: Path) -> Path:
     figures = all_figures(report, scores)
     write_figures(run / "plots", figures)
     page = run / "report.html"
-    write_text_atomic(page, render_html(report, scores, figures))
+    write_text(page, render_html(report, scores, figures))
     return page

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
+from abliterate.files import write_text
 from abliterate.report.breakdown import (
     CategoryRefusals,
     pair_completions,
@@ -25,7 +26,7 @@ from abliterate.report.breakdown import (
     refusal_by_category,
 )
 from abliterate.report.charts import all_figures
-from abliterate.report.files import write_figures, write_text_atomic
+from abliterate.report.files import write_figures
 from abliterate.report.format import MISSING, fixed, pct, sci
 from abliterate.report.html import render_html
 from abliterate.report.optimization import describe_edit, front_plot, pareto_table
@@ -450,10 +451,10 @@ def write_reports(directory: Path, report: Report, scores: SelectionScores | Non
         scores: The selection's candidate scores (also in ``scores.json``), when the command
             selected a direction; they add the per-layer charts and the candidates table.
     """
-    write_text_atomic(directory / "report.json", report.to_json())
+    write_text(directory / "report.json", report.to_json())
     figures = all_figures(report, scores)
     markdown = render_markdown(report, scores)
     # The same charts as report.html, as SVG files the Markdown can show.
     markdown += "\n## Plots\n\n" + write_figures(directory / "plots", figures)
-    write_text_atomic(directory / "report.md", markdown)
-    write_text_atomic(directory / "report.html", render_html(report, scores, figures))
+    write_text(directory / "report.md", markdown)
+    write_text(directory / "report.html", render_html(report, scores, figures))
