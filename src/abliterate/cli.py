@@ -37,10 +37,12 @@ from pydantic_settings import (
 
 from abliterate import __version__
 from abliterate.config import (
+    ApplyConfig,
     ChatConfig,
     EvaluateConfig,
     OptimizeConfig,
     Options,
+    PushConfig,
     ReportConfig,
     RunConfig,
     load_config,
@@ -71,6 +73,20 @@ def _cmd_chat(config: ChatConfig) -> int:
 
     # Live columns need a terminal on both ends; pipes get plain sequential text.
     return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
+
+
+def _cmd_apply(config: ApplyConfig) -> int:
+    from abliterate.commands.apply import apply
+
+    apply(config)
+    return 0
+
+
+def _cmd_push(config: PushConfig) -> int:
+    from abliterate.commands.push import push
+
+    push(config)
+    return 0
 
 
 def _cmd_report(config: ReportConfig) -> int:
@@ -115,6 +131,19 @@ COMMANDS: dict[str, Command] = {
         _cmd_chat,
         "Chat in the terminal with an edited model and its original; their answers stream "
         "side by side.",
+    ),
+    "apply": Command(
+        ApplyConfig,
+        _cmd_apply,
+        "Apply a saved edit (a run, a direction, a .npy vector) to a model file: a .gguf is "
+        "edited in its own tensor types; tensors it cannot requantize (K-quants, I-quants) get "
+        "their edit as a GGUF LoRA adapter beside --out.",
+    ),
+    "push": Command(
+        PushConfig,
+        _cmd_push,
+        "Upload a run's edited model (or LoRA adapter) and further exports to a hub repository, "
+        "with a generated model card and the SHA-256 of every weight file.",
     ),
     "report": Command(
         ReportConfig,

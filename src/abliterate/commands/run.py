@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
+from abliterate.commands.exports import lora_before_bake, weight_files, write_exports
+from abliterate.commands.push import plan_upload, upload
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import RunConfig, to_dict
 from abliterate.core.ablation import Ablation
@@ -317,6 +319,7 @@ def _report(
     record: dict[str, Any],
     export_diff: float | None,
     stages: Stages,
+    exports: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
 
     report: dict[str, Any] = {
@@ -335,6 +338,7 @@ def _report(
             "hooks_vs_weights_max_abs_diff": outcome.hooks_vs_weights,
             "export_reload_max_abs_diff": export_diff,
             "edited_writers": outcome.edited_writers,
+            **({"exports": exports} if exports else {}),
         },
         "baseline": outcome.baseline.to_dict(),
         "edited": outcome.edited.to_dict(),
@@ -376,17 +380,25 @@ def run(config: RunConfig) -> dict[str, Any]:
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
         choice = choose_edit(config, loaded, chats, data, judge, stages, tmp)
         choice.edit.save(tmp)
+        adapter = lora_before_bake(config, loaded, choice.edit)  # needs the unedited weights
         outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
         record = _record(loaded, choice, outcome, data)
         export_diff: float | None = None
+        probe = chats["eval_harmless"].texts[:4]
         if config.save_model:
             with stages.stage("export"):
                 save_model(loaded.model, tok, tmp / "model", record)
-                probe = chats["eval_harmless"].texts[:4]
                 export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
+        exports = None
+        if config.export:
+            with stages.stage("further exports"):
+                exports = write_exports(config, loaded, adapter, tmp, probe)
+        record["files"] = weight_files(tmp)
         (tmp / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
+        if config.save_model:
+            (tmp / "model" / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
         report = Report.model_validate(
-            _report(config, loaded, choice, outcome, record, export_diff, stages)
+            _report(config, loaded, choice, outcome, record, export_diff, stages, exports)
         )
         scores = None
         if choice.selection is not None:
@@ -394,4 +406,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         write_reports(tmp, report, scores)
     print(summary_table(report))
     print(f"\nRun directory: {config.out}")
+    if config.push_to_hub is not None:
+        plan = plan_upload(config.out, config.push_to_hub)
+        print(plan.describe())
+        print(f"Uploaded: {upload(plan)}")
     return report.model_dump(mode="json")
