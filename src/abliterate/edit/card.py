@@ -9,6 +9,7 @@ from its default) and the SHA-256 of every weight file uploaded.
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,14 @@ _ENV = Environment(
     undefined=StrictUndefined,
     trim_blocks=False,
 )
+
+
+def _quoted(value: object) -> str:
+    """A double-quoted string valid in YAML and in Python (JSON's escapes are both's)."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+_ENV.filters["quoted"] = _quoted
 
 
 def _cell(value: object) -> str:
