@@ -85,11 +85,16 @@ def _tokenizer_check(loaded: Any, shipped: Path, work: Path) -> dict[str, Any]:
         a, b = ours[key].contents(), theirs[key].contents()
         out[key] = {"n": len(a), "n_shipped": len(b),
                     "differ": sum(x != y for x, y in zip(a, b, strict=False))}  # fmt: skip
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
-                "tokenizer.ggml.bos_token_id", "tokenizer.chat_template", "tokenizer.ggml.pre"):
+    for key in (
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.chat_template",
+        "tokenizer.ggml.pre",
+    ):
         a = ours[key].contents() if key in ours else None
-        out[key] = {"equal": a == theirs[key].contents(), "ours": None if a == theirs[key].contents()
-                    else str(a)[:60]}  # fmt: skip
+        equal = a == theirs[key].contents()
+        out[key] = {"equal": equal, "ours": None if equal else str(a)[:60]}
     return out
 
 
@@ -125,7 +130,64 @@ def _lora_exactness(edit: Ablation, shipped: Path, adapter: Path) -> float:
     return worst
 
 
-def main() -> None:  # noqa: PLR0915 - a linear script
+def _gguf_out(edited: Any, tok: Any, shipped: Path, texts: list[str], work: Path) -> dict:
+    out: dict[str, Any] = {}
+    for t in ("f16", "bf16", "q8_0"):
+        path = work / f"out-{t}.gguf"
+        start = time.perf_counter()
+        export_gguf(edited, tok, path, t, name="demo abliterated", tokenizer_gguf=shipped)
+        seconds = time.perf_counter() - start
+        back = load_gguf_model(path)
+        diff = logit_difference(edited, back, tok, texts)
+        del back
+        out[t] = {"mb": _mb(path), "write_s": round(seconds, 1), **diff.to_dict()}
+        path.unlink()
+        print(t, out[t], flush=True)
+    return out
+
+
+def _count(types: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _in_place(
+    edit: Ablation, edited: Any, tok: Any, shipped: Path, texts: list[str], work: Path
+) -> dict:
+    out = work / "inplace.gguf"
+    start = time.perf_counter()
+    res = apply_gguf(edit, shipped, out)
+    seconds = time.perf_counter() - start
+    print(res.describe(), flush=True)
+    assert res.adapter is not None
+    back = load_gguf_model(out)
+    without = logit_difference(edited, back, tok, texts)
+    _merge_gguf_lora(back, res.adapter)
+    merged = logit_difference(edited, back, tok, texts)
+    del back
+    return {
+        "mb": _mb(out), "adapter_mb": _mb(res.adapter), "seconds": round(seconds, 1),
+        "requantized_by_type": _count(res.requantized), "lora_by_type": _count(res.lora),
+        "added": res.added, "adapter_rank": res.rank, "with_adapter": merged.to_dict(),
+        "without_adapter": without.to_dict(),
+        "adapter_max_abs_error_vs_edit": _lora_exactness(edit, shipped, res.adapter),
+    }  # fmt: skip
+
+
+def _lora(edit: Ablation, base: Any, edited: Any, tok: Any, texts: list[str], work: Path) -> dict:
+    adapter = lora_from_edit(edit, ModuleStore(base), anatomy_of(base).anatomy, "demo")
+    save_peft(adapter, work / "adapter")
+    gguf_lora = work / "adapter.gguf"
+    peft_to_gguf_lora(work / "adapter", anatomy_of(base).anatomy, "qwen2", gguf_lora)
+    merged = merge_peft(base, work / "adapter")  # merges into base: the last use of it
+    diff = logit_difference(edited, merged, tok, texts)
+    return {"rank": adapter.rank, "adapter_mb": _mb(work / "adapter" / "adapter_model.safetensors"),
+            "gguf_adapter_mb": _mb(gguf_lora), "merged": diff.to_dict()}  # fmt: skip
+
+
+def main() -> None:
     """Measure and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -144,56 +206,11 @@ def main() -> None:  # noqa: PLR0915 - a linear script
         shipped = assemble_gguf(work / "demo.gguf")
         results["shipped_gguf_mb"] = _mb(shipped)
         results["tokenizer_conversion"] = _tokenizer_check(loaded, shipped, work)
-        # 1. GGUF out
-        results["gguf_out"] = {}
-        for t in ("f16", "bf16", "q8_0"):
-            path = work / f"out-{t}.gguf"
-            start = time.perf_counter()
-            export_gguf(edited, tok, path, t, name="demo abliterated", tokenizer_gguf=shipped)
-            seconds = time.perf_counter() - start
-            back = load_gguf_model(path)
-            diff = logit_difference(edited, back, tok, texts)
-            del back
-            results["gguf_out"][t] = {"mb": _mb(path), "write_s": round(seconds, 1),
-                                      **diff.to_dict()}  # fmt: skip
-            path.unlink()
-            print(t, results["gguf_out"][t], flush=True)
-        # 2. GGUF in place
-        out = work / "inplace.gguf"
-        start = time.perf_counter()
-        res = apply_gguf(edit, shipped, out)
-        seconds = time.perf_counter() - start
-        print(res.describe(), flush=True)
-        assert res.adapter is not None
-        back = load_gguf_model(out)
-        without = logit_difference(edited, back, tok, texts)
-        _merge_gguf_lora(back, res.adapter)
-        merged = logit_difference(edited, back, tok, texts)
-        del back
-        by_type: dict[str, int] = {}
-        for kind in res.requantized.values():
-            by_type[kind] = by_type.get(kind, 0) + 1
-        lora_types: dict[str, int] = {}
-        for kind in res.lora.values():
-            lora_types[kind] = lora_types.get(kind, 0) + 1
-        results["gguf_in_place"] = {
-            "mb": _mb(out), "adapter_mb": _mb(res.adapter), "seconds": round(seconds, 1),
-            "requantized_by_type": by_type, "lora_by_type": lora_types, "added": res.added,
-            "adapter_rank": res.rank, "with_adapter": merged.to_dict(),
-            "without_adapter": without.to_dict(),
-            "adapter_max_abs_error_vs_edit": _lora_exactness(edit, shipped, res.adapter),
-        }  # fmt: skip
+        print(results["tokenizer_conversion"], flush=True)
+        results["gguf_out"] = _gguf_out(edited, tok, shipped, texts, work)
+        results["gguf_in_place"] = _in_place(edit, edited, tok, shipped, texts, work)
         print(results["gguf_in_place"], flush=True)
-        # 3. LoRA adapter (PEFT), merged into the unedited model
-        adapter = lora_from_edit(edit, ModuleStore(base), anatomy_of(base).anatomy, "demo")
-        save_peft(adapter, work / "adapter")
-        gguf_lora = work / "adapter.gguf"
-        peft_to_gguf_lora(work / "adapter", anatomy_of(base).anatomy, "qwen2", gguf_lora)
-        merged_model = merge_peft(base, work / "adapter")
-        diff = logit_difference(edited, merged_model, tok, texts)
-        results["lora"] = {"rank": adapter.rank,
-                           "adapter_mb": _mb(work / "adapter" / "adapter_model.safetensors"),
-                           "gguf_adapter_mb": _mb(gguf_lora), "merged": diff.to_dict()}  # fmt: skip
+        results["lora"] = _lora(edit, base, edited, tok, texts, work)
         print(results["lora"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gguf_formats.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -207,14 +224,18 @@ def _markdown(r: dict[str, Any]) -> str:
         rows.append(f"| GGUF out {t.upper()} | {v['mb']} | {v['max_abs_logit']:.3g} | "
                     f"{v['mean_kl']:.3g} |")  # fmt: skip
     p = r["gguf_in_place"]
-    rows.append(f"| GGUF in place + GGUF LoRA | {p['mb']} + {p['adapter_mb']} | "
-                f"{p['with_adapter']['max_abs_logit']:.3g} | {p['with_adapter']['mean_kl']:.3g} |")
+    rows.append(
+        f"| GGUF in place + GGUF LoRA | {p['mb']} + {p['adapter_mb']} | "
+        f"{p['with_adapter']['max_abs_logit']:.3g} | {p['with_adapter']['mean_kl']:.3g} |"
+    )
     rows.append(f"| GGUF in place, adapter left out | {p['mb']} | "
                 f"{p['without_adapter']['max_abs_logit']:.3g} | "
                 f"{p['without_adapter']['mean_kl']:.3g} |")  # fmt: skip
     lo = r["lora"]
-    rows.append(f"| PEFT LoRA (rank {lo['rank']}) merged | {lo['adapter_mb']} | "
-                f"{lo['merged']['max_abs_logit']:.3g} | {lo['merged']['mean_kl']:.3g} |")
+    rows.append(
+        f"| PEFT LoRA (rank {lo['rank']}) merged | {lo['adapter_mb']} | "
+        f"{lo['merged']['max_abs_logit']:.3g} | {lo['merged']['mean_kl']:.3g} |"
+    )
     return "\n".join([f"Edit: {r['edit']}. Shipped GGUF: {r['shipped_gguf_mb']} MB.", "",
                       *rows, ""])  # fmt: skip
 
