@@ -134,3 +134,14 @@ def test_reproduce_command_lists_non_defaults() -> None:
     assert reproduce_command(config, "run") == (
         "abliterate run --model m.gguf --sites pre mid --no-save-model"
     )
+
+
+def test_failed_upload_is_one_line(tmp_path: Path) -> None:
+    from abliterate.errors import HubError
+
+    class Offline(FakeApi):
+        def create_repo(self, repo: str, **kwargs: Any) -> None:
+            raise ConnectionError("Name or service not known")
+
+    with pytest.raises(HubError, match="retry with: abliterate push RUN org/x"):
+        upload(plan_upload(_run_dir(tmp_path), "org/x"), api=Offline())

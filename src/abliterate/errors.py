@@ -55,3 +55,7 @@ class ReportError(AbliterateError):
 class ExportError(AbliterateError):
     """An edit or a model cannot be written in the requested format: an unsupported family or
     tokenizer, a GGUF type that cannot be requantized, an edit that is not low-rank."""
+
+
+class HubError(AbliterateError):
+    """An upload to the hub failed: no network, no or a wrong token, a repository refused."""

@@ -64,11 +64,12 @@ def apply_to_gguf(config: ApplyConfig) -> GGUFEdit:
             raise OutputDirError(f"{target} exists; pass --overwrite to replace it.")
     if out.exists() and out.resolve() == src.resolve():
         raise OutputDirError(f"--out {out} is the input; the input is never overwritten.")
-    adapter_path(out).unlink(missing_ok=True)  # a stale adapter must not pass for this edit's
     anatomy = GGUFStore(src).anatomy()
     edit = load_edit_file(config.direction, anatomy.n_layers, anatomy.d_model, config.strength)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = apply_gguf(edit, src, out)
+    if result.adapter is None:
+        adapter_path(out).unlink(missing_ok=True)  # an old adapter must not pass for this edit's
     print(result.describe())
     return result
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from abliterate.config import PushConfig
 from abliterate.edit.card import CardInputs, model_card
-from abliterate.errors import ConfigError
+from abliterate.errors import ConfigError, HubError
 from abliterate.report.schema import load_report
 
 if TYPE_CHECKING:
@@ -121,13 +121,21 @@ def upload(plan: UploadPlan, *, private: bool = False, api: HfApi | Any = None) 
         from huggingface_hub import HfApi
 
         api = HfApi()
-    api.create_repo(plan.repo, repo_type="model", private=private, exist_ok=True)
-    info = api.create_commit(
-        plan.repo,
-        operations(plan),
-        commit_message="abliterate: upload the edited model with its model card",
-        repo_type="model",
-    )
+    try:
+        api.create_repo(plan.repo, repo_type="model", private=private, exist_ok=True)
+        info = api.create_commit(
+            plan.repo,
+            operations(plan),
+            commit_message="abliterate: upload the edited model with its model card",
+            repo_type="model",
+        )
+    except Exception as exc:
+        # huggingface_hub reports network, authentication and repository failures with its own
+        # and its HTTP client's exception types; each is an expected, user-facing failure here.
+        raise HubError(
+            f"upload to {plan.repo} failed: {type(exc).__name__}: {exc}. The run directory is "
+            "complete; retry with: abliterate push RUN " + plan.repo
+        ) from exc
     return str(getattr(info, "commit_url", f"https://huggingface.co/{plan.repo}"))
 
 

@@ -181,7 +181,7 @@ def model_card(inputs: CardInputs) -> str:
         "kl_tokens": edited.kl_tokens or "–",
         "benchmarks": _benchmarks(report),
         "exports": [_export_row(e) for e in exports or []],
-        "ties_embedding": bool(report.edit is not None and _edit_rows(report)["embedding"]),
+        "edits_embedding": bool(_edit_rows(report)["embedding"]),
         "gguf_files": [p for p in inputs.files if p.endswith(".gguf") and "adapter" not in p],
         "gguf_adapters": [p for p in inputs.files if p.endswith(".gguf") and "adapter" in p],
         "command": reproduce_command(inputs.config, report.command),
