@@ -17,7 +17,7 @@ from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
 from abliterate.edit.checks import load_gguf_model, logit_difference
 from abliterate.edit.gguf import adapter_path, apply_gguf, read_gguf_lora
-from abliterate.edit.gguf_export import export_gguf
+from abliterate.edit.gguf_export import TensorSource, export_gguf, write_gguf
 from abliterate.edit.lora import apply_writer_edits
 from abliterate.edit.weights import bake, writer_info
 from abliterate.errors import ExportError
@@ -112,6 +112,23 @@ def test_gguf_out_copies_a_source_tokenizer_exactly(
     fa, fb = gguf.GGUFReader(first).fields, gguf.GGUFReader(second).fields
     keys = [k for k in fa if k.startswith("tokenizer.")]
     assert keys and all(field_value(fa[k]) == field_value(fb[k]) for k in keys)
+
+
+def test_a_checkpoint_is_written_tensor_by_tensor(
+    make_model: Callable[[str], Any], tokenizer: Any, tmp_path: Path
+) -> None:
+    """write_gguf reading a safetensors checkpoint one tensor at a time writes the same bytes
+    as the export of the loaded model."""
+    from safetensors import safe_open
+
+    model = make_model("qwen2")
+    model.save_pretrained(tmp_path / "ckpt")
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
+        names = [n for n in model.state_dict() if n in f.keys()]  # noqa: SIM118
+        source = TensorSource({n: tuple(f.get_slice(n).get_shape()) for n in names}, f.get_tensor)
+        write_gguf(model.config, source, tokenizer, tmp_path / "a.gguf", "q8_0", name="tiny")
+    export_gguf(model, tokenizer, tmp_path / "b.gguf", "q8_0", name="tiny")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
 
 def test_gemma_is_written_with_llama_cpp_norm_convention(tokenizer: Any, tmp_path: Path) -> None:

@@ -19,14 +19,16 @@ does.
 
 Tensors whose rows are not a multiple of the type's block (32 for Q8_0) are written in F16, and
 one-dimensional tensors (norms, biases) in F32, as llama.cpp's converter does. Tensors are
-converted and written one at a time, so memory beyond the model is about one tensor.
+converted and written one at a time (:func:`write_gguf` reads them through a
+:class:`TensorSource`, so a checkpoint can be converted without loading the model), so memory
+beyond the model is about one tensor.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +49,7 @@ from abliterate.progress import progress
 
 if TYPE_CHECKING:
     import gguf
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_OUT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -82,10 +85,6 @@ def _qtype(out_type: str) -> gguf.GGMLQuantizationType:
             f"unknown GGUF type '{out_type}'; choose one of {', '.join(GGUF_OUT_TYPES)}."
         )
     return gguf.GGMLQuantizationType[out_type.upper()]
-
-
-def _text_config(model: PreTrainedModel) -> Any:
-    return model.config.get_text_config()
 
 
 def _hyperparameters(writer: gguf.GGUFWriter, config: Any, arch: str) -> None:
@@ -180,32 +179,66 @@ def _convert(name: str, values: np.ndarray, arch: str, config: Any) -> np.ndarra
     return values
 
 
-def _tensors(model: PreTrainedModel, arch: str) -> Iterator[tuple[str, str, Any]]:
-    """``(hf name, gguf name, tensor)`` of every tensor llama.cpp needs (a tied head once)."""
-    config = _text_config(model)
+@dataclass(frozen=True)
+class TensorSource:
+    """Where GGUF out reads a model's tensors: every name with its shape, and a reader of one
+    tensor (an in-memory model's state dict, or a checkpoint read tensor by tensor).
+
+    Attributes:
+        shapes: Hugging Face tensor name -> shape, in the order they are written.
+        read: The tensor called ``name`` (any float dtype; read once, when it is written).
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    read: Callable[[str], torch.Tensor]
+
+
+def model_tensors(model: PreTrainedModel) -> TensorSource:
+    """The tensors of an in-memory model (no copy)."""
+    state = model.state_dict()
+    return TensorSource({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
+
+
+def _plan(config: Any, tensors: TensorSource, arch: str) -> list[tuple[str, str]]:
+    """``(hf name, gguf name)`` of every tensor llama.cpp needs (a tied head once)."""
     names = tensor_name_map(arch, int(config.num_hidden_layers))
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp uses token_embd as the head when output.weight is absent
-        yield hf_name, gguf_tensor_name(hf_name, names), tensor
+    # llama.cpp uses token_embd as the head when output.weight is absent.
+    return [(hf, gguf_tensor_name(hf, names)) for hf in tensors.shapes
+            if not (tied and hf == "lm_head.weight")]  # fmt: skip
 
 
 def export_gguf(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | None,
     path: Path,
     out_type: str,
     *,
     name: str,
     tokenizer_gguf: Path | None = None,
 ) -> GGUFExport:
-    """Write ``model`` as a GGUF file of type ``out_type`` at ``path``, atomically.
+    """Write the in-memory ``model`` as a GGUF file (see :func:`write_gguf`)."""
+    return write_gguf(model.config.get_text_config(), model_tensors(model), tokenizer, path,
+                      out_type, name=name, tokenizer_gguf=tokenizer_gguf)  # fmt: skip
+
+
+def write_gguf(
+    config: Any,
+    tensors: TensorSource,
+    tokenizer: PreTrainedTokenizerBase | None,
+    path: Path,
+    out_type: str,
+    *,
+    name: str,
+    tokenizer_gguf: Path | None = None,
+) -> GGUFExport:
+    """Write a model of (text) ``config`` whose tensors ``tensors`` reads as a GGUF file of type
+    ``out_type`` at ``path``, atomically, one tensor in memory at a time.
 
     Args:
+        tokenizer: The transformers tokenizer to convert (unused with ``tokenizer_gguf``).
         name: ``general.name`` of the file.
-        tokenizer_gguf: A GGUF file whose tokenizer fields are copied (the model's source);
-            without it the tokenizer is converted from ``tokenizer``.
+        tokenizer_gguf: A GGUF file whose tokenizer fields are copied (the model's source).
 
     Raises:
         ExportError: the family, the rotary scaling or the tokenizer cannot be written.
@@ -213,14 +246,13 @@ def export_gguf(
     import gguf
 
     qtype = _qtype(out_type)
-    config = _text_config(model)
     family = str(config.model_type)
     arch = GGUF_ARCH.get(family)
     if arch is None:
         raise ExportError(
             f"'{family}' models are not written to GGUF; families: {', '.join(sorted(GGUF_ARCH))}."
         )
-    plan = [(g, t) for _, g, t in _tensors(model, arch)]
+    plan = _plan(config, tensors, arch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
@@ -234,22 +266,25 @@ def export_gguf(
         if tokenizer_gguf is not None:
             _copy_tokenizer(writer, tokenizer_gguf)
             result.tokenizer_source = "gguf"
+        elif tokenizer is None:
+            raise ExportError("GGUF out needs a tokenizer or a GGUF to copy one from.")
         else:
             _hf_tokenizer(writer, tokenizer, family, int(config.vocab_size))
         types = []
-        for g, t in plan:
-            kind = _tensor_type(t.shape, qtype)
-            if kind != qtype and t.ndim > 1:
+        for hf, g in plan:
+            shape = tensors.shapes[hf]
+            kind = _tensor_type(shape, qtype)
+            if kind != qtype and len(shape) > 1:
                 result.fallback.append(g)
             types.append(kind)
-            nbytes = _nbytes(tuple(t.shape), kind)
-            writer.add_tensor_info(g, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=kind)
+            writer.add_tensor_info(g, shape, np.dtype(np.float32), _nbytes(shape, kind),
+                                   raw_dtype=kind)  # fmt: skip
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (g, t), kind in progress(list(zip(plan, types, strict=True)), desc="Writing GGUF"):
-            values = _convert(g, t.detach().to("cpu").float().numpy(), arch, config)
-            writer.write_tensor_data(gguf.quants.quantize(values, kind))
+        for (hf, g), kind in progress(list(zip(plan, types, strict=True)), desc="Writing GGUF"):
+            values = tensors.read(hf).detach().to("cpu").float().numpy()
+            writer.write_tensor_data(gguf.quants.quantize(_convert(g, values, arch, config), kind))
         writer.close()
         tmp.replace(path)
     finally:
