@@ -249,6 +249,16 @@ def test_in_place_keeps_untouched_tensors_and_every_type(mixed_gguf: Path, tmp_p
     assert result.adapter == adapter_path(out) and "Q4_K, Q6_K" in result.describe()
 
 
+def test_embedding_rows_edited_in_chunks_give_the_same_file(
+    mixed_gguf: Path, tmp_path: Path
+) -> None:
+    edit = Ablation.uniform(_direction(), 4)
+    whole, chunked = tmp_path / "whole.gguf", tmp_path / "chunked.gguf"
+    apply_gguf(edit, mixed_gguf, whole)
+    apply_gguf(edit, mixed_gguf, chunked, row_chunk=64)  # 400 rows: 7 chunks
+    assert whole.read_bytes() == chunked.read_bytes()
+
+
 # Largest |requantized - edited| relative to the tensor's largest |value|: half a step of each
 # type's grid (Q4: 16 levels, Q5: 32, Q8: 255) with room for the blocks' own scales.
 STEP = {T.Q4_0: 1 / 8, T.Q4_1: 1 / 8, T.Q5_0: 1 / 16, T.Q5_1: 1 / 16, T.Q8_0: 1 / 100,

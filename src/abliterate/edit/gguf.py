@@ -28,24 +28,29 @@ save_peft`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from abliterate.core.edits import Edit
+from abliterate.core.edits import Edit, WriterEdit
 from abliterate.edit.lora import CHUNK, LowRank, apply_writer_edits, low_rank_delta, read_peft
 from abliterate.edit.weights import writer_info
 from abliterate.errors import ExportError
 from abliterate.model.anatomy import Anatomy, canonical
 from abliterate.model.gguf_store import (
     GGUF_ARCH,
+    ROW_CHUNK,
     GGUFStore,
     gguf_tensor_name,
     tensor_name_map,
 )
 from abliterate.progress import progress
+
+if TYPE_CHECKING:
+    import torch
 
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT = "output.weight"
@@ -96,9 +101,22 @@ def adapter_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.lora.gguf")
 
 
-def apply_gguf(edit: Edit, src: Path, out: Path) -> GGUFEdit:
+def _row_editor(edits: list[WriterEdit]) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """An embedding's rows (its canonical columns) edited by ``edits``."""
+
+    def edit_rows(rows: torch.Tensor, start: int) -> torch.Tensor:
+        cols = rows.T  # (d_model, chunk): the canonical columns start … start + chunk - 1
+        for e in edits:
+            cols = e.columns(cols, start)
+        return cols.T
+
+    return edit_rows
+
+
+def apply_gguf(edit: Edit, src: Path, out: Path, row_chunk: int = ROW_CHUNK) -> GGUFEdit:
     """Apply ``edit`` to the GGUF file ``src`` and write ``out`` (and, where needed, the adapter
-    :func:`adapter_path` names); ``src`` is never modified.
+    :func:`adapter_path` names); ``src`` is never modified. A requantizable embedding is edited
+    ``row_chunk`` rows at a time.
 
     Raises:
         ExportError: an edit that must go into the adapter is not low-rank; ``out`` is ``src``.
@@ -117,7 +135,11 @@ def apply_gguf(edit: Edit, src: Path, out: Path) -> GGUFEdit:
         if writer.role == "embedding" and OUTPUT not in store.tensors:
             store.add_tensor(OUTPUT, store.raw(TOKEN_EMBD))  # the head keeps the original
             result.added.append(OUTPUT)
-        if store.can_requantize(writer.tensor):
+        if writer.layout == "embedding" and store.can_requantize(writer.tensor):
+            # One row per token, edited independently: never the whole table in float32.
+            store.rewrite_rows(writer.tensor, _row_editor(edits), row_chunk)
+            result.requantized[name] = store.qtype(writer.tensor).name
+        elif store.can_requantize(writer.tensor):
             with store.writable(writer.tensor) as stored:
                 w = canonical(stored, writer.layout, writer.expert)
                 w.copy_(apply_writer_edits(edits, w, CHUNK))

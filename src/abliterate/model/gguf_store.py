@@ -21,7 +21,7 @@ Only the tensors an edit touches are ever dequantized; the rest stay memory-mapp
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,9 @@ GGUF_ARCH: dict[str, str] = {
 # llama.cpp architecture -> the anatomy family that edits it.
 FAMILY_OF_ARCH: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
                                   "gemma": "gemma"}  # fmt: skip
+# Rows dequantized at a time by GGUFStore.rewrite_rows (a 152k-token embedding of width 896 is
+# 545 MB in float32; 16k rows of it are 59 MB).
+ROW_CHUNK = 16384
 # llama.cpp's Gemma stores RMSNorm gains as 1 + w (transformers keeps w and adds 1 at run time).
 NORM_PLUS_ONE_ARCHES = frozenset({"gemma"})
 # llama.cpp's llama architecture keeps the rows of the query and key projections permuted for
@@ -257,6 +260,39 @@ class GGUFStore:
         tensor = self.read(name)
         yield tensor
         self._replaced[g] = RawTensor(self._quantize(g, tensor.numpy(), raw.qtype), raw.qtype)
+
+    def rewrite_rows(
+        self,
+        name: str,
+        edit_rows: Callable[[torch.Tensor, int], torch.Tensor],
+        chunk: int = ROW_CHUNK,
+    ) -> None:
+        """Rewrite the stored rows of ``name`` ``chunk`` rows at a time, each chunk dequantized,
+        passed to ``edit_rows(rows, first_row)`` (float32 ``(chunk, row length)``, returns the
+        edited rows) and requantized to the tensor's own type.
+
+        For a tensor whose rows are edited independently (a token embedding: one row per token)
+        this is :meth:`writable` without ever holding the whole tensor in float32.
+
+        Raises:
+            ExportError: the tensor's type cannot be requantized by the ``gguf`` package.
+        """
+        import gguf
+        import torch
+
+        g = self.gguf_name(name)
+        raw = self.raw(g)
+        if raw.qtype not in requantizable_types() or raw.data.ndim != 2:
+            raise ExportError(f"'{g}' ({raw.qtype.name}) cannot be requantized row by row.")
+        if self.arch in NORM_PLUS_ONE_ARCHES | ROPE_PERMUTED_ARCHES and g != "token_embd.weight":
+            raise ExportError(f"'{g}' is stored in llama.cpp's own convention; use writable().")
+        out = np.empty_like(raw.data)
+        for start in range(0, raw.data.shape[0], chunk):
+            rows = np.array(gguf.quants.dequantize(raw.data[start : start + chunk], raw.qtype),
+                            dtype=np.float32)  # fmt: skip
+            edited = edit_rows(torch.from_numpy(rows), start).detach().float().numpy()
+            out[start : start + chunk] = gguf.quants.quantize(edited, raw.qtype)
+        self._replaced[g] = RawTensor(out, raw.qtype)
 
     def _quantize(self, gguf_name: str, values: np.ndarray, qtype: Any) -> np.ndarray:
         import gguf
