@@ -193,6 +193,9 @@ def test_peft_adapter_converts_to_gguf_lora(
     adapter = _adapter_for(model, edit)
     save_peft(adapter, tmp_path / "adapter")
     anatomy = anatomy_of(model).anatomy
+    with pytest.raises(ExportError, match="output head"):  # llama.cpp would apply it to the head
+        peft_to_gguf_lora(tmp_path / "adapter", anatomy, "qwen2", tmp_path / "a.gguf",
+                          tied_head=True)  # fmt: skip
     rank = peft_to_gguf_lora(tmp_path / "adapter", anatomy, "qwen2", tmp_path / "a.gguf")
     assert rank == 1
     meta, deltas = read_gguf_lora(tmp_path / "a.gguf")

@@ -145,3 +145,33 @@ def test_failed_upload_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(HubError, match="retry with: abliterate push RUN org/x"):
         upload(plan_upload(_run_dir(tmp_path), "org/x"), api=Offline())
+
+
+def test_run_exports_and_pushes(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run --export gguf:q8_0,lora --push-to-hub: the exports are written and checked, their
+    hashes recorded, and the upload (stubbed here) carries the card. lora-gguf is refused before
+    any evaluation: the tiny model ties its head to the edited embedding."""
+    import abliterate.commands.run as run_module
+
+    uploaded: list[Any] = []
+    monkeypatch.setattr(run_module, "upload", lambda plan: uploaded.append(plan) or "url")
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--n-train", "8",
+            "--n-eval", "3", "--max-new-tokens", "4", "--batch-size", "4", "--layer", "1",
+            "--export", "gguf:q8_0", "lora", "--push-to-hub", "org/tiny"]  # fmt: skip
+    assert main([*argv[:-4], "lora-gguf"]) == 2 and not out.exists()
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    exports = {e["format"]: e for e in report["checks"]["exports"]}
+    assert set(exports) == {"gguf:q8_0", "lora"}
+    assert exports["gguf:q8_0"]["max_abs_logit"] < 1.0 and exports["lora"]["note"] == "rank 1"
+    record = json.loads((out / "abliteration.json").read_text())
+    for path in ("gguf/model-Q8_0.gguf", "adapter/adapter_model.safetensors",
+                 "model/model.safetensors"):  # fmt: skip
+        assert record["files"][path] == _sha((out / path).read_bytes()), path
+    assert json.loads((out / "model" / "abliteration.json").read_text())["files"] == record["files"]
+    (plan,) = uploaded
+    assert plan.repo == "org/tiny" and "adapter/adapter_config.json" in plan.files
+    assert "| gguf:q8_0 | `gguf/model-Q8_0.gguf` |" in plan.generated["README.md"]

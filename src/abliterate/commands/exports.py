@@ -21,9 +21,10 @@ from abliterate.commands.push import sha256_file
 from abliterate.config import RunConfig
 from abliterate.core.edits import Edit
 from abliterate.edit.checks import load_gguf_model, logit_difference
-from abliterate.edit.gguf import peft_to_gguf_lora
+from abliterate.edit.gguf import TIED_HEAD_LORA, peft_to_gguf_lora
 from abliterate.edit.gguf_export import export_gguf
 from abliterate.edit.lora import LoraAdapter, lora_from_edit, save_peft
+from abliterate.errors import ConfigError
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.stores import ModuleStore
 
@@ -40,8 +41,18 @@ def lora_before_bake(config: RunConfig, loaded: LoadedModel, edit: Edit) -> Lora
     """The edit's adapter, from the still unedited model, when ``--export`` asks for one."""
     if not wants_lora(config):
         return None
-    return lora_from_edit(edit, ModuleStore(loaded.model), anatomy_of(loaded.model).anatomy,
-                          base_model=loaded.name, revision=loaded.revision)  # fmt: skip
+    adapter = lora_from_edit(edit, ModuleStore(loaded.model), anatomy_of(loaded.model).anatomy,
+                             base_model=loaded.name, revision=loaded.revision)  # fmt: skip
+    adapter.tied_head = tied_head(loaded)
+    embedding = any(w.role == "embedding" for w, _ in adapter.deltas.values())
+    if "lora-gguf" in config.export and adapter.tied_head and embedding:
+        raise ConfigError(f"--export lora-gguf: {TIED_HEAD_LORA}")
+    return adapter
+
+
+def tied_head(loaded: LoadedModel) -> bool:
+    """Whether the (still unedited) model uses its token embedding as output head."""
+    return bool(getattr(loaded.model.config.get_text_config(), "tie_word_embeddings", False))
 
 
 def _source_gguf(model: str, workdir: Path) -> Path | None:
@@ -102,7 +113,7 @@ def write_exports(
             path = run / "adapter" / "adapter.gguf"
             family = anatomy_of(loaded.model).anatomy.family
             rank = peft_to_gguf_lora(run / "adapter", anatomy_of(loaded.model).anatomy, family,
-                                     path)  # fmt: skip
+                                     path, tied_head=adapter.tied_head)  # fmt: skip
             entries.append(_check("lora-gguf", path, run, note=f"rank {rank}"))
     return entries
 

@@ -54,6 +54,11 @@ if TYPE_CHECKING:
 
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT = "output.weight"
+TIED_HEAD_LORA = (
+    "the model uses its token embedding as output head, and llama.cpp would apply the "
+    "embedding's LoRA to the head as well; edit the GGUF in place instead (abliterate apply "
+    "--model MODEL.gguf keeps the original head), or export the PEFT adapter (--export lora)."
+)
 
 
 @dataclass
@@ -221,13 +226,19 @@ def read_gguf_lora(path: Path) -> tuple[dict[str, Any], dict[str, LowRank]]:
     return meta, out
 
 
-def peft_to_gguf_lora(directory: Path, anatomy: Anatomy, model_type: str, path: Path) -> int:
+def peft_to_gguf_lora(
+    directory: Path, anatomy: Anatomy, model_type: str, path: Path, *, tied_head: bool = False
+) -> int:
     """Convert a PEFT adapter written by :func:`~abliterate.edit.lora.save_peft` for a model of
     ``anatomy`` into a llama.cpp GGUF LoRA adapter at ``path``; returns its rank.
 
+    Args:
+        tied_head: The base model uses its token embedding as output head.
+
     Raises:
         ExportError: the family has no llama.cpp architecture, the adapter targets fused experts,
-            or it changes biases (a llama.cpp LoRA carries matrices only).
+            changes biases (a llama.cpp LoRA carries matrices only), or changes the embedding of
+            a model whose head is tied to it.
     """
     arch = GGUF_ARCH.get(model_type)
     if arch is None:
@@ -257,4 +268,6 @@ def peft_to_gguf_lora(directory: Path, anatomy: Anatomy, model_type: str, path: 
         deltas[gguf_tensor_name(w.tensor, names)] = LowRank(b.float() * scale, a.float())
     if not deltas:
         raise ExportError(f"{directory} holds no LoRA change of this model's residual writers.")
+    if tied_head and TOKEN_EMBD in deltas:
+        raise ExportError(TIED_HEAD_LORA)
     return write_gguf_lora(deltas, arch, path, str(config.get("base_model_name_or_path") or ""))

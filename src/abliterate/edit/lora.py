@@ -131,12 +131,15 @@ class LoraAdapter:
         biases: Hugging Face bias name -> the *edited* bias (what PEFT loads into the model).
         base_model: Name or path of the base model, for ``adapter_config.json``.
         revision: Its revision, when known.
+        tied_head: The base model uses its token embedding as output head (the caller knows;
+            a GGUF LoRA cannot change such an embedding).
     """
 
     deltas: dict[str, tuple[Writer, LowRank]] = field(default_factory=dict)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
     base_model: str | None = None
     revision: str | None = None
+    tied_head: bool = False
 
     @property
     def rank(self) -> int:
