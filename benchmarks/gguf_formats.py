@@ -130,9 +130,11 @@ def _lora_exactness(edit: Ablation, shipped: Path, adapter: Path) -> float:
     return worst
 
 
-def _gguf_out(edited: Any, tok: Any, shipped: Path, texts: list[str], work: Path) -> dict:
-    out: dict[str, Any] = {}
-    for t in ("f16", "bf16", "q8_0"):
+def _gguf_out(
+    edited: Any, tok: Any, shipped: Path, texts: list[str], work: Path, save: Any, results: dict
+) -> dict:
+    out: dict[str, Any] = results.setdefault("gguf_out", {})
+    for t in ("q8_0", "f16", "bf16"):
         path = work / f"out-{t}.gguf"
         start = time.perf_counter()
         export_gguf(edited, tok, path, t, name="demo abliterated", tokenizer_gguf=shipped)
@@ -143,6 +145,7 @@ def _gguf_out(edited: Any, tok: Any, shipped: Path, texts: list[str], work: Path
         out[t] = {"mb": _mb(path), "write_s": round(seconds, 1), **diff.to_dict()}
         path.unlink()
         print(t, out[t], flush=True)
+        save()
     return out
 
 
@@ -201,19 +204,23 @@ def main() -> None:
     base = loaded.model
     edited = copy.deepcopy(base)
     bake(edited, edit)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every stage, so that a stopped run keeps what it measured
+        (args.out / "gguf_formats.json").write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="gguf-bench-", dir="/tmp") as tmp:
         work = Path(tmp)
         shipped = assemble_gguf(work / "demo.gguf")
         results["shipped_gguf_mb"] = _mb(shipped)
         results["tokenizer_conversion"] = _tokenizer_check(loaded, shipped, work)
-        print(results["tokenizer_conversion"], flush=True)
-        results["gguf_out"] = _gguf_out(edited, tok, shipped, texts, work)
+        save()
         results["gguf_in_place"] = _in_place(edit, edited, tok, shipped, texts, work)
-        print(results["gguf_in_place"], flush=True)
+        save()
         results["lora"] = _lora(edit, base, edited, tok, texts, work)
-        print(results["lora"], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gguf_formats.json").write_text(json.dumps(results, indent=2) + "\n")
+        save()
+        results["gguf_out"] = _gguf_out(edited, tok, shipped, texts, work, save, results)
+    save()
     (args.out / "gguf_formats.md").write_text(_markdown(results))
     print(_markdown(results))
 
