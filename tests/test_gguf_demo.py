@@ -9,7 +9,8 @@ prompts), one edited model in memory, and the artefacts compared with it on held
 * GGUF out in Q8_0, loaded back by transformers;
 * the PEFT adapter merged into the unedited model.
 
-Bounds: about twice the values ``benchmarks/gguf_formats.py`` measured (README).
+Bounds: set before ``benchmarks/gguf_formats.py`` could run on this machine (the shared heavy
+lock was held throughout); tighten them to about twice its measured values.
 """
 
 from __future__ import annotations
@@ -98,4 +99,5 @@ def test_lora_adapter_merges_to_the_edited_model(demo: dict[str, Any]) -> None:
     save_peft(adapter, demo["work"] / "adapter")
     merged = merge_peft(base, demo["work"] / "adapter")  # the last test: base may change
     diff = logit_difference(demo["edited"], merged, demo["loaded"].tokenizer, demo["texts"])
-    assert diff.max_abs_logit < 1e-3, diff
+    # float32 rounding only (the edit itself moves logits by whole units)
+    assert diff.max_abs_logit < 1e-2 and diff.mean_kl < 1e-6, diff
