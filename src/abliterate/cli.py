@@ -37,10 +37,12 @@ from pydantic_settings import (
 
 from abliterate import __version__
 from abliterate.config import (
+    ApplyConfig,
     ChatConfig,
     EvaluateConfig,
     OptimizeConfig,
     Options,
+    PushConfig,
     ReportConfig,
     RunConfig,
     load_config,
@@ -78,6 +80,20 @@ def _cmd_chat(config: ChatConfig, _inputs: Sequence[Path]) -> int:
         and sys.stdout.isatty()
     )
     return chat(config, interactive=interactive)
+
+
+def _cmd_apply(config: ApplyConfig, inputs: Sequence[Path]) -> int:
+    from abliterate.commands.apply import apply
+
+    apply(config)
+    return 0
+
+
+def _cmd_push(config: PushConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.push import push
+
+    push(config)
+    return 0
 
 
 def _cmd_report(config: ReportConfig, _inputs: Sequence[Path]) -> int:
@@ -124,6 +140,19 @@ COMMANDS: dict[str, Command] = {
         _cmd_chat,
         "Chat in the terminal with an edited model and its original; their answers stream "
         "side by side.",
+    ),
+    "apply": Command(
+        ApplyConfig,
+        _cmd_apply,
+        "Apply a saved edit (a run, a direction, a .npy vector) to a model file: a .gguf is "
+        "edited in its own tensor types; tensors it cannot requantize (K-quants, I-quants) get "
+        "their edit as a GGUF LoRA adapter beside --out.",
+    ),
+    "push": Command(
+        PushConfig,
+        _cmd_push,
+        "Upload a run's edited model (or LoRA adapter) and further exports to a hub repository, "
+        "with a generated model card and the SHA-256 of every weight file.",
     ),
     "report": Command(
         ReportConfig,

@@ -60,3 +60,12 @@ class BenchmarkError(AbliterateError):
 
 class ReportError(AbliterateError):
     """A ``report.json`` or ``scores.json`` is missing, malformed, or of an unknown version."""
+
+
+class ExportError(AbliterateError):
+    """An edit or a model cannot be written in the requested format: an unsupported family or
+    tokenizer, a GGUF type that cannot be requantized, an edit that is not low-rank."""
+
+
+class HubError(AbliterateError):
+    """An upload to the hub failed: no network, no or a wrong token, a repository refused."""

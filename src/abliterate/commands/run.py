@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
+from abliterate.commands.exports import lora_before_bake, weight_files, write_exports
+from abliterate.commands.push import plan_upload, upload
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import RunConfig, to_dict
 from abliterate.core.ablation import Ablation
@@ -361,6 +363,7 @@ def _report(
     record: dict[str, Any],
     export_diff: float | None,
     stages: Stages,
+    exports: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
 
     report: dict[str, Any] = {
@@ -379,6 +382,7 @@ def _report(
             "hooks_vs_weights_max_abs_diff": outcome.hooks_vs_weights,
             "export_reload_max_abs_diff": export_diff,
             "edited_writers": outcome.edited_writers,
+            **({"exports": exports} if exports else {}),
         },
         "baseline": outcome.baseline.to_dict(),
         "edited": outcome.edited.to_dict(),
@@ -491,19 +495,27 @@ def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str,
         measured_on = bake_blockers(loaded.model)
         if measured_on is not None:
             loaded = full_precision_model(config, loaded, measured_on, stages)
+        adapter = lora_before_bake(config, loaded, choice.edit)  # needs the unedited weights
         outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
         record = _record(loaded, choice, outcome, data)
         if measured_on is not None:
             record["measured_on"] = measured_on
         export_diff: float | None = None
+        probe = chats[SCORED["eval_harmless"]].texts[:4]
         if config.save_model:
             with stages.stage("export"):
                 save_model(loaded.model, tok, tmp / "model", record)
-                probe = chats[SCORED["eval_harmless"]].texts[:4]
                 export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
+        exports = None
+        if config.export:
+            with stages.stage("further exports"):
+                exports = write_exports(config, loaded, adapter, tmp, probe)
+        record["files"] = weight_files(tmp)
         write_json(tmp / "abliteration.json", record)
+        if config.save_model:
+            write_json(tmp / "model" / "abliteration.json", record)
         report = Report.model_validate(
-            _report(config, loaded, choice, outcome, record, export_diff, stages)
+            _report(config, loaded, choice, outcome, record, export_diff, stages, exports)
             | ({} if measured_on is None else {"measured_on": measured_on})
         )
         scores = None
@@ -512,4 +524,8 @@ def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str,
         write_reports(tmp, report, scores)
     print(summary_table(report))
     print(f"\nRun directory: {config.out}")
+    if config.push_to_hub is not None:
+        plan = plan_upload(config.out, config.push_to_hub)
+        print(plan.describe())
+        print(f"Uploaded: {upload(plan)}")
     return report.model_dump(mode="json")

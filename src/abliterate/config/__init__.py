@@ -23,15 +23,18 @@ This module is imported by ``abliterate --help``: it must not import torch or tr
 
 from abliterate.config.messages import describe_errors, option_name
 from abliterate.config.options import (
+    ApplyConfig,
     ChatConfig,
     EvalOptions,
     EvalPromptOptions,
     EvaluateConfig,
+    ExportOptions,
     ModelOptions,
     OptimizeConfig,
     Options,
     OutputOptions,
     PromptOptions,
+    PushConfig,
     ReportConfig,
     RunConfig,
     SearchOptions,
@@ -43,15 +46,18 @@ from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
 
 __all__ = [
     "ENV_PREFIX",
+    "ApplyConfig",
     "ChatConfig",
     "EvalOptions",
     "EvalPromptOptions",
     "EvaluateConfig",
+    "ExportOptions",
     "ModelOptions",
     "OptimizeConfig",
     "Options",
     "OutputOptions",
     "PromptOptions",
+    "PushConfig",
     "ReportConfig",
     "RunConfig",
     "SearchOptions",

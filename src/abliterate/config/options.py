@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -329,12 +330,53 @@ class OutputOptions(Options):
     )
 
 
+EXPORT_FORMATS = ("gguf:f16", "gguf:bf16", "gguf:q8_0", "gguf:f32", "lora", "lora-gguf")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_exports(values: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [v for v in values if v.lower() not in EXPORT_FORMATS]
+    if bad:
+        raise problem(f"unknown format {bad[0]!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    return tuple(v.lower() for v in values)
+
+
+def _check_repo_id(value: str | None) -> str | None:
+    if value is not None and not _REPO_ID.fullmatch(value):
+        raise problem(f"must be a hub repository id ORG/NAME, got {value!r}")
+    return value
+
+
+RepoId = Annotated[Text, AfterValidator(_check_repo_id)]
+"""A hub repository id ``ORG/NAME``."""
+
+
+class ExportOptions(Options):
+    """Further formats of the edited model, and its upload to the hub."""
+
+    export: Annotated[Names, AfterValidator(_check_exports)] = Field(
+        (),
+        description="Further formats of the edited model, besides OUT/model: gguf:f16, "
+        "gguf:bf16, gguf:q8_0, gguf:f32 (OUT/gguf/model-TYPE.gguf, for llama.cpp; its logits are "
+        "checked against the evaluated model), lora (a PEFT LoRA adapter in OUT/adapter; plain "
+        "edits only: a projection is exactly rank 1 per matrix), lora-gguf (that adapter also "
+        "as a llama.cpp LoRA, OUT/adapter/adapter.gguf). Comma- or space-separated.",
+    )
+    push_to_hub: RepoId | None = Field(
+        None,
+        description="Upload the run's model (or adapter) with a generated model card to this hub "
+        "repository (ORG/NAME) when the run succeeds; the token comes from huggingface_hub "
+        "(HF_TOKEN or a stored login).",
+    )
+
+
 # --- command configs -----------------------------------------------------------------------------
 
 
 # pydantic orders inherited fields from the last base to the first: this order lists the model
 # options first, as in --help and config.json.
 class RunConfig(
+    ExportOptions,
     OutputOptions,
     EvalOptions,
     ThinkingOptions,
@@ -433,6 +475,38 @@ class ChatConfig(ThinkingOptions, ModelOptions):
     temperature: Annotated[FiniteFloat | None, AfterValidator(check_temperature)] = Field(
         None,
         description="Sample at this temperature (default: greedy decoding, which is reproducible).",
+    )
+
+
+class ApplyConfig(Options):
+    """Configuration of ``abliterate apply``: apply a saved edit to a model file."""
+
+    model: Text = Field(
+        description="Model file to edit: a .gguf file (edited in place in its own types; "
+        "tensors of types the gguf package cannot requantize go into a GGUF LoRA adapter).",
+    )
+    direction: PathOption = Field(
+        description="The edit: a run directory or a directory with edit_spec.json, a saved "
+        "direction (direction.safetensors with its .json), or a .npy vector of the hidden size "
+        "(removed at --strength from the embedding and every attention and MLP output).",
+    )
+    out: PathOption = Field(description="Edited model file to write (never the input).")
+    strength: FiniteFloat = Field(
+        1.0, description="Strength for a direction or .npy vector (a saved edit keeps its own)."
+    )
+    overwrite: bool = Field(False, description="Replace --out (and its adapter) if it exists.")
+
+
+class PushConfig(Options):
+    """Configuration of ``abliterate push``: upload a run's model or adapter with a model card."""
+
+    run: CliPositionalArg[PathOption] = Field(
+        description="Run directory (with report.json, abliteration.json and model/ or adapter/)."
+    )
+    repo: CliPositionalArg[RepoId] = Field(description="Hub repository ORG/NAME to upload to.")
+    private: bool = Field(False, description="Create the repository as private.")
+    dry_run: bool = Field(
+        False, description="Print the model card and the planned uploads; upload nothing."
     )
 
 

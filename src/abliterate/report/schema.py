@@ -280,12 +280,26 @@ class EditedWriters(_Record):
     writers_by_role: dict[str, int]
 
 
+class ExportCheck(_Record):
+    """One further export of the edited model (``--export``): a GGUF file or a LoRA adapter,
+    with its logits measured against the evaluated model where the check ran."""
+
+    format: str = Field(description="gguf:f16, gguf:bf16, gguf:q8_0, lora or lora-gguf.")
+    path: str = Field(description="Relative to the run directory.")
+    size_bytes: int = Field(ge=0)
+    sha256: str
+    max_abs_logit: float | None = _omitted()
+    mean_kl: float | None = _omitted()
+    note: str | None = _omitted()
+
+
 class Checks(_Record):
     """Consistency checks of a run's edit and export."""
 
     hooks_vs_weights_max_abs_diff: float
     export_reload_max_abs_diff: float | None = Field(description="None: model not saved.")
     edited_writers: EditedWriters | None = _omitted()
+    exports: list[ExportCheck] | None = _omitted()
 
 
 # --- what was measured ----------------------------------------------------------------------
