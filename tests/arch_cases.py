@@ -1,4 +1,5 @@
-"""Tiny random models of every family in the anatomy table, built from their config classes.
+"""Tiny random models of every family in the anatomy table, built from their config classes,
+and a probe of every residual state.
 
 Shared by the architecture test matrix (``tests/test_architectures.py``) and the support
 table (``scripts/support_table.py``). Each case is a ``model_type`` with the few config keys
@@ -9,10 +10,14 @@ experts, per-layer inputs).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from abliterate.model.anatomy import BoundAnatomy
 
 COMMON: dict[str, Any] = {
     "hidden_size": 32,
@@ -367,3 +372,78 @@ def build_model(case: str, vocab: int, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(case, vocab))
     return randomize(model, seed)
+
+
+TEXT_IN_VLM: dict[str, Any] = {**COMMON, "num_hidden_layers": 2}
+VISION: dict[str, dict[str, Any]] = {
+    "gemma3": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+    "qwen2_5_vl": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                   "out_hidden_size": 32, "patch_size": 4, "window_size": 8,
+                   "fullatt_block_indexes": [0]},
+    "qwen3_vl": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                 "out_hidden_size": 32, "patch_size": 4, "num_position_embeddings": 16,
+                 "deepstack_visual_indexes": [0]},
+    "mistral3": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "image_size": 16, "patch_size": 4, "head_dim": 8},
+    "gemma4": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
+               "patch_size": 4},
+}  # fmt: skip
+MULTIMODAL: dict[str, dict[str, Any]] = {
+    "gemma3": {"mm_tokens_per_image": 4, "image_token_index": 10, "boi_token_index": 11,
+               "eoi_token_index": 12},
+    "qwen2_5_vl": {"image_token_id": 10, "video_token_id": 11, "vision_start_token_id": 12,
+                   "text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [1, 1, 2]}}},
+    "qwen3_vl": {"image_token_id": 10, "video_token_id": 11, "vision_start_token_id": 12},
+    "mistral3": {"image_token_index": 10, "spatial_merge_size": 2},
+    "gemma4": {"image_token_id": 10, "audio_config": None,
+               "text": {"hidden_size_per_layer_input": 0, "global_head_dim": 8,
+                        "layer_types": ["sliding_attention", "full_attention"]}},
+}  # fmt: skip
+"""Image-text-to-text models: ``model_type`` → top-level config keys (``text``: extra keys
+of the language model's config)."""
+
+
+def build_multimodal(model_type: str, vocab: int, seed: int = 0) -> Any:
+    """A tiny random image-text-to-text model (vision tower, projector, language model)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    keys = dict(MULTIMODAL[model_type])
+    text = {**TEXT_IN_VLM, "vocab_size": vocab, **keys.pop("text", {})}
+    config = AutoConfig.for_model(
+        model_type, text_config=text, vision_config=VISION[model_type], **keys
+    )
+    torch.manual_seed(seed)
+    return randomize(AutoModelForImageTextToText.from_config(config), seed)
+
+
+@contextmanager
+def residual_states(arch: BoundAnatomy) -> Iterator[list[torch.Tensor]]:
+    """Collects every residual state of a forward pass: each layer's input, its "mid" state
+    (where the family has one) and the last layer's output."""
+    states: list[torch.Tensor] = []
+    handles = []
+
+    def grab(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        states.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    def grab_out(_m: Any, _a: Any, out: Any) -> None:
+        states.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+
+    for layer, mid in zip(arch.layers, arch.mid_modules, strict=True):
+        handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+        if mid is not None:
+            handles.append(mid.register_forward_pre_hook(grab, with_kwargs=True))
+    handles.append(arch.layers[-1].register_forward_hook(grab_out))
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def along(states: list[torch.Tensor], d: torch.Tensor) -> float:
+    """Largest |component along d| relative to the largest state norm."""
+    return max(float((s.float() @ d).abs().max() / s.float().norm(dim=-1).max()) for s in states)

@@ -17,13 +17,12 @@ import copy
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from arch_cases import CASES, REFUSED, build_config, build_model
+from arch_cases import CASES, REFUSED, along, build_config, build_model, residual_states
 
 from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
@@ -31,8 +30,10 @@ from abliterate.edit.export import save_model, verify_export
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
 from abliterate.errors import UnsupportedArchitectureError
+from abliterate.measure.activations import collect_activations
 from abliterate.model import families
 from abliterate.model.anatomy import Anatomy, BoundAnatomy, anatomy_of, supported_model_types
+from abliterate.model.forward import SharedPrefixScorer
 from abliterate.model.verify import verify_anatomy
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -73,36 +74,6 @@ def ablation(arch: BoundAnatomy, mode: str = "plain") -> Ablation:
     d = Direction(torch.randn(arch.d_model, generator=g)).normalized()
     full = Ablation.uniform(d, arch.n_layers)
     return dataclasses.replace(full, mode=mode)  # type: ignore[arg-type]
-
-
-@contextmanager
-def residual_states(arch: BoundAnatomy) -> Iterator[list[torch.Tensor]]:
-    """Collects every residual state of a forward pass: each layer's input, its "mid" state
-    (where the family has one) and the last layer's output."""
-    states: list[torch.Tensor] = []
-    handles = []
-
-    def grab(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        states.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    def grab_out(_m: Any, _a: Any, out: Any) -> None:
-        states.append((out[0] if isinstance(out, tuple) else out).detach().clone())
-
-    for layer, mid in zip(arch.layers, arch.mid_modules, strict=True):
-        handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
-        if mid is not None:
-            handles.append(mid.register_forward_pre_hook(grab, with_kwargs=True))
-    handles.append(arch.layers[-1].register_forward_hook(grab_out))
-    try:
-        yield states
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def along(states: list[torch.Tensor], d: torch.Tensor) -> float:
-    """Largest |component along d| relative to the largest state norm."""
-    return max(float((s.float() @ d).abs().max() / s.float().norm(dim=-1).max()) for s in states)
 
 
 def logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -179,6 +150,33 @@ def test_norm_preserving_hooks_equal_weights(
     assert torch.equal(logprobs(model, ids), original)  # swapped experts were restored
     bake(model, spec)
     assert torch.allclose(hooked, logprobs(model, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_scoring_and_activations_equal_whole_prompt_forwards(
+    case: str, models: Callable[[str], Any], tokenizer: Any, texts: list[str]
+) -> None:
+    """The batched scorer (shared prefix cache, right padding; whole prompts for recurrent
+    mixers) and the activation means, MoE routing included, equal one prompt at a time."""
+    model = models(case)
+    arch = anatomy_of(model)
+    prompts = texts[:3]
+    sites = ("pre", "mid", "post") if arch.has_mid else ("pre", "post")
+    scored = SharedPrefixScorer(model, tokenizer, prompts, batch_size=3).logprobs()
+    means, _ = collect_activations(model, tokenizer, prompts, sites=sites, batch_size=3)
+    expected_lp, expected_acts = [], []
+    per_layer = len(sites) - 1  # states per layer: "pre" (and "mid"); "post" is the next "pre"
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with residual_states(arch) as states, torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        expected_lp.append(torch.log_softmax(logits, dim=-1))
+        last = torch.stack([s[0, -1] for s in states]).double()  # (states, d_model)
+        rows = [last[i * per_layer : (i + 1) * per_layer + 1] for i in range(arch.n_layers)]
+        expected_acts.append(torch.stack(rows))  # (n_layers, sites, d_model)
+    assert torch.allclose(scored, torch.stack(expected_lp), atol=1e-4)
+    expected = torch.stack(expected_acts).mean(0)
+    assert torch.allclose(means, expected, atol=1e-4 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("case", list(CASES))

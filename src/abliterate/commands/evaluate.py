@@ -28,6 +28,7 @@ from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges
 from abliterate.eval.metrics import reference_answers
 from abliterate.model.loading import load_model
+from abliterate.model.verify import verify_anatomy
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -114,13 +115,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         )
 
     def load(name: str) -> LoadedModel:
-        return load_model(
+        loaded = load_model(
             name,
             revision=config.revision,
             device=config.device,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
         )
+        verify_anatomy(loaded.model, loaded.tokenizer)
+        return loaded
 
     with run_directory(config.out, config.overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")

@@ -46,6 +46,7 @@ from abliterate.measure.refusal import refusal_token_ids
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.forward import next_token_logprobs
 from abliterate.model.loading import load_model
+from abliterate.model.verify import verify_anatomy
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report, SelectionScores
@@ -135,9 +136,11 @@ def compute_candidates(
     keep = config.site if config.optimize and config.max_directions > 1 else None
     means = {}
     acts = None
+    # Parallel blocks (Cohere) and one-sublayer layers (Nemotron-H) have no "mid" residual.
+    sites = tuple(s for s in config.sites if s != "mid" or anatomy_of(model).has_mid)
     for key, label in (("train_harmful", "harmful"), ("train_harmless", "harmless")):
         means[key], kept = collect_activations(
-            model, tok, chats[key].texts, sites=config.sites,
+            model, tok, chats[key].texts, sites=sites,
             keep_site=keep if key == "train_harmful" else None,
             batch_size=config.batch_size, desc=f"Activations ({label})",
         )  # fmt: skip
@@ -145,7 +148,7 @@ def compute_candidates(
     return Candidates(
         harmful_mean=means["train_harmful"],
         harmless_mean=means["train_harmless"],
-        sites=config.sites,
+        sites=sites,
         model=loaded.name,
         revision=loaded.revision,
         dataset_hashes={k: str(data[k]["sha256"]) for k in TRAIN_SETS},
@@ -367,6 +370,8 @@ def run(config: RunConfig) -> dict[str, Any]:
                 trust_remote_code=config.trust_remote_code,
             )
         log.info("model: %s", anatomy_of(loaded.model).anatomy.describe())
+        with stages.stage("verify anatomy"):
+            verify_anatomy(loaded.model, loaded.tokenizer)
         tok = loaded.tokenizer
         chats = {k: ChatSet.format(tok, s, config.system_prompt) for k, s in sets.items()}
         env = {**environment_record(str(loaded.device), config.seed, data),

@@ -56,10 +56,10 @@ def verify_export(
 
     Zero means the saved model reproduces the evaluated model exactly.
     """
-    from transformers import AutoModelForCausalLM
+    from abliterate.model.loading import auto_model_class
 
     reference = _last_logits(model, tokenizer, texts)
-    reloaded = AutoModelForCausalLM.from_pretrained(
+    reloaded = auto_model_class(model.config).from_pretrained(
         str(directory), dtype=model.dtype, use_safetensors=True
     )
     reloaded.to(next(model.parameters()).device)  # type: ignore[arg-type]

@@ -126,6 +126,8 @@ class Anatomy:
             an image-text-to-text model).
         lm_head: Path of the output head.
         layer_kinds: The labels of each layer (``moe``, ``linear_attention`` …).
+        logit_scale: Factor the causal LM applies to the head's output (Cohere, Granite).
+        logit_softcap: Cap ``c`` of ``c · tanh(logits / c)`` applied after it (Gemma 2), or None.
     """
 
     family: str
@@ -136,6 +138,8 @@ class Anatomy:
     decoder: str = "model"
     lm_head: str = "lm_head"
     layer_kinds: tuple[frozenset[str], ...] = ()
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
 
     @classmethod
     def from_config(cls, config: Any, *, multimodal: bool | None = None) -> Anatomy:
@@ -169,7 +173,18 @@ class Anatomy:
             for slot in table.writers:
                 if set(slot.kinds) <= kinds[i]:
                     writers.extend(_resolve(slot, base, i, text))
-        return cls(family, n_layers, d_model, table, tuple(writers), decoder, where.lm_head, kinds)
+        scale, softcap = _logit_transform(table, text)
+        return cls(
+            family, n_layers, d_model, table, tuple(writers), decoder, where.lm_head, kinds,
+            scale, softcap,
+        )  # fmt: skip
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether some layers mix tokens by a recurrence (linear attention, state-space or
+        convolution mixers) rather than attention: their caches hold states, not keys and
+        values."""
+        return any(w.role == "mixer" for w in self.writers)
 
     def layer_path(self, layer: int) -> str:
         """Module path of decoder layer ``layer``."""
@@ -313,6 +328,19 @@ class BoundAnatomy:
                 out.append(w.module)
         return out
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The causal LM's logits for final hidden states ``(…, d_model)`` (after the final
+        norm): the head, then the family's scale and soft cap."""
+        import torch
+
+        a = self.anatomy
+        logits = self.lm_head(hidden)  # (…, vocab)
+        if a.logit_scale != 1.0:
+            logits = logits * a.logit_scale
+        if a.logit_softcap is not None:
+            logits = torch.tanh(logits / a.logit_softcap) * a.logit_softcap
+        return logits
+
     def writer_info(self, bound: BoundWriter) -> WriterInfo:
         """What an edit needs to know about ``bound`` (its post-norm gains read live)."""
         return self.anatomy.writer_info(bound.writer, lambda n: self.model.get_parameter(n))
@@ -362,6 +390,18 @@ def _table(family: str) -> Family:
             f"families: {', '.join(supported_model_types())}."
         )
     return table
+
+
+def _logit_transform(table: Family, config: Any) -> tuple[float, float | None]:
+    """``(scale, softcap)`` of the family's logits for this config."""
+    rule = table.logits
+    scale = 1.0
+    if rule.multiply is not None:
+        scale *= float(config_value(config, rule.multiply, 1.0))
+    if rule.divide is not None:
+        scale /= float(config_value(config, rule.divide, 1.0))
+    cap = None if rule.softcap is None else config_value(config, rule.softcap)
+    return scale, None if cap is None else float(cap)
 
 
 def _labels(table: Family, config: Any, layer: int) -> frozenset[str]:

@@ -79,6 +79,21 @@ class WriterSlot:
 
 
 @dataclass(frozen=True)
+class Logits:
+    """What the causal LM does to the head's output (config keys; None: nothing).
+
+    Attributes:
+        multiply: Scale the logits by this value (Cohere's ``logit_scale``).
+        divide: Divide them by it (Granite's ``logits_scaling``).
+        softcap: ``c · tanh(logits / c)`` with this cap (Gemma's ``final_logit_softcapping``).
+    """
+
+    multiply: str | None = None
+    divide: str | None = None
+    softcap: str | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """How one family of decoder-only models keeps its residual stream.
 
@@ -93,6 +108,7 @@ class Family:
             blocks, one sublayer per layer).
         norm_offset: The norms' effective gain is ``weight + norm_offset`` (Gemma 1–3: 1).
         kinds: Layer rules labelling each layer (see :class:`WriterSlot`).
+        logits: What the causal LM does to the head's output.
         refused: Why this family cannot be edited exactly, when it cannot.
     """
 
@@ -106,6 +122,7 @@ class Family:
     mid: str | None = "post_attention_layernorm"
     norm_offset: float = 0.0
     kinds: tuple[LayerRule, ...] = ()
+    logits: Logits = Logits()
     refused: str | None = None
 
 
@@ -162,6 +179,8 @@ MLP_POST = _mlp(post_norms=("post_feedforward_layernorm",))
 # Qwen3-Next / Qwen3.5: gated DeltaNet (linear attention) layers and full-attention layers.
 LINEAR_ATTN = _mixer("linear_attn.out_proj", kinds=("linear_attention",))
 FULL_ATTN = _attn(kinds=("full_attention",))
+SOFTCAP = Logits(softcap="final_logit_softcapping")
+GRANITE_LOGITS = Logits(divide="logits_scaling")
 QWEN_SPARSE = MoeEvery("decoder_sparse_step", skip="mlp_only_layers", count="num_experts")
 
 FAMILIES: tuple[Family, ...] = (
@@ -174,7 +193,6 @@ FAMILIES: tuple[Family, ...] = (
             "ministral3",
             "qwen2",
             "qwen3",
-            "granite",
             "smollm3",
             "glm",
             "ernie4_5",
@@ -195,9 +213,15 @@ FAMILIES: tuple[Family, ...] = (
         ),
         writers=(ATTN, MLP),
     ),
+    Family(model_types=("granite",), writers=(ATTN, MLP), logits=GRANITE_LOGITS),
     Family(model_types=("starcoder2",), writers=(ATTN, _mlp("mlp.c_proj"))),
     Family(model_types=("apertus",), writers=(ATTN, MLP), mid="feedforward_layernorm"),
-    Family(model_types=("vaultgemma",), writers=(ATTN, MLP), mid="pre_feedforward_layernorm"),
+    Family(
+        model_types=("vaultgemma",),
+        writers=(ATTN, MLP),
+        mid="pre_feedforward_layernorm",
+        logits=SOFTCAP,
+    ),
     # Sandwich norms: a pre-norm and a post-norm around each writer.
     Family(
         model_types=("glm4",),
@@ -211,6 +235,7 @@ FAMILIES: tuple[Family, ...] = (
         writers=(ATTN_POST, MLP_POST),
         mid="pre_feedforward_layernorm",
         norm_offset=1.0,
+        logits=SOFTCAP,
     ),
     # Gemma 4: norms with gain ``weight``; MoE layers add normalised dense and expert branches
     # and normalise their sum; the per-layer-input branch (E2B/E4B) writes through its own
@@ -245,11 +270,17 @@ FAMILIES: tuple[Family, ...] = (
             Flag("enable_moe_block", "moe", "dense"),
             Flag("hidden_size_per_layer_input", "per_layer_input"),
         ),
+        logits=SOFTCAP,
     ),
     # No pre-norms: the MLP reads the residual itself, and each write is normalised.
     Family(model_types=("olmo2", "olmo3", "exaone4"), writers=(ATTN_POST, MLP_POST), mid="mlp"),
     # Parallel blocks: attention and MLP both read norm(h); there is no "mid" residual.
-    Family(model_types=("cohere", "cohere2"), writers=(ATTN, MLP), mid=None),
+    Family(
+        model_types=("cohere", "cohere2"),
+        writers=(ATTN, MLP),
+        mid=None,
+        logits=Logits(multiply="logit_scale"),
+    ),
     Family(
         model_types=("phi",),
         writers=(_attn("self_attn.dense"), _mlp("mlp.fc2")),
@@ -288,6 +319,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("granitemoe", "granitemoeshared"),
         writers=(ATTN, _experts("block_sparse_moe", "num_local_experts"), GRANITE_SHARED),
         kinds=(Flag("shared_intermediate_size", "shared"),),
+        logits=GRANITE_LOGITS,
     ),
     Family(
         model_types=("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"),
@@ -384,6 +416,7 @@ FAMILIES: tuple[Family, ...] = (
         writers=(_mixer("mamba.out_proj"), ATTN, _mlp("feed_forward.down_proj")),
         final_norm="final_layernorm",
         mid="pre_ff_layernorm",
+        logits=Logits(multiply="lm_head_multiplier"),
     ),
     Family(
         model_types=("jamba",),
@@ -420,6 +453,7 @@ FAMILIES: tuple[Family, ...] = (
             WriterSlot("shared_expert", "shared_mlp.output_linear"),
         ),
         kinds=(Listed("layers_block_type"), Flag("num_local_experts", "moe")),
+        logits=GRANITE_LOGITS,
     ),
     # Nemotron-H: one sublayer per layer (a Mamba-2 mixer, attention, an MLP or MoE).
     Family(

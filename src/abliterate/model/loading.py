@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from abliterate.data.chat import prepare_tokenizer
 from abliterate.errors import ModelLoadError
+from abliterate.model.anatomy import is_multimodal
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +90,17 @@ def _check_model_config(path: Path) -> None:
     raise ModelLoadError(
         f"{path / 'config.json'} is not a transformers model config (no model_type).{hint}"
     )
+
+
+def auto_model_class(config: Any) -> Any:
+    """The transformers auto class that loads a whole checkpoint of ``config``: image-text-to-
+    text models (Gemma 3, Qwen2.5-VL, Mistral 3 …) keep their vision tower, so that an edited
+    language model is saved with the rest of the checkpoint."""
+    import transformers
+
+    if is_multimodal(config):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 @dataclass
@@ -176,7 +188,8 @@ def load_model(
             kwargs["max_memory"] = max_memory
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
+        model = auto_model_class(config).from_pretrained(
             src.source, dtype=resolve_dtype(dtype, dev), **kwargs
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:

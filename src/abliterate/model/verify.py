@@ -29,6 +29,7 @@ norm.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ from abliterate.model.anatomy import BoundAnatomy, Writer, anatomy_of
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 PROMPT = "The quick brown fox jumps over the lazy dog, then explains how rivers reach the sea."
 """The one prompt the check runs (plain text: any tokenizer encodes it)."""
@@ -248,7 +251,8 @@ def verify_anatomy(
     tolerance: float = TOLERANCE,
     anatomy: BoundAnatomy | None = None,
 ) -> Verification:
-    """Check on one forward pass that the anatomy explains the whole residual stream.
+    """Check on one forward pass that the anatomy explains the whole residual stream (the
+    result is logged).
 
     Raises:
         UnsupportedArchitectureError: a residual state, block or post-norm is not what the
@@ -284,7 +288,9 @@ def verify_anatomy(
             )
         if error >= worst:
             worst, worst_name = error, check.name
-    return Verification(worst, worst_name, len(checks), time.perf_counter() - start)
+    result = Verification(worst, worst_name, len(checks), time.perf_counter() - start)
+    log.info("%s", describe(result))
+    return result
 
 
 def describe(result: Verification) -> str:
