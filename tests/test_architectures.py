@@ -264,3 +264,27 @@ def test_mismatching_anatomy_is_caught_at_load_time(
     monkeypatch.setitem(families.BY_TYPE, family, wrong)
     with pytest.raises(UnsupportedArchitectureError, match=f"at {where}.*unexplained part of norm"):
         verify_anatomy(models(case), tokenizer)
+
+
+def test_run_on_a_tiny_hybrid_moe_model_reports_its_experts(
+    tmp_path: Path, tokenizer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nemotron-H mixes Mamba, attention, MLP and MoE layers and has no "mid" site: the whole
+    pipeline runs on it, verifies its anatomy, and reports every expert it edited."""
+    from abliterate.cli import main
+
+    model_dir = tmp_path / "tiny-nemotron-h"
+    build_model("nemotron_h", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--n-train", "8",
+            "--n-val", "4", "--n-eval", "3", "--n-screen", "2", "--n-finalists", "2",
+            "--max-new-tokens", "4", "--batch-size", "4"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "4 expert" in report["model"]["architecture"]
+    edited = report["checks"]["edited_writers"]["writers_by_role"]
+    assert edited["expert"] == 4 and edited["shared_expert"] == 1 and edited["mixer"] == 1
+    assert report["checks"]["export_reload_max_abs_diff"] == 0.0
+    assert report["checks"]["hooks_vs_weights_max_abs_diff"] < 1e-3
+    assert "verify anatomy" in report["timings"]

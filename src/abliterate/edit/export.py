@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from abliterate.data.chat import batches
+from abliterate.model.loading import auto_model_class
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,10 +57,8 @@ def verify_export(
 
     Zero means the saved model reproduces the evaluated model exactly.
     """
-    from abliterate.model.loading import auto_model_class
-
     reference = _last_logits(model, tokenizer, texts)
-    reloaded = auto_model_class(model.config).from_pretrained(
+    reloaded: PreTrainedModel = auto_model_class(model.config).from_pretrained(
         str(directory), dtype=model.dtype, use_safetensors=True
     )
     reloaded.to(next(model.parameters()).device)  # type: ignore[arg-type]

@@ -468,10 +468,14 @@ def _check_shape(bound: BoundWriter, d_model: int, family: str) -> None:
                 f"(experts, …) with expert {w.expert}: the config's expert count does not "
                 "match the checkpoint."
             )
-    if w.layout != "embedding" and bound.weight().shape[0] != d_model:
+    if w.layout == "embedding":
+        return
+    # A Linear's declared width, not its weight's shape: quantized Linears pack their weights.
+    width = module.out_features if isinstance(module, nn.Linear) else bound.weight().shape[0]
+    if width != d_model:
         raise UnsupportedArchitectureError(
-            f"'{w.name}' of the '{family}' model writes {bound.weight().shape[0]} features, "
-            f"not the residual width {d_model}: the anatomy does not match this checkpoint."
+            f"'{w.name}' of the '{family}' model writes {width} features, not the residual "
+            f"width {d_model}: the anatomy does not match this checkpoint."
         )
 
 

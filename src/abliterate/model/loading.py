@@ -189,7 +189,7 @@ def load_model(
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
         config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
-        model = auto_model_class(config).from_pretrained(
+        model: PreTrainedModel = auto_model_class(config).from_pretrained(
             src.source, dtype=resolve_dtype(dtype, dev), **kwargs
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
