@@ -120,6 +120,8 @@ CASES: dict[str, Case] = {
     "cohere": Case("cohere", group="parallel"),
     "cohere2": Case("cohere2", group="parallel"),
     "phi": Case("phi", group="parallel"),
+    "gpt_neox": Case("gpt_neox", {"rotary_pct": 0.5}, group="parallel"),
+    "stablelm": Case("stablelm"),  # sequential by default (no "mid" site declared)
     # Mixture of experts.
     "mixtral": Case("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, "moe"),
     "olmoe": Case("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}, "moe"),

@@ -288,3 +288,14 @@ def test_run_on_a_tiny_hybrid_moe_model_reports_its_experts(
     assert report["checks"]["export_reload_max_abs_diff"] == 0.0
     assert report["checks"]["hooks_vs_weights_max_abs_diff"] < 1e-3
     assert "verify anatomy" in report["timings"]
+
+
+def test_verification_in_bfloat16_allows_rounding_but_not_a_missing_writer(
+    models: Callable[[str], Any], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = models("qwen2_moe").to(torch.bfloat16)
+    assert verify_anatomy(model, tokenizer).max_error < 0.05  # bfloat16 rounding only
+    wrong = dataclasses.replace(families.BY_TYPE["qwen2_moe"], writers=(families.ATTN,))
+    monkeypatch.setitem(families.BY_TYPE, "qwen2_moe", wrong)
+    with pytest.raises(UnsupportedArchitectureError, match=r"at layer 0 \(mid → post\)"):
+        verify_anatomy(model, tokenizer)

@@ -287,6 +287,17 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="final_layernorm",
         mid=None,
     ),
+    # GPT-NeoX (Pythia) and StableLM run attention and MLP in parallel or in sequence by a
+    # config switch; declaring no "mid" site keeps the table exact for both.
+    Family(
+        model_types=("gpt_neox",),
+        writers=(_attn("attention.dense"), _mlp("mlp.dense_4h_to_h")),
+        decoder="gpt_neox",
+        embedding="embed_in",
+        final_norm="final_layer_norm",
+        mid=None,
+    ),
+    Family(model_types=("stablelm",), writers=(ATTN, MLP), mid=None),
     # Mixture of experts.
     Family(
         model_types=("mixtral", "olmoe", "phimoe", "minimax_m2"),

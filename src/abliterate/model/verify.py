@@ -53,6 +53,11 @@ PROMPT = "The quick brown fox jumps over the lazy dog, then explains how rivers 
 TOLERANCE = 1e-3
 """Largest unexplained fraction accepted, above the rounding floor of the model's dtype."""
 
+ROUNDING = 2.0
+"""Rounding floor, in units of the dtype's epsilon times the target's norm: a residual add in
+half precision rounds each element by at most half a unit in the last place, and a stage adds
+a few terms (float32 models sit far below it)."""
+
 FIRST_STAGE = ("attention", "mixer")
 """Roles written before the "mid" site; every other role writes after it."""
 
@@ -270,14 +275,14 @@ def verify_anatomy(
     first = rec.get(rec.inputs, a.layer_path(0), a.family)
     checks: list[_Check] = [_Check("embedding", first, (embed,), False, first)]
     checks += [*_layer_checks(bound, rec), *_writer_checks(bound, rec)]
-    # Half precision rounds every residual add: allow a few units of its rounding error.
+    # Half precision rounds every residual add: allow for that rounding (ROUNDING).
     eps = torch.finfo(next(model.parameters()).dtype).eps
     worst, worst_name = 0.0, ""
     for check in checks:
         left = _unexplained(check)
         scale = float(check.reference.norm()) + 1e-30
         error = float(left.norm()) / scale
-        allowed = tolerance + 8 * eps * float(check.target.norm()) / scale
+        allowed = tolerance + ROUNDING * eps * float(check.target.norm()) / scale
         if error > allowed:
             raise UnsupportedArchitectureError(
                 f"the '{a.family}' anatomy does not explain this model: at {check.name} the "
