@@ -98,6 +98,7 @@ CASES: dict[str, Case] = {
     "arcee": Case("arcee"),
     "cwm": Case("cwm"),
     "nemotron": Case("nemotron"),
+    "internlm3": Case("internlm3"),
     "starcoder2": Case("starcoder2"),
     "apertus": Case("apertus"),
     "vaultgemma": Case("vaultgemma"),
@@ -391,14 +392,38 @@ VISION: dict[str, dict[str, Any]] = {
     "gemma4": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
                "patch_size": 4},
+    "qwen2_vl": {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2,
+                 "mlp_ratio": 2, "patch_size": 4},
+    "llama4": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "image_size": 16, "patch_size": 8,
+               "vision_output_dim": 32, "projector_input_dim": 32, "projector_output_dim": 32,
+               "pixel_shuffle_ratio": 0.5},
+}  # fmt: skip
+for _qwen in ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
+    VISION[_qwen] = VISION["qwen3_vl"]
+MROPE: dict[str, Any] = {
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+}
+QWEN_VISION_TOKENS: dict[str, Any] = {
+    "image_token_id": 10, "video_token_id": 11, "vision_start_token_id": 12,
 }  # fmt: skip
 MULTIMODAL: dict[str, dict[str, Any]] = {
     "gemma3": {"mm_tokens_per_image": 4, "image_token_index": 10, "boi_token_index": 11,
                "eoi_token_index": 12},
-    "qwen2_5_vl": {"image_token_id": 10, "video_token_id": 11, "vision_start_token_id": 12,
-                   "text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                "mrope_section": [1, 1, 2]}}},
-    "qwen3_vl": {"image_token_id": 10, "video_token_id": 11, "vision_start_token_id": 12},
+    "qwen2_vl": {**QWEN_VISION_TOKENS, "text": MROPE},
+    "qwen2_5_vl": {**QWEN_VISION_TOKENS, "text": MROPE},
+    "qwen3_vl": QWEN_VISION_TOKENS,
+    "qwen3_vl_moe": {**QWEN_VISION_TOKENS, "text": {**MOE, "num_experts": 4}},
+    "qwen3_5": {**QWEN_VISION_TOKENS,
+                "text": {**LINEAR_ATTN, "layer_types": ["linear_attention", "full_attention"]}},
+    "qwen3_5_moe": {**QWEN_VISION_TOKENS,
+                    "text": {**LINEAR_ATTN, **MOE, "num_experts": 4,
+                             "shared_expert_intermediate_size": 32,
+                             "layer_types": ["linear_attention", "full_attention"]}},
+    "llama4": {"image_token_index": 10, "boi_token_index": 11, "eoi_token_index": 12,
+               "text": {"num_local_experts": 4, "num_experts_per_tok": 1,
+                        "intermediate_size": 32, "intermediate_size_mlp": 64,
+                        "moe_layers": [1]}},
     "mistral3": {"image_token_index": 10, "spatial_merge_size": 2},
     "gemma4": {"image_token_id": 10, "audio_config": None,
                "text": {"hidden_size_per_layer_input": 0, "global_head_dim": 8,

@@ -19,6 +19,7 @@ from abliterate.edit.export import save_model, verify_export
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
 from abliterate.measure.activations import collect_activations
+from abliterate.model import families
 from abliterate.model.anatomy import Anatomy, anatomy_of
 from abliterate.model.forward import SharedPrefixScorer
 from abliterate.model.loading import load_model
@@ -28,10 +29,15 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 TEXT_FAMILY = {
     "gemma3": "gemma3_text",
+    "qwen2_vl": "qwen2_vl_text",
     "qwen2_5_vl": "qwen2_5_vl_text",
     "qwen3_vl": "qwen3_vl_text",
+    "qwen3_vl_moe": "qwen3_vl_moe_text",
+    "qwen3_5": "qwen3_5_text",
+    "qwen3_5_moe": "qwen3_5_moe_text",
     "mistral3": "mistral",
     "gemma4": "gemma4_text",
+    "llama4": "llama4_text",
 }
 
 
@@ -51,8 +57,9 @@ def test_language_model_of_a_multimodal_checkpoint_round_trips(
     model = build_multimodal(model_type, len(tokenizer))
     arch = anatomy_of(model)
     assert arch.anatomy.family == TEXT_FAMILY[model_type]
-    assert arch.anatomy.decoder == "model.language_model"
-    assert all(w.tensor.startswith("model.language_model.") for w in arch.anatomy.writers)
+    decoder = families.MULTIMODAL[model_type].decoder  # model.language_model, Llama 4 aside
+    assert arch.anatomy.decoder == decoder
+    assert all(w.tensor.startswith(f"{decoder}.") for w in arch.anatomy.writers)
     # The same anatomy from config.json alone (what streaming edits read).
     assert Anatomy.from_config(model.config.to_dict()).writers == arch.anatomy.writers
     verify_anatomy(model, tokenizer)

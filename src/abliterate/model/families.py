@@ -312,7 +312,7 @@ FAMILIES: tuple[Family, ...] = (
         mid="mlp",
     ),
     Family(
-        model_types=("qwen3_moe",),
+        model_types=("qwen3_moe", "qwen3_vl_moe_text"),
         writers=(ATTN, DENSE_MLP, _experts("mlp", "num_experts", kinds=("moe",))),
         kinds=(QWEN_SPARSE,),
     ),
