@@ -29,6 +29,7 @@ from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
+from abliterate.model import families
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.families import FAMILIES
 from abliterate.model.loading import auto_model_class
@@ -89,6 +90,13 @@ def row(name: str, group: str, result: dict[str, Any]) -> str:
     )
 
 
+def _language_model_alone(model: Any) -> Any:
+    """The checkpoint of ``model`` loaded as load_model loads it (its language model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return auto_model_class(model.config).from_pretrained(tmp).eval()
+
+
 def table() -> str:
     """The whole Markdown text."""
     lines = [
@@ -101,8 +109,11 @@ def table() -> str:
         lines.append(row(case, GROUPS[spec.group], check(build_model(case, VOCAB))))
     for model_type in MULTIMODAL:
         model = build_multimodal(model_type, VOCAB)
+        kind = "image-text-to-text"
+        if not families.MULTIMODAL[model_type].whole:
+            model, kind = _language_model_alone(model), "image-text-to-text (LM alone)"
         text = anatomy_of(model).anatomy.family
-        lines.append(row(f"{model_type} → {text}", "image-text-to-text", check(model)))
+        lines.append(row(f"{model_type} → {text}", kind, check(model)))
     lines += ["", "Refused (the edit would not be exact):", ""]
     for family in FAMILIES:
         if family.refused is not None:

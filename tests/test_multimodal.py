@@ -4,7 +4,6 @@ exactly through :func:`~abliterate.model.loading.load_model`."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,10 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("model_type", list(MULTIMODAL))
+WHOLE = [t for t in MULTIMODAL if families.MULTIMODAL[t].whole]
+
+
+@pytest.mark.parametrize("model_type", WHOLE)
 def test_language_model_of_a_multimodal_checkpoint_round_trips(
     model_type: str, tokenizer: Any, texts: list[str], tmp_path: Path
 ) -> None:
@@ -98,15 +100,28 @@ def test_language_model_of_a_multimodal_checkpoint_round_trips(
         assert torch.equal(reloaded[name], p), name
 
 
-def test_multimodal_config_resolves_its_language_model_prefix() -> None:
-    from transformers import AutoConfig
-
-    anatomy = Anatomy.from_config(AutoConfig.for_model("llama4"))
-    assert anatomy.family == "llama4_text"
-    assert anatomy.decoder == "language_model.model"
-    assert anatomy.lm_head == "language_model.lm_head"
-    assert anatomy.writers[0].tensor == "language_model.model.embed_tokens.weight"
-    # The text-only causal LM of the same config keeps the plain layout.
-    text_only = Anatomy.from_config(AutoConfig.for_model("llama4"), multimodal=False)
+def test_llama4_checkpoint_loads_its_language_model(
+    tokenizer: Any, texts: list[str], tmp_path: Path
+) -> None:
+    """Llama 4's image-text-to-text class cannot run text prompts in transformers 5.24: its
+    checkpoints load as the language model alone, with the anatomy of that class."""
+    model = build_multimodal("llama4", len(tokenizer))
+    whole = anatomy_of(model).anatomy
+    assert whole.decoder == "language_model.model"
+    assert whole.lm_head == "language_model.lm_head"
+    assert whole.writers[0].tensor == "language_model.model.embed_tokens.weight"
+    verify_anatomy(model, tokenizer)
+    model.save_pretrained(tmp_path / "llama4")
+    tokenizer.save_pretrained(tmp_path / "llama4")
+    loaded = load_model(str(tmp_path / "llama4"), device="cpu")
+    assert type(loaded.model).__name__ == "Llama4ForCausalLM"
+    text_only = anatomy_of(loaded.model).anatomy
     assert text_only.decoder == "model"
-    assert dataclasses.replace(text_only, decoder="x").decoder == "x"
+    assert Anatomy.from_config(model.config.to_dict()).decoder == "model"  # as load_model does
+    assert [w.name.removeprefix("model.") for w in text_only.writers] == [
+        w.name.removeprefix("language_model.model.") for w in whole.writers
+    ]
+    ids = tokenizer(texts[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        hidden = model.language_model.model(**ids).last_hidden_state
+        assert torch.equal(loaded.model(**ids).logits, model.language_model.lm_head(hidden))

@@ -77,8 +77,10 @@ def supported_model_types() -> list[str]:
 
 
 def is_multimodal(config: Any) -> bool:
-    """Whether ``config`` is an image-text-to-text model whose language model is edited."""
-    return str(config_value(config, "model_type", "")) in MULTIMODAL
+    """Whether ``config`` is an image-text-to-text model loaded whole (vision tower included)
+    whose language model is edited."""
+    where = MULTIMODAL.get(str(config_value(config, "model_type", "")))
+    return where is not None and where.whole
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,8 @@ class Anatomy:
         """Resolve the table for a transformers config (or a ``config.json`` mapping).
 
         Args:
-            multimodal: Whether the model is loaded as the image-text-to-text model of a
-                multimodal config (default: when the config is one).
+            multimodal: Whether the model is the image-text-to-text model of a multimodal
+                config (default: as :func:`~abliterate.model.loading.load_model` loads it).
 
         Raises:
             UnsupportedArchitectureError: the family is not in the table, or is refused, or
@@ -158,8 +160,9 @@ class Anatomy:
         family = str(config_value(text, "model_type", "unknown"))
         table = _table(family)
         where = Multimodal(table.decoder, table.lm_head)
-        if is_multimodal(config) and multimodal is not False:
-            where = MULTIMODAL[str(config_value(config, "model_type"))]
+        top = str(config_value(config, "model_type"))
+        if top in MULTIMODAL and (is_multimodal(config) if multimodal is None else multimodal):
+            where = MULTIMODAL[top]
         n_layers = int(config_value(text, "num_hidden_layers", 0) or 0)
         if n_layers < 1:
             raise UnsupportedArchitectureError(f"the '{family}' config declares no decoder layers.")
@@ -366,7 +369,9 @@ def anatomy_of(model: nn.Module) -> BoundAnatomy:
         )
     # A multimodal config may also be loaded as a text-only causal LM (transformers maps
     # e.g. qwen3_5 to Qwen3_5ForCausalLM); the class says which of the two layouts it has.
-    multimodal = is_multimodal(config) and _is_image_text_to_text(model)
+    multimodal = str(getattr(config, "model_type", "")) in MULTIMODAL and _is_image_text_to_text(
+        model
+    )
     return Anatomy.from_config(config, multimodal=multimodal).bind(model)
 
 

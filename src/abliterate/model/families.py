@@ -133,10 +133,13 @@ class Multimodal:
     Attributes:
         decoder: Path of the text decoder in the model (``model.language_model``).
         lm_head: Path of the output head.
+        whole: Whether checkpoints are loaded (and saved) whole, vision tower included; when
+            not, :func:`~abliterate.model.loading.load_model` loads the language model alone.
     """
 
     decoder: str = "model.language_model"
     lm_head: str = "lm_head"
+    whole: bool = True
 
 
 def _attn(module: str = "self_attn.o_proj", **kw: Any) -> WriterSlot:
@@ -524,7 +527,12 @@ MULTIMODAL: dict[str, Multimodal] = {
             "qwen3_5_moe",
         )
     },
-    "llama4": Multimodal(decoder="language_model.model", lm_head="language_model.lm_head"),
+    # transformers 5.24's Llama4ForConditionalGeneration fails on text-only prompts (its
+    # forward reads image outputs the language model does not return): Llama 4 checkpoints
+    # load as Llama4ForCausalLM, the language model alone.
+    "llama4": Multimodal(
+        decoder="language_model.model", lm_head="language_model.lm_head", whole=False
+    ),
 }
 """Image-text-to-text ``model_type`` → where its language model lives (the language model's
 own family comes from its text config)."""
