@@ -66,6 +66,14 @@ DEEPSEEK: dict[str, Any] = {
 }
 
 
+NEMOTRON_H: dict[str, Any] = {
+    "mamba_num_heads": 8, "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1,
+    "chunk_size": 16, "n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32, "num_experts_per_tok": 2, "n_group": 1,
+    "topk_group": 1,
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Case:
     """One tiny model: its ``model_type``, config overrides and what it exercises."""
@@ -290,21 +298,12 @@ CASES: dict[str, Case] = {
     ),
     "nemotron_h": Case(
         "nemotron_h",
-        {
-            "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"],
-            "mamba_num_heads": 8,
-            "mamba_head_dim": 8,
-            "ssm_state_size": 8,
-            "n_groups": 1,
-            "chunk_size": 16,
-            "n_routed_experts": 4,
-            "n_shared_experts": 1,
-            "moe_intermediate_size": 32,
-            "moe_shared_expert_intermediate_size": 32,
-            "num_experts_per_tok": 2,
-            "n_group": 1,
-            "topk_group": 1,
-        },
+        {**NEMOTRON_H, "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"]},
+        "hybrid",
+    ),
+    "nemotron_h+latent": Case(
+        "nemotron_h",
+        {**NEMOTRON_H, "layers_block_type": ["moe", "full_attention"], "moe_latent_size": 16},
         "hybrid",
     ),
     "jamba": Case(
