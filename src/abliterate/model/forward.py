@@ -128,7 +128,9 @@ class SharedPrefixScorer:
         body = self.anatomy.body
         cache = None
         if self.prefix_length:
-            cache = DynamicCache()
+            # Built from the config, the cache matches each layer's kind and index (sliding
+            # windows; layers without attention, whose index a bare cache would misnumber).
+            cache = DynamicCache(config=self.model.config)
             body(input_ids=self.prefix[None].to(device), past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(batch.shape[0])
         # No attention mask: the padding follows each suffix, and causal attention never looks
