@@ -63,6 +63,7 @@ from abliterate.model.anatomy import anatomy_of
 from abliterate.model.devices import bake_blockers
 from abliterate.model.forward import check_ready, next_token_logprobs
 from abliterate.model.loading import load_model, local_path, resolve_device
+from abliterate.model.verify import verify_anatomy
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report, SelectionScores
@@ -172,9 +173,11 @@ def compute_candidates(
     keep = config.site if config.optimize and config.max_directions > 1 else None
     means = {}
     acts = None
+    # Parallel blocks (Cohere) and one-sublayer layers (Nemotron-H) have no "mid" residual.
+    sites = tuple(s for s in config.sites if s != "mid" or anatomy_of(model).has_mid)
     for key, label in (("train_harmful", "harmful"), ("train_harmless", "harmless")):
         means[key], kept = collect_activations(
-            model, tok, chats[key].texts, sites=config.sites,
+            model, tok, chats[key].texts, sites=sites,
             keep_site=keep if key == "train_harmful" else None,
             batch_size=config.batch_size, desc=f"Activations ({label})",
         )  # fmt: skip
@@ -182,7 +185,7 @@ def compute_candidates(
     candidates = Candidates(
         harmful_mean=means["train_harmful"],
         harmless_mean=means["train_harmless"],
-        sites=config.sites,
+        sites=sites,
         model=loaded.name,
         revision=loaded.revision,
         dataset_hashes={k: str(data[k]["sha256"]) for k in TRAIN_SETS},
@@ -482,6 +485,8 @@ def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str,
                 **config.placement(),
             )
         log.info("model: %s", anatomy_of(loaded.model).anatomy.describe())
+        with stages.stage("verify anatomy"):
+            verify_anatomy(loaded.model, loaded.tokenizer)
         tok = loaded.tokenizer
         chats = format_sets(config, tok, sets)
         check_ready(loaded.model, tok, list(chats.values()), loaded.name)

@@ -42,11 +42,8 @@ class EditSummary:
 
 
 def writer_info(writer: Writer, store: WeightStore, anatomy: Anatomy) -> WriterInfo:
-    """What an edit needs to know about ``writer``, its post-norm gain read from ``store``."""
-    gain = None
-    if writer.post_norm is not None:
-        gain = store.read(writer.post_norm).detach().float().cpu() + anatomy.table.norm_offset
-    return WriterInfo(name=writer.name, role=writer.role, layer=writer.layer, norm_gain=gain)
+    """What an edit needs to know about ``writer``, its post-norm gains read from ``store``."""
+    return anatomy.writer_info(writer, store.read)
 
 
 @torch.no_grad()
@@ -99,7 +96,8 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
                     new = e.bias(new)
                 b.copy_(new.to(b.dtype))
                 _check_finite(writer.bias, bias)
-            summary.tensors.append(writer.bias)
+            if writer.bias not in summary.tensors:  # a fused bias holds every expert's row
+                summary.tensors.append(writer.bias)
         if writer.tensor not in summary.tensors:
             summary.tensors.append(writer.tensor)
         summary.writers_by_role[writer.role] = summary.writers_by_role.get(writer.role, 0) + 1

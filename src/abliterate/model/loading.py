@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from abliterate.core.finite import first_nonfinite
 from abliterate.data.chat import prepare_tokenizer
 from abliterate.errors import ConfigError, ModelLoadError
+from abliterate.model.anatomy import is_multimodal
 from abliterate.model.devices import input_device
 
 if TYPE_CHECKING:
@@ -159,6 +160,17 @@ def quantization_config(load_in: str, device: str, compute_dtype: torch.dtype) -
     )
 
 
+def auto_model_class(config: Any) -> Any:
+    """The transformers auto class that loads a whole checkpoint of ``config``: image-text-to-
+    text models (Gemma 3, Qwen2.5-VL, Mistral 3 …) keep their vision tower, so that an edited
+    language model is saved with the rest of the checkpoint."""
+    import transformers
+
+    if is_multimodal(config):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 @dataclass
 class ModelSource:
     """Where and how transformers reads a model: the path or hub id and the loader options."""
@@ -263,7 +275,8 @@ def load_model(
             kwargs["max_memory"] = max_memory
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
+        model: PreTrainedModel = auto_model_class(config).from_pretrained(
             src.source, dtype=resolve_dtype(dtype, dev), **kwargs
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
