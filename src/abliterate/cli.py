@@ -37,6 +37,7 @@ from pydantic_settings import (
 
 from abliterate import __version__
 from abliterate.config import (
+    ApplyConfig,
     ChatConfig,
     EvaluateConfig,
     OptimizeConfig,
@@ -71,6 +72,13 @@ def _cmd_chat(config: ChatConfig) -> int:
 
     # Live columns need a terminal on both ends; pipes get plain sequential text.
     return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
+
+
+def _cmd_apply(config: ApplyConfig) -> int:
+    from abliterate.commands.apply import apply
+
+    apply(config)
+    return 0
 
 
 def _cmd_report(config: ReportConfig) -> int:
@@ -121,6 +129,13 @@ COMMANDS: dict[str, Command] = {
         _cmd_report,
         "Re-render a run's report.html and plots/ from its report.json and scores.json (for "
         "runs made by older versions, or after editing the JSON).",
+    ),
+    "apply": Command(
+        ApplyConfig,
+        _cmd_apply,
+        "Apply a saved direction or edit to a safetensors checkpoint on disk, tensor by tensor "
+        "(memory of about one tensor, whatever the model's size), writing the edited copy with "
+        "its tokenizer, config and abliteration.json.",
     ),
 }
 

@@ -7,6 +7,7 @@ failed or interrupted run never leaves a half-written directory, and records
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -55,6 +56,15 @@ def run_directory(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (read in 16 MB chunks), as recorded for exported weights."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(16 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def environment_record(device: str, seed: int, data: dict[str, Any]) -> dict[str, Any]:

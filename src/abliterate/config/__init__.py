@@ -22,6 +22,7 @@ This module is imported by ``abliterate --help``: it must not import torch or tr
 
 from abliterate.config.messages import describe_errors, option_name
 from abliterate.config.options import (
+    ApplyConfig,
     ChatConfig,
     EvalOptions,
     EvalPromptOptions,
@@ -41,6 +42,7 @@ from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
 
 __all__ = [
     "ENV_PREFIX",
+    "ApplyConfig",
     "ChatConfig",
     "EvalOptions",
     "EvalPromptOptions",

@@ -370,6 +370,50 @@ class ReportConfig(Options):
     )
 
 
+WRITER_KINDS = ("embedding", "attention", "mlp")
+"""Residual writers a plain direction can be removed from (``abliterate apply --writers``)."""
+
+
+def _check_writers(names: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in WRITER_KINDS]
+    if unknown:
+        raise problem(f"must name writers among {', '.join(WRITER_KINDS)}, got {unknown[0]!r}")
+    if not names:
+        raise problem(f"must name at least one of {', '.join(WRITER_KINDS)}")
+    return names
+
+
+class ApplyConfig(Options):
+    """Configuration of ``abliterate apply``: edit a checkpoint on disk, tensor by tensor."""
+
+    direction: PathOption = Field(
+        description="The edit to apply: a direction saved by the tool (direction.safetensors, "
+        "its .json beside it), an edit saved by a run (its edit_spec.json, or the run directory "
+        "itself), or a .npy vector of the model's hidden size (normalised to unit length).",
+    )
+    model: Text = Field(
+        description="Model to edit: a local directory with safetensors weights (one "
+        "model.safetensors, or shards listed in model.safetensors.index.json), or 'demo'. It is "
+        "read, never changed.",
+    )
+    out: PathOption = Field(
+        description="Directory the edited model is written to (built under a temporary name and "
+        "renamed when complete).",
+    )
+    overwrite: bool = Field(False, description="Replace --out if it exists.")
+    strength: FiniteFloat = Field(
+        1.0,
+        description="Ablation strength of a direction or .npy vector: 1 removes it, 0 changes "
+        "nothing. An edit saved by a run carries its own strengths.",
+    )
+    writers: Annotated[Names, AfterValidator(_check_writers)] = Field(
+        WRITER_KINDS,
+        description="Residual writers a direction or .npy vector is removed from: 'embedding', "
+        "'attention' (attention outputs and other token mixers) and 'mlp' (MLP outputs, every "
+        "routed and shared expert). An edit saved by a run names its own.",
+    )
+
+
 def to_dict(config: Options) -> dict[str, Any]:
     """The JSON-ready resolved configuration (paths as strings, tuples as lists), as stored in a
     run directory's ``config.json``; ``type(config)(**to_dict(config)) == config``."""
