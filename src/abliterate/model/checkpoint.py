@@ -184,16 +184,17 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).view(info.shape)
 
-    def skeleton(self) -> PreTrainedModel:
+    def skeleton(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
         """The model this checkpoint is for, built from its config on the meta device (names
-        and shapes, no weights); buffers computed from the config (rotary frequencies) are
-        real, as a loaded model's are."""
+        and shapes, no weights; parameters in ``dtype``, default the config's); buffers computed
+        from the config (rotary frequencies) are real, as a loaded model's are."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(self.directory)
+        kwargs = {} if dtype is None else {"dtype": dtype}
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
         model.tie_weights()  # accelerate's empty parameters come untied
         return model.eval()
 
