@@ -156,3 +156,22 @@ def test_one_layer_of_weights_at_a_time(
     streamed.run(encodings, per_batch=check, logits=False)
     assert seen == [0, 0, 1, 1, 2, 2, 3, 3]  # layer-major: both batches through each layer
     assert all(p.device.type == "meta" for p in streamed.model.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_greedy_generation_equals_the_loaded_model(
+    family: str, make_model: Callable[[str], Any], tokenizer: Any, texts: list[str], tmp_path: Path
+) -> None:
+    from abliterate.model.forward import generate
+    from abliterate.search.streamed import streamed_generate
+
+    model = make_moe(family, len(tokenizer)) if family in MOE_TYPES else make_model(family)
+    model.save_pretrained(tmp_path / family)
+    edit = _edits(64, model.config.num_hidden_layers)[1]
+    with _families(family):
+        streamed = LayerwiseModel(tmp_path / family)
+        for e in (None, edit):
+            with nullcontext() if e is None else edit_hooks(model, e):
+                want = generate(model, tokenizer, texts, max_new_tokens=6, batch_size=4)
+            got = streamed_generate(streamed, tokenizer, texts, e, max_new_tokens=6, batch_size=4)
+            assert got == want

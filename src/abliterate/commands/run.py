@@ -5,6 +5,11 @@ model, choose the edit (a saved direction, a given layer's direction, automatic 
 the ``--optimize`` search; :func:`choose_edit`), evaluate the unedited and the edited model on
 the held-out evaluation prompts (:func:`evaluate_edit`), and export the edited model.
 
+With ``--stream`` (or ``auto`` for a model that does not fit in memory) the model is never
+loaded whole: activations, selection and the search run layer-streamed, the edited model is
+written by streaming apply, and both models are evaluated with their weights partly offloaded
+to disk (:func:`evaluate_streamed`, :mod:`abliterate.commands.streamed`).
+
 The run directory is built under a temporary name beside ``out`` and renamed into place only
 when the run succeeds (:func:`~abliterate.commands.rundir.run_directory`). Contents::
 
@@ -23,12 +28,25 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
-from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
+from abliterate.commands.rundir import (
+    check_output_dir,
+    environment_record,
+    file_sha256,
+    run_directory,
+)
+from abliterate.commands.streamed import (
+    export_streamed,
+    load_offloaded,
+    open_layerwise,
+    resident_minimum,
+    stream_source,
+)
 from abliterate.config import RunConfig, to_dict
 from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
@@ -43,17 +61,22 @@ from abliterate.eval.judges import MarkerJudge
 from abliterate.measure.activations import collect_activations
 from abliterate.measure.candidates import Candidates
 from abliterate.measure.refusal import refusal_token_ids
+from abliterate.measure.streamed import collect_activations_streamed
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.forward import next_token_logprobs
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.model.loading import load_model
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report, SelectionScores
 from abliterate.search.optimize import optimize_edit
 from abliterate.search.selection import select_direction
+from abliterate.search.streamed import streamed_logprobs
 from abliterate.search.study import default_storage
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from abliterate.data.prompts import PromptSet
     from abliterate.eval.evaluator import Assessment
     from abliterate.eval.judges import Judge
@@ -126,18 +149,27 @@ def _saved_direction(config: RunConfig, d_model: int) -> Direction:
 
 
 def compute_candidates(
-    config: RunConfig, loaded: LoadedModel, chats: dict[str, ChatSet], data: dict[str, Any]
+    config: RunConfig,
+    loaded: LoadedModel,
+    chats: dict[str, ChatSet],
+    data: dict[str, Any],
+    measured: PreTrainedModel | LayerwiseModel | None = None,
 ) -> Candidates:
-    """Mean activations of the training sets at every layer and site."""
+    """Mean activations of the training sets at every layer and site, measured on
+    ``measured`` (default: the loaded model; a layer-streamed model with ``--stream``)."""
 
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = measured or loaded.model, loaded.tokenizer
     # Per-prompt activations are kept only when the search may use extra directions.
     keep = config.site if config.optimize and config.max_directions > 1 else None
     means = {}
     acts = None
     for key, label in (("train_harmful", "harmful"), ("train_harmless", "harmless")):
-        means[key], kept = collect_activations(
-            model, tok, chats[key].texts, sites=config.sites,
+        collect = (
+            collect_activations_streamed if isinstance(model, LayerwiseModel)
+            else collect_activations
+        )  # fmt: skip
+        means[key], kept = collect(
+            model, tok, chats[key].texts, sites=config.sites,  # type: ignore[arg-type]
             keep_site=keep if key == "train_harmful" else None,
             batch_size=config.batch_size, desc=f"Activations ({label})",
         )  # fmt: skip
@@ -176,21 +208,24 @@ def choose_edit(
     judge: Judge,
     stages: Stages,
     tmp: Path,
+    measured: PreTrainedModel | LayerwiseModel | None = None,
 ) -> EditChoice:
     """The edit to apply: a saved direction's, a given layer's, the automatically selected
-    candidate's, or (``--optimize``) the searched one.
+    candidate's, or (``--optimize``) the searched one. Activations, scores and trials are
+    measured on ``measured`` (default: the loaded model; a layer-streamed one with
+    ``--stream``).
 
     Writes ``candidates.safetensors`` (and ``scores.json`` when selecting,
     ``optimization.json`` when searching) into ``tmp``.
     """
 
-    model, tok = loaded.model, loaded.tokenizer
-    n_layers, d_model = anatomy_of(model).n_layers, anatomy_of(model).d_model
+    model, tok = measured or loaded.model, loaded.tokenizer
+    n_layers, d_model = anatomy_of(loaded.model).n_layers, anatomy_of(loaded.model).d_model
     if config.direction is not None:
         return EditChoice(Ablation.uniform(_saved_direction(config, d_model), n_layers,
                                            config.strength))  # fmt: skip
     with stages.stage("activations"):
-        candidates = compute_candidates(config, loaded, chats, data)
+        candidates = compute_candidates(config, loaded, chats, data, model)
         candidates.save(tmp / "candidates.safetensors")
     if config.layer is not None:
         direction = _given_layer(config, candidates)
@@ -198,7 +233,7 @@ def choose_edit(
     refusal_ids = refusal_token_ids(tok)
     if config.optimize:
         with stages.stage("search"):
-            search = _optimize(config, loaded, candidates, chats, data, judge, refusal_ids)
+            search = _optimize(config, loaded, model, candidates, chats, data, judge, refusal_ids)
         (tmp / "optimization.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
         return EditChoice(search.edit, search=search)
     with stages.stage("selection"):
@@ -214,6 +249,7 @@ def choose_edit(
 def _optimize(
     config: RunConfig,
     loaded: LoadedModel,
+    model: PreTrainedModel | LayerwiseModel,
     candidates: Candidates,
     chats: dict[str, ChatSet],
     data: dict[str, Any],
@@ -228,7 +264,7 @@ def _optimize(
         "data": {k: data[k]["sha256"] for k in (*TRAIN_SETS, *VAL_SETS)},
     }
     return optimize_edit(
-        loaded.model,
+        model,
         loaded.tokenizer,
         candidates,
         chats["val_harmful"],
@@ -238,6 +274,20 @@ def _optimize(
         refusal_ids=refusal_ids,
         storage=config.storage or default_storage(config.out),
         fingerprint=fingerprint,
+    )
+
+
+def _evaluator(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase, chats: dict[str, ChatSet], judge: Judge
+) -> Evaluator:
+    return Evaluator(
+        tokenizer,
+        EvalSets(chats["eval_harmful"], chats["eval_harmless"]),
+        [judge],
+        max_new_tokens=config.max_new_tokens,
+        kl_tokens=config.kl_tokens,
+        batch_size=config.batch_size,
+        system_prompt=config.system_prompt,
     )
 
 
@@ -257,15 +307,7 @@ def evaluate_edit(
     """
 
     model, tok = loaded.model, loaded.tokenizer
-    evaluator = Evaluator(
-        tok,
-        EvalSets(chats["eval_harmful"], chats["eval_harmless"]),
-        [judge],
-        max_new_tokens=config.max_new_tokens,
-        kl_tokens=config.kl_tokens,
-        batch_size=config.batch_size,
-        system_prompt=config.system_prompt,
-    )
+    evaluator = _evaluator(config, tok, chats, judge)
     with stages.stage("baseline eval"):
         baseline = evaluator.assess(model, "baseline")
     with stages.stage("multi-token KL"):
@@ -281,6 +323,47 @@ def evaluate_edit(
         edited = evaluator.assess(model, "abliterated")
         evaluator.compare(baseline, edited, kl_multi)
     return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict())
+
+
+def evaluate_streamed(
+    config: RunConfig,
+    loaded: LoadedModel,
+    measured: LayerwiseModel,
+    edit: Ablation,
+    chats: dict[str, ChatSet],
+    judge: Judge,
+    stages: Stages,
+    tmp: Path,
+) -> tuple[EditOutcome, dict[str, str]]:
+    """:func:`evaluate_edit` for a ``--stream`` run (see :mod:`abliterate.commands.streamed`).
+
+    The edited model is the checkpoint that streaming apply writes into ``tmp/model``; both it
+    and the original (``loaded``) are evaluated with what does not fit offloaded to disk. The
+    hooks-vs-weights check compares the layer-streamed original under the edit's hooks with
+    that checkpoint. Returns the outcome and the SHA-256 of each weight file written.
+    """
+    tok = loaded.tokenizer
+    evaluator = _evaluator(config, tok, chats, judge)
+    with stages.stage("baseline eval"):
+        baseline = evaluator.assess(loaded.model, "baseline")
+    with stages.stage("export"):
+        summary, files = export_streamed(edit, measured.checkpoint.directory, tmp / "model")
+        hashes = {f.name: file_sha256(f) for f in files}
+    folder, minimum = tmp / ".offload" / "edited", resident_minimum(measured)
+    edited_model = load_offloaded(str(tmp / "model"), config, folder, minimum).model
+    with stages.stage("edited eval"):
+        edited = evaluator.assess(edited_model, "abliterated")
+    with stages.stage("multi-token KL"):
+        kl_multi, _ = evaluator.multi_token_kl(loaded.model, model_q=edited_model)
+        evaluator.compare(baseline, edited, kl_multi)
+    with stages.stage("hooks vs weights"):
+        probe = chats["eval_harmless"].texts[:4]
+        ((hooked,),) = streamed_logprobs(
+            measured, tok, [probe], [edit], batch_size=config.batch_size
+        )
+        baked = next_token_logprobs(edited_model, tok, probe, batch_size=config.batch_size)
+    outcome = EditOutcome(baseline, edited, float((hooked - baked).abs().max()), summary.to_dict())
+    return outcome, hashes
 
 
 def _record(
@@ -346,12 +429,23 @@ def _report(
     return report
 
 
+def _finish_streamed(config: RunConfig, tmp: Path, record: dict[str, Any]) -> None:
+    """The exported model's own ``abliteration.json`` (or no model, with ``--no-save-model``:
+    it was written only to be evaluated), and no offloaded weights left behind."""
+    shutil.rmtree(tmp / ".offload", ignore_errors=True)
+    if config.save_model:
+        (tmp / "model" / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
+    else:
+        shutil.rmtree(tmp / "model")
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Run the whole pipeline and return the report (also written to ``config.out``)."""
     import torch
 
     check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)
+    source = stream_source(config)
     sets = load_prompt_sets(config)
     data = {k: {"name": s.name, "n": len(s), "sha256": s.sha256} for k, s in sets.items()}
     stages = Stages()
@@ -359,13 +453,19 @@ def run(config: RunConfig) -> dict[str, Any]:
     with run_directory(config.out, config.overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         with stages.stage("load model"):
-            loaded = load_model(
-                config.model,
-                revision=config.revision,
-                device=config.device,
-                dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code,
-            )
+            if source is None:
+                loaded = load_model(
+                    config.model,
+                    revision=config.revision,
+                    device=config.device,
+                    dtype=config.dtype,
+                    trust_remote_code=config.trust_remote_code,
+                )
+                measured: PreTrainedModel | LayerwiseModel = loaded.model
+            else:  # the original is evaluated offloaded; everything else is layer-streamed
+                measured = open_layerwise(config, source)
+                loaded = load_offloaded(config.model, config, tmp / ".offload" / "original",
+                                        resident_minimum(measured))  # fmt: skip
         log.info("model: %s", anatomy_of(loaded.model).anatomy.describe())
         tok = loaded.tokenizer
         chats = {k: ChatSet.format(tok, s, config.system_prompt) for k, s in sets.items()}
@@ -374,16 +474,23 @@ def run(config: RunConfig) -> dict[str, Any]:
                          "revision": loaded.revision},
                "dtype": str(loaded.model.dtype)}  # fmt: skip
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
-        choice = choose_edit(config, loaded, chats, data, judge, stages, tmp)
+        choice = choose_edit(config, loaded, chats, data, judge, stages, tmp, measured)
         choice.edit.save(tmp)
-        outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
-        record = _record(loaded, choice, outcome, data)
         export_diff: float | None = None
-        if config.save_model:
-            with stages.stage("export"):
-                save_model(loaded.model, tok, tmp / "model", record)
-                probe = chats["eval_harmless"].texts[:4]
-                export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
+        if isinstance(measured, LayerwiseModel):
+            outcome, hashes = evaluate_streamed(
+                config, loaded, measured, choice.edit, chats, judge, stages, tmp
+            )
+            record = {**_record(loaded, choice, outcome, data), "weight_files": hashes}
+            _finish_streamed(config, tmp, record)
+        else:
+            outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
+            record = _record(loaded, choice, outcome, data)
+            if config.save_model:
+                with stages.stage("export"):
+                    save_model(loaded.model, tok, tmp / "model", record)
+                    probe = chats["eval_harmless"].texts[:4]
+                    export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
         (tmp / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
         report = Report.model_validate(
             _report(config, loaded, choice, outcome, record, export_diff, stages)

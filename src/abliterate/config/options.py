@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import CliPositionalArg
@@ -277,6 +277,15 @@ class RunConfig(
     """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
 
     save_model: bool = Field(True, description="Write the edited model to OUT/model.")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Layer-stream a model that does not fit in memory: activations, selection and "
+        "search trials run one decoder layer at a time from the checkpoint (each layer read once "
+        "per pass), the edit is written to OUT/model by streaming apply, and the evaluation runs "
+        "with what does not fit offloaded to disk (accelerate; each generated token then reads "
+        "the offloaded weights again, so it is slow). 'auto': on when the weights need more than "
+        "0.8 times the memory available. Needs a local safetensors checkpoint or demo.",
+    )
 
     @model_validator(mode="after")
     def _fixed_or_searched(self) -> RunConfig:

@@ -27,9 +27,8 @@ embedding stage, then each layer index) and may install the hooks of that stage'
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,14 +84,6 @@ class _Stand(nn.Module):
         if self.last and self.output is None:
             raise _Stop
         return hidden_states if self.output is None else self.output
-
-
-@dataclass
-class _Batch:
-    """One batch's inputs: its encoding and, per layer, the arguments the model passes."""
-
-    encoding: BatchEncoding
-    layer_args: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
 
 
 class LayerwiseModel:
@@ -170,29 +161,69 @@ class LayerwiseModel:
             for i, layer in enumerate(real):
                 layers[i] = layer
 
-    def _probe(self, encoding: BatchEncoding) -> tuple[torch.Tensor, list[Any]]:
-        """The embedding's output (layer 0's input) and every layer's other arguments."""
+    def _probe(
+        self, inputs: Mapping[str, torch.Tensor], cache: Any = None
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """The embedding's output (layer 0's input) and every layer's other arguments, for
+        ``inputs`` (``input_ids``, ``attention_mask``) following what ``cache`` holds."""
         calls: list[Any] = []
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         # The last layer's stand-in raises _Stop once it has recorded: nothing after it runs.
+        if cache is not None:  # (transformers 5.24 also calls it ``cache``; 5.0 only this)
+            inputs = {**inputs, "past_key_values": cache}
         with self._standing_in(calls), suppress(_Stop):
-            self.anatomy.body(**encoding.to(self.device), use_cache=False)
+            self.anatomy.body(**inputs, use_cache=cache is not None)
         assert len(calls) == self.n_layers, "the model's forward skipped decoder layers"
         return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
 
-    def _replay(self, hidden: torch.Tensor, encoding: BatchEncoding) -> torch.Tensor:
+    def _replay(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last-position logits ``(batch, vocab)`` for the final residual stream ``hidden``."""
         calls: list[Any] = []
+        last = hidden[:, -1:]  # (batch, 1, d_model): the norm and head act position-wise
         with self._standing_in(calls) as stands:
-            stands[0].output = hidden
+            stands[0].output = last
             for stand in stands[1:]:
                 stand.last = False
-            out = self.model(
-                inputs_embeds=torch.zeros_like(hidden),
-                attention_mask=encoding["attention_mask"].to(self.device),
-                use_cache=False,
-                logits_to_keep=1,
-            )
+            out = self.model(inputs_embeds=torch.zeros_like(last), use_cache=False)
         return out.logits[:, -1, :]
+
+    def _pass(
+        self,
+        inputs: Sequence[Mapping[str, torch.Tensor]],
+        streams: Sequence[StageContext],
+        *,
+        caches: Sequence[Any] | None = None,
+        per_batch: BatchContext | None = None,
+        logits: bool = True,
+        desc: str | None = None,
+    ) -> list[list[torch.Tensor]] | None:
+        """One pass over the weights for every batch of every stream (see :meth:`run`)."""
+        layer_args: list[list[Any]] = []
+        hidden: list[list[torch.Tensor]] = [[] for _ in streams]
+        with self.loaded(self._front):
+            for k, stream in enumerate(streams):
+                with stream(None):
+                    for b, batch in enumerate(inputs):
+                        h, args = self._probe(batch, None if caches is None else caches[b])
+                        if k == 0:
+                            layer_args.append(args)
+                        hidden[k].append(h)  # (batch, pos, d_model)
+        layers: Iterable[int] = range(self.n_layers)
+        if desc is not None:
+            layers = progress(layers, total=self.n_layers, desc=desc)
+        for i in layers:
+            layer = self.model.get_submodule(f"{self._layers_path}.{i}")
+            with self.loaded(self.layer_parameters(i)):
+                for k, stream in enumerate(streams):
+                    with stream(i):
+                        for b in range(len(inputs)):
+                            args, kwargs = layer_args[b][i]
+                            with per_batch(i, b) if per_batch else nullcontext():
+                                hidden[k][b] = _hidden(layer(hidden[k][b], *args, **kwargs))
+        if not logits:
+            return None
+        with self.loaded(self._head):
+            return [[self._replay(h).float().cpu() for h in hs] for hs in hidden]
 
     @torch.inference_mode()
     def run(
@@ -215,34 +246,46 @@ class LayerwiseModel:
         Returns:
             Per stream, per batch, the float32 logits ``(batch, vocab)`` on the CPU; or None.
         """
-        batches = [_Batch(e) for e in encodings]
-        hidden: list[list[torch.Tensor]] = [[] for _ in streams]
-        with self.loaded(self._front):
-            for k, stream in enumerate(streams):
-                with stream(None):
-                    for batch in batches:
-                        h, layer_args = self._probe(batch.encoding)
-                        batch.layer_args = batch.layer_args or layer_args
-                        hidden[k].append(h)  # (batch, pos, d_model)
-        for i in progress(range(self.n_layers), total=self.n_layers, desc=desc):
-            layer = self.model.get_submodule(f"{self._layers_path}.{i}")
-            with self.loaded(self.layer_parameters(i)):
-                for k, stream in enumerate(streams):
-                    with stream(i):
-                        for b, batch in enumerate(batches):
-                            args, kwargs = batch.layer_args[i]
-                            with per_batch(i, b) if per_batch else nullcontext():
-                                hidden[k][b] = _hidden(layer(hidden[k][b], *args, **kwargs))
-        if not logits:
-            return None
-        with self.loaded(self._head):
-            return [
-                [
-                    self._replay(h, b.encoding).float().cpu()
-                    for h, b in zip(hs, batches, strict=True)
-                ]
-                for hs in hidden
-            ]
+        inputs = [{k: e[k] for k in ("input_ids", "attention_mask")} for e in encodings]
+        return self._pass(inputs, streams, per_batch=per_batch, logits=logits, desc=desc)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        encodings: Sequence[BatchEncoding],
+        max_new_tokens: int,
+        stream: StageContext = lambda _stage: nullcontext(),
+        *,
+        eos_token_id: int | None,
+        pad_token_id: int,
+        desc: str = "Generating (layer-streamed)",
+    ) -> list[torch.Tensor]:
+        """Greedy continuations of left-padded batches: per batch ``(batch, new)`` token ids,
+        ``pad_token_id`` after a row's end-of-sequence token.
+
+        Every batch advances one token per pass, each layer with its own key/value cache, so
+        each new token costs one read of all the weights (whatever the number of batches).
+        """
+        from transformers import DynamicCache
+
+        inputs = [{k: e[k] for k in ("input_ids", "attention_mask")} for e in encodings]
+        caches = [DynamicCache(config=self.model.config) for _ in encodings]
+        new: list[list[torch.Tensor]] = [[] for _ in encodings]
+        done = [torch.zeros(len(e["input_ids"]), dtype=torch.bool) for e in encodings]
+        for _ in progress(range(max_new_tokens), total=max_new_tokens, desc=desc):
+            logits = self._pass(inputs, [stream], caches=caches)
+            assert logits is not None
+            for b, row_logits in enumerate(logits[0]):
+                token = row_logits.argmax(-1)  # (batch,)
+                token = torch.where(done[b], torch.full_like(token, pad_token_id), token)
+                if eos_token_id is not None:
+                    done[b] |= token == eos_token_id
+                new[b].append(token)
+                mask = torch.cat([inputs[b]["attention_mask"], torch.ones_like(token)[:, None]], 1)
+                inputs[b] = {"input_ids": token[:, None], "attention_mask": mask}
+            if all(bool(d.all()) for d in done):
+                break
+        return [torch.stack(tokens, dim=1) for tokens in new]
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor | None, buffer: bool = False) -> None:

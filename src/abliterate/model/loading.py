@@ -147,7 +147,8 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
-    max_memory: dict[int | str, str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a chat model and its tokenizer.
 
@@ -161,6 +162,8 @@ def load_model(
             accelerate takes it) instead of moving it to ``device``.
         max_memory: Per-device memory caps for ``device_map="auto"`` (``{0: "20GiB", "cpu":
             "60GiB"}``).
+        offload_folder: Where weights that do not fit are kept when they cannot be read from
+            the checkpoint as they are (converted expert tensors, say); ``device_map`` only.
 
     Raises:
         ModelLoadError: the path does not exist, holds no model, or the hub is unreachable.
@@ -174,6 +177,8 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(

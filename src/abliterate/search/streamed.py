@@ -77,3 +77,33 @@ def streamed_logprobs(
                 result.append(torch.stack(in_order(len(texts), scored)))
             out.append(result)
     return out
+
+
+def streamed_generate(
+    model: LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    edit: Edit | None = None,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    desc: str = "Generating (layer-streamed)",
+) -> list[str]:
+    """Greedy continuations of chat-formatted ``texts`` under ``edit``, decoded without special
+    tokens, as :func:`abliterate.model.forward.generate` gives them for a loaded model. Each
+    new token reads every weight once (all batches advance together)."""
+    pieces = list(batches(tokenizer, texts, batch_size))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = model.generate(
+        [enc for _, enc in pieces],
+        max_new_tokens,
+        edit_stages(model, edit),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=int(pad),
+        desc=desc,
+    )
+    decoded = [
+        (idx, [str(tokenizer.decode(row, skip_special_tokens=True)).strip() for row in new])
+        for (idx, _), new in zip(pieces, tokens, strict=True)
+    ]
+    return in_order(len(texts), decoded)
