@@ -472,7 +472,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         env = {**environment_record(str(loaded.device), config.seed, data),
                "model": {"name": loaded.name, "source": loaded.source,
                          "revision": loaded.revision},
-               "dtype": str(loaded.model.dtype)}  # fmt: skip
+               "dtype": str(loaded.model.dtype),
+               "streamed": source is not None}  # fmt: skip
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
         choice = choose_edit(config, loaded, chats, data, judge, stages, tmp, measured)
         choice.edit.save(tmp)
