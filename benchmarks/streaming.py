@@ -13,6 +13,9 @@ high-water mark, ``ru_maxrss``) is its own. Phases:
   loaded, and layer-streamed from its checkpoint; the two are compared (means, scores, choice).
 * demo, weight edit: the direction chosen in memory applied in memory (load, bake, save) and by
   streaming ``abliterate apply``; the two written models' logits are compared.
+* demo, generation: 16 greedy tokens for 8 prompts with the model loaded, with accelerate's
+  disk offload keeping 1 GiB of the 2.5 GB model in memory (how ``run --stream`` evaluates), and
+  layer-streamed (how ``optimize --stream`` confirms trials).
 * synthetic: a Llama-layout float32 checkpoint of ``--synthetic-gb`` GB (random weights written
   shard by shard, the demo's tokenizer), measured layer-streamed (directions and selection
   scores), edited by streaming ``apply``, and checked: the edited checkpoint's logits against
@@ -129,6 +132,8 @@ def _phase(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - start, "timings": record["timings"]}
     if name == "demo-compare":
         return _compare(work, _demo_dir(args))
+    if name.startswith("demo-generate-"):
+        return _generate(name.removeprefix("demo-generate-"), work, _demo_dir(args))
     if name == "synthetic-build":
         return _build_synthetic(work / "synthetic", args.synthetic_gb, _demo_dir(args),
                                 args.synthetic_hidden)  # fmt: skip
@@ -204,6 +209,38 @@ def _compare(work: Path, demo: Path) -> dict[str, Any]:
     out["max_abs_diff_logits_apply_vs_in_memory"] = diff
     out["max_abs_diff_weights_apply_vs_in_memory"] = weight_diff
     return out
+
+
+def _generate(how: str, work: Path, demo: Path) -> dict[str, Any]:
+    """Time 16 greedy tokens for 8 prompts: in memory, offloaded, or layer-streamed."""
+    from abliterate.data.chat import format_chat
+    from abliterate.model.forward import generate
+    from abliterate.model.layerwise import LayerwiseModel
+    from abliterate.model.loading import load_model
+    from abliterate.search.streamed import streamed_generate
+
+    tokenizer = _tokenizer(demo)
+    texts = format_chat(tokenizer, _prompts(1, 8)["val_harmful"])
+    start = time.perf_counter()
+    if how == "stream":
+        model = LayerwiseModel(demo)
+        loaded_at = time.perf_counter()
+        answers = streamed_generate(model, tokenizer, texts, max_new_tokens=16, batch_size=8)
+    else:
+        options: dict[str, Any] = {}
+        if how == "offload":
+            options = {"device_map": "auto", "max_memory": {"cpu": 2**30},
+                       "offload_folder": work / "offload"}  # fmt: skip
+        loaded = load_model(str(demo), device="cpu", **options)
+        loaded_at = time.perf_counter()
+        answers = generate(loaded.model, loaded.tokenizer, texts, max_new_tokens=16, batch_size=8)
+    seconds = time.perf_counter() - loaded_at
+    (work / f"answers-{how}.json").write_text(json.dumps(answers, indent=2))
+    same = None
+    if how != "memory" and (work / "answers-memory.json").is_file():
+        same = answers == json.loads((work / "answers-memory.json").read_text())
+    return {"load_seconds": loaded_at - start, "generate_seconds": seconds,
+            "seconds_per_token": seconds / 16, "same_answers_as_in_memory": same}  # fmt: skip
 
 
 def _build_synthetic(directory: Path, gigabytes: float, demo: Path, hidden: int) -> dict[str, Any]:
@@ -287,6 +324,9 @@ def _markdown(results: dict[str, Any]) -> str:
         ("demo: activations + selection, layer-streamed", "demo-measure-stream"),
         ("demo: weight edit, in memory (load, bake, save)", "demo-apply-memory"),
         ("demo: weight edit, streaming `apply`", "demo-apply-stream"),
+        ("demo: 16 tokens × 8 prompts, in memory", "demo-generate-memory"),
+        ("demo: 16 tokens × 8 prompts, disk offload (1 GiB resident)", "demo-generate-offload"),
+        ("demo: 16 tokens × 8 prompts, layer-streamed", "demo-generate-stream"),
         ("synthetic: activations + selection, layer-streamed", "synthetic-measure-stream"),
         ("synthetic: weight edit, streaming `apply`", "synthetic-apply-stream"),
     ]
@@ -299,7 +339,8 @@ def _markdown(results: dict[str, Any]) -> str:
     s = p.get("synthetic-build", {})
     lines += ["", f"Synthetic checkpoint: {s.get('bytes', 0) / 1e9:.2f} GB float32, "
               f"{s.get('n_layers')} layers, d_model {s.get('hidden_size')}.", ""]  # fmt: skip
-    for key in ("demo-compare", "synthetic-check"):
+    for key in ("demo-compare", "demo-generate-memory", "demo-generate-offload",
+                "demo-generate-stream", "synthetic-check"):  # fmt: skip
         for k, v in p.get(key, {}).items():
             if k not in ("peak_rss_mb", "wall_seconds", "seconds", "torch"):
                 lines.append(f"- {key} {k}: {v}")
@@ -315,6 +356,7 @@ def main() -> None:
     parser.add_argument("--skip-synthetic", action="store_true", help="Demo phases only.")
     parser.add_argument("--demo", help="Another chat model directory instead of the demo.")
     parser.add_argument("--synthetic-hidden", type=int, default=2048, help="Synthetic width.")
+    parser.add_argument("--only", help="Comma-separated phases to (re)run into --out.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/streaming.json")
     args = parser.parse_args()
     if args.phase:
@@ -328,7 +370,8 @@ def main() -> None:
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="abliterate-streaming-"))
     phases = ["demo-measure-memory", "demo-measure-stream", "demo-apply-memory",
-              "demo-apply-stream", "demo-compare"]  # fmt: skip
+              "demo-apply-stream", "demo-compare", "demo-generate-memory",
+              "demo-generate-offload", "demo-generate-stream"]  # fmt: skip
     if not args.skip_synthetic:
         phases += ["synthetic-build", "synthetic-measure-stream", "synthetic-apply-stream",
                    "synthetic-check"]  # fmt: skip
@@ -336,6 +379,10 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
         "phases": {},
     }
+    if args.only:  # a few phases again, merged into the results of an earlier run
+        phases = args.only.split(",")
+        if args.out.is_file():
+            results = json.loads(args.out.read_text())
     try:
         for name in phases:
             results["phases"][name] = _run_phase(name, work, args)
