@@ -38,6 +38,7 @@ RUN_DEFAULTS = {
     "layer": None, "direction": None, "site": "pre", "strength": 1.0, "max_new_tokens": 64,
     "kl_tokens": 16, "n_examples": 4, "save_model": True, "seed": 0, "export": [],
     "push_to_hub": None,
+    "stream": "auto",
 }  # fmt: skip
 EVALUATE_DEFAULTS = {
     "model": "demo", "revision": None, "device": "auto", "dtype": "auto",

@@ -82,7 +82,7 @@ def _cmd_chat(config: ChatConfig, _inputs: Sequence[Path]) -> int:
     return chat(config, interactive=interactive)
 
 
-def _cmd_apply(config: ApplyConfig, inputs: Sequence[Path]) -> int:
+def _cmd_apply(config: ApplyConfig, _inputs: Sequence[Path]) -> int:
     from abliterate.commands.apply import apply
 
     apply(config)
@@ -144,9 +144,11 @@ COMMANDS: dict[str, Command] = {
     "apply": Command(
         ApplyConfig,
         _cmd_apply,
-        "Apply a saved edit (a run, a direction, a .npy vector) to a model file: a .gguf is "
-        "edited in its own tensor types; tensors it cannot requantize (K-quants, I-quants) get "
-        "their edit as a GGUF LoRA adapter beside --out.",
+        "Apply a saved edit (a run, a direction, a .npy vector) to a model on disk, tensor by "
+        "tensor: a safetensors checkpoint is streamed (memory of about one tensor, whatever the "
+        "model's size) into an edited copy with its tokenizer, config and abliteration.json; a "
+        ".gguf is edited in its own tensor types, and tensors it cannot requantize (K-quants, "
+        "I-quants) get their edit as a GGUF LoRA adapter beside --out.",
     ),
     "push": Command(
         PushConfig,

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abliterate.commands.push import sha256_file
 from abliterate.config import RunConfig
 from abliterate.core.edits import Edit
 from abliterate.edit.checks import load_gguf_model, logit_difference
@@ -25,6 +24,7 @@ from abliterate.edit.gguf import TIED_HEAD_LORA, peft_to_gguf_lora
 from abliterate.edit.gguf_export import export_gguf
 from abliterate.edit.lora import LoraAdapter, lora_from_edit, save_peft
 from abliterate.errors import ConfigError
+from abliterate.files import file_sha256
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.stores import ModuleStore
 
@@ -71,7 +71,7 @@ def _check(fmt: str, path: Path, run: Path, diff: Any = None, note: str | None =
         "format": fmt,
         "path": path.relative_to(run).as_posix(),
         "size_bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "sha256": file_sha256(path),
     }
     if diff is not None:
         entry.update(max_abs_logit=diff.max_abs_logit, mean_kl=diff.mean_kl)
@@ -122,4 +122,4 @@ def weight_files(run: Path) -> dict[str, str]:
     """SHA-256 of every weight file of a run directory (model, GGUF, adapter), by path."""
     files = [p for p in sorted(run.rglob("*")) if p.is_file() and p.suffix in (".safetensors",
              ".gguf") and p.parent != run]  # fmt: skip
-    return {p.relative_to(run).as_posix(): sha256_file(p) for p in files}
+    return {p.relative_to(run).as_posix(): file_sha256(p) for p in files}

@@ -12,7 +12,6 @@ tests stub, since the plan (:func:`operations`) is what they check.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from abliterate.config import PushConfig
 from abliterate.edit.card import CardInputs, model_card
 from abliterate.errors import ConfigError, HubError
+from abliterate.files import file_sha256
 from abliterate.report.schema import load_report
 
 if TYPE_CHECKING:
@@ -30,18 +30,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 _SKIP = {"abliteration.json", "README.md"}
 
 
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file, read in 4 MB pieces."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weight_hashes(files: dict[str, Path]) -> dict[str, str]:
     """SHA-256 of every weight file among ``files`` (path in the repository -> local file)."""
-    return {p: sha256_file(f) for p, f in sorted(files.items()) if p.endswith(WEIGHT_SUFFIXES)}
+    return {p: file_sha256(f) for p, f in sorted(files.items()) if p.endswith(WEIGHT_SUFFIXES)}
 
 
 @dataclass

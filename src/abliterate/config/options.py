@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import CliPositionalArg
@@ -388,6 +388,15 @@ class RunConfig(
     """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
 
     save_model: bool = Field(True, description="Write the edited model to OUT/model.")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Layer-stream a model that does not fit in memory: activations, selection and "
+        "search trials run one decoder layer at a time from the checkpoint (each layer read once "
+        "per pass), the edit is written to OUT/model by streaming apply, and the evaluation runs "
+        "with what does not fit offloaded to disk (accelerate; each generated token then reads "
+        "the offloaded weights again, so it is slow). 'auto': on when the weights need more than "
+        "0.8 times the memory available. Needs a local safetensors checkpoint or demo.",
+    )
 
     @model_validator(mode="after")
     def _fixed_or_searched(self) -> RunConfig:
@@ -478,25 +487,6 @@ class ChatConfig(ThinkingOptions, ModelOptions):
     )
 
 
-class ApplyConfig(Options):
-    """Configuration of ``abliterate apply``: apply a saved edit to a model file."""
-
-    model: Text = Field(
-        description="Model file to edit: a .gguf file (edited in place in its own types; "
-        "tensors of types the gguf package cannot requantize go into a GGUF LoRA adapter).",
-    )
-    direction: PathOption = Field(
-        description="The edit: a run directory or a directory with edit_spec.json, a saved "
-        "direction (direction.safetensors with its .json), or a .npy vector of the hidden size "
-        "(removed at --strength from the embedding and every attention and MLP output).",
-    )
-    out: PathOption = Field(description="Edited model file to write (never the input).")
-    strength: FiniteFloat = Field(
-        1.0, description="Strength for a direction or .npy vector (a saved edit keeps its own)."
-    )
-    overwrite: bool = Field(False, description="Replace --out (and its adapter) if it exists.")
-
-
 class PushConfig(Options):
     """Configuration of ``abliterate push``: upload a run's model or adapter with a model card."""
 
@@ -515,6 +505,54 @@ class ReportConfig(Options):
 
     run: CliPositionalArg[PathOption] = Field(
         description="Run directory holding report.json (and scores.json, for per-layer plots).",
+    )
+
+
+WRITER_KINDS = ("embedding", "attention", "mlp")
+"""Residual writers a plain direction can be removed from (``abliterate apply --writers``)."""
+
+
+def _check_writers(names: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in WRITER_KINDS]
+    if unknown:
+        raise problem(f"must name writers among {', '.join(WRITER_KINDS)}, got {unknown[0]!r}")
+    if not names:
+        raise problem(f"must name at least one of {', '.join(WRITER_KINDS)}")
+    return names
+
+
+class ApplyConfig(Options):
+    """Configuration of ``abliterate apply``: edit a model on disk, tensor by tensor."""
+
+    direction: PathOption = Field(
+        description="The edit to apply: a direction saved by the tool (direction.safetensors, "
+        "its .json beside it), an edit saved by a run (its edit_spec.json, or the run directory "
+        "itself), or a .npy vector of the model's hidden size (normalised to unit length).",
+    )
+    model: Text = Field(
+        description="Model to edit: a local directory with safetensors weights (one "
+        "model.safetensors, or shards listed in model.safetensors.index.json), 'demo', or a "
+        ".gguf file (edited in its own tensor types; tensors of types the gguf package cannot "
+        "requantize get their edit as a GGUF LoRA adapter beside --out). It is read, never "
+        "changed.",
+    )
+    out: PathOption = Field(
+        description="Directory the edited model is written to (built under a temporary name and "
+        "renamed when complete); for a .gguf model, the edited .gguf file.",
+    )
+    overwrite: bool = Field(
+        False, description="Replace --out (and a GGUF model's adapter) if it exists."
+    )
+    strength: FiniteFloat = Field(
+        1.0,
+        description="Ablation strength of a direction or .npy vector: 1 removes it, 0 changes "
+        "nothing. An edit saved by a run carries its own strengths.",
+    )
+    writers: Annotated[Names, AfterValidator(_check_writers)] = Field(
+        WRITER_KINDS,
+        description="Residual writers a direction or .npy vector is removed from: 'embedding', "
+        "'attention' (attention outputs and other token mixers) and 'mlp' (MLP outputs, every "
+        "routed and shared expert). An edit saved by a run names its own.",
     )
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from abliterate.errors import ExportError, ModelLoadError, UnsupportedArchitectureError
-from abliterate.model.anatomy import Anatomy
+from abliterate.model.anatomy import Anatomy, Writer
 
 if TYPE_CHECKING:
     import gguf
@@ -208,6 +208,10 @@ class GGUFStore:
     def gguf_name(self, name: str) -> str:
         """The GGUF name of the Hugging Face tensor ``name``."""
         return gguf_tensor_name(name, self.names)
+
+    def locate(self, writer: Writer) -> Writer:
+        """The writer itself: the store is addressed by Hugging Face tensor names."""
+        return writer
 
     def has(self, name: str) -> bool:
         """Whether the file holds the Hugging Face tensor ``name``."""

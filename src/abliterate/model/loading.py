@@ -227,8 +227,9 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
-    max_memory: dict[int | str, str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     load_in: str | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a chat model and its tokenizer.
 
@@ -244,6 +245,8 @@ def load_model(
             "60GiB"}``).
         load_in: ``"4bit"`` or ``"8bit"``: quantize the linear layers with bitsandbytes
             (:func:`quantization_config`); the model stays on ``device`` (or the map).
+        offload_folder: Where weights that do not fit are kept when they cannot be read from
+            the checkpoint as they are (converted expert tensors, say); ``device_map`` only.
 
     Raises:
         ModelLoadError: the path does not exist, holds no model, its weight files are corrupt
@@ -273,6 +276,8 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
         config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
