@@ -39,10 +39,13 @@ from abliterate import __version__
 from abliterate.config import (
     ChatConfig,
     EvaluateConfig,
+    FilterDatasetConfig,
+    HealConfig,
     OptimizeConfig,
     Options,
     ReportConfig,
     RunConfig,
+    SftConfig,
     load_config,
     option_name,
 )
@@ -71,6 +74,27 @@ def _cmd_chat(config: ChatConfig) -> int:
 
     # Live columns need a terminal on both ends; pipes get plain sequential text.
     return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
+
+
+def _cmd_filter_dataset(config: FilterDatasetConfig) -> int:
+    from abliterate.commands.filter_dataset import filter_dataset
+
+    filter_dataset(config)
+    return 0
+
+
+def _cmd_sft(config: SftConfig) -> int:
+    from abliterate.commands.sft import sft
+
+    sft(config)
+    return 0
+
+
+def _cmd_heal(config: HealConfig) -> int:
+    from abliterate.commands.heal import heal
+
+    heal(config)
+    return 0
 
 
 def _cmd_report(config: ReportConfig) -> int:
@@ -115,6 +139,26 @@ COMMANDS: dict[str, Command] = {
         _cmd_chat,
         "Chat in the terminal with an edited model and its original; their answers stream "
         "side by side.",
+    ),
+    "filter-dataset": Command(
+        FilterDatasetConfig,
+        _cmd_filter_dataset,
+        "Keep the rows of an instruction dataset (alpaca, ShareGPT or chat messages; JSONL, JSON, "
+        "parquet or hub) whose answers neither refuse nor moralize, streaming; writes OUT in the "
+        "input's format and OUT.report.json.",
+    ),
+    "sft": Command(
+        SftConfig,
+        _cmd_sft,
+        "Supervised fine-tuning (TRL, LoRA/QLoRA or full) on a conversation dataset with loss on "
+        "the answers only; saves the merged model and the adapter, evaluated before and after.",
+    ),
+    "heal": Command(
+        HealConfig,
+        _cmd_heal,
+        "Heal an abliterated model with DPO (TRL, LoRA/QLoRA): by default on pairs built from the "
+        "run (the original's answers preferred on harmless prompts, the abliterated model's "
+        "compliance on harmful ones); evaluated before and after against the original.",
     ),
     "report": Command(
         ReportConfig,
