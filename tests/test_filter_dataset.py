@@ -312,8 +312,8 @@ def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
         size = src.stat().st_size
         tracemalloc.start()
         try:
-            out, report = _run(tmp_path, src, batch_size=64, overwrite=True, n_examples=5)
-            _, peak = tracemalloc.get_traced_memory()
+            _, report = _run(tmp_path, src, batch_size=64, overwrite=True, n_examples=5)
+            peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
         assert report.n_rows == len(rows) and report.n_kept == len(rows) // 2

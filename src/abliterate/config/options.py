@@ -392,8 +392,8 @@ class FilterDatasetConfig(Options):
     )
     judge: Annotated[Text, AfterValidator(check_judges)] | None = Field(
         None,
-        description="Further comma-separated judges that flag an answer: 'classifier:MODEL[#LABEL]',"
-        " 'llm:MODEL', 'llm:http(s)://HOST/v1#NAME' or 'markers' (the evaluation's refusal "
+        description="Further comma-separated judges that flag an answer: "
+        "'classifier:MODEL[#LABEL]', 'llm:MODEL', 'llm:http(s)://HOST/v1#NAME' or 'markers' (the evaluation's refusal "
         "phrases).",
     )
     invert: bool = Field(
@@ -435,7 +435,8 @@ class TrainOptions(Options):
     learning_rate: FiniteFloat = Field(
         2e-4,
         gt=0,
-        description="Peak learning rate (AdamW); LoRA wants about ten times that of --adapter full.",
+        description="Peak learning rate (AdamW); LoRA wants about ten times that of --adapter "
+        "full.",
     )
     epochs: FiniteFloat = Field(1.0, gt=0, description="Passes over the training examples.")
     max_steps: Count | None = Field(

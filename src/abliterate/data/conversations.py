@@ -304,10 +304,8 @@ class RowSource:
 
 def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[RowBatch]:
     batch = RowBatch(0, [])
-    index = 0
-    for row in rows:
+    for index, row in enumerate(rows, start=1):
         batch.rows.append(row)
-        index += 1
         if len(batch.rows) == size:
             yield batch
             batch = RowBatch(index, [])
