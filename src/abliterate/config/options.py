@@ -393,8 +393,8 @@ class FilterDatasetConfig(Options):
     judge: Annotated[Text, AfterValidator(check_judges)] | None = Field(
         None,
         description="Further comma-separated judges that flag an answer: "
-        "'classifier:MODEL[#LABEL]', 'llm:MODEL', 'llm:http(s)://HOST/v1#NAME' or 'markers' (the evaluation's refusal "
-        "phrases).",
+        "'classifier:MODEL[#LABEL]', 'llm:MODEL', 'llm:http(s)://HOST/v1#NAME' or 'markers' "
+        "(the evaluation's refusal phrases).",
     )
     invert: bool = Field(
         False, description="Keep only the flagged rows (to build a set of refusals) instead."
