@@ -302,6 +302,28 @@ class RowSource:
             raise DatasetError(f"cannot stream hub dataset {repo}: {exc}") from exc
 
 
+def formatted_batches(
+    source: RowSource, size: int, fmt: RowFormat | None
+) -> tuple[RowFormat, Iterator[RowBatch]]:
+    """The row format (detected from the first row unless given) and every batch of rows.
+
+    Parquet files are read with the columns of every format (those present), the other columns
+    travel in :attr:`RowBatch.table` undecoded.
+    """
+    columns = [c for keys in FORMAT_KEYS.values() for c in keys]
+    batches = source.batches(size, columns)
+    first = next(batches, None)
+    if first is None:
+        return fmt or "messages", iter(())
+    found = fmt or detect_format(first.rows[0], source.name)
+
+    def every_batch() -> Iterator[RowBatch]:
+        yield first
+        yield from batches
+
+    return found, every_batch()
+
+
 def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[RowBatch]:
     batch = RowBatch(0, [])
     for index, row in enumerate(rows, start=1):

@@ -148,6 +148,7 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[int | str, str] | None = None,
+    quantization_config: Any = None,
 ) -> LoadedModel:
     """Load a chat model and its tokenizer.
 
@@ -161,6 +162,8 @@ def load_model(
             accelerate takes it) instead of moving it to ``device``.
         max_memory: Per-device memory caps for ``device_map="auto"`` (``{0: "20GiB", "cpu":
             "60GiB"}``).
+        quantization_config: A transformers quantization config (e.g. ``BitsAndBytesConfig``
+            for QLoRA training); pass ``device_map`` with it.
 
     Raises:
         ModelLoadError: the path does not exist, holds no model, or the hub is unreachable.
@@ -174,6 +177,8 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(

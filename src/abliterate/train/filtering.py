@@ -11,20 +11,18 @@ judges give the same output.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from abliterate.data.conversations import (
-    FORMAT_KEYS,
     Exchange,
-    RowBatch,
     RowFormat,
     RowSource,
     RowWriter,
     conversation,
-    detect_format,
     exchanges,
+    formatted_batches,
 )
 from abliterate.eval.markers import MarkerList
 from abliterate.progress import progress_bar
@@ -100,22 +98,6 @@ def _example(index: int, verdict: Verdict, turns: list[Exchange]) -> dict[str, o
     }
 
 
-def _with_format(
-    source: RowSource, batches: Iterator[RowBatch], fmt: RowFormat | None
-) -> tuple[RowFormat, Iterator[RowBatch]]:
-    """The row format (detected from the first row unless given) and the batches, whole."""
-    first = next(batches, None)
-    if first is None:
-        return fmt or "messages", iter(())
-    found = fmt or detect_format(first.rows[0], source.name)
-
-    def all_batches() -> Iterator[RowBatch]:
-        yield first
-        yield from batches
-
-    return found, all_batches()
-
-
 def filter_rows(
     source: RowSource,
     writer: RowWriter,
@@ -144,10 +126,7 @@ def filter_rows(
     Raises:
         DatasetError: a row does not have the format's fields.
     """
-    # Parquet files of any format: the columns of every format are asked for, and those present
-    # are read; the other columns are copied to the output without being decoded.
-    columns = [c for keys in FORMAT_KEYS.values() for c in keys]
-    found, batches = _with_format(source, source.batches(batch_rows, columns), fmt)
+    found, batches = formatted_batches(source, batch_rows, fmt)
     stats = FilterStats()
     bar = progress_bar(total=source.n_rows(), desc="Filtering", unit="rows")
     with bar:
