@@ -33,6 +33,7 @@ from abliterate.commands.training import (
     eval_prompts,
     file_sha256,
     model_record,
+    process_state,
     record_kl,
     report_dict,
     save_trained,
@@ -109,6 +110,9 @@ def pair_prompts(config: HealConfig) -> dict[str, PromptSet] | None:
 def heal(config: HealConfig) -> dict[str, Any]:
     """Heal ``config.model`` and write the run directory.
 
+    Under ``accelerate launch`` (several processes, see ``configs/``) the main process does what
+    is described above; the others only train with it and return an empty dict.
+
     Returns:
         The report (also in ``config.out/report.json``).
 
@@ -120,7 +124,9 @@ def heal(config: HealConfig) -> dict[str, Any]:
     import torch
 
     require_training()
-    check_output_dir(config.out, config.overwrite)
+    state = process_state()
+    if state.is_main_process:
+        check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)
     target = resolve_target(config)
     prompts = eval_prompts(config)
@@ -137,7 +143,27 @@ def heal(config: HealConfig) -> dict[str, Any]:
         system_prompt=config.system_prompt,
     )  # fmt: skip
     checkpoints = Checkpoints(config.out, fingerprint, config.restart)
-    resume = checkpoints.prepare()
+    # The main process prepares (or clears) the directory before the others look into it.
+    with state.main_process_first():
+        resume = checkpoints.prepare() if state.is_main_process else checkpoints.last()
+    if state.is_main_process:
+        return _heal(config, target, prompts, sources, checkpoints, resume)
+    loaded = load_trainable(target.model, config, config.adapter)
+    with state.main_process_first():  # the main process builds the pairs first
+        spec = config.preferences or str(checkpoints.path / PAIRS_FILE)
+    _train(config, loaded, spec, None, checkpoints, resume, Stages())
+    return {}
+
+
+def _heal(
+    config: HealConfig,
+    target: Target,
+    prompts: dict[str, PromptSet],
+    sources: dict[str, PromptSet] | None,
+    checkpoints: Checkpoints,
+    resume: Path | None,
+) -> dict[str, Any]:
+    """Everything the main process does (see the module docstring)."""
     stages = Stages()
     with run_directory(config.out, config.overwrite) as tmp:
         write_json(tmp / "config.json", to_dict(config))
@@ -150,11 +176,13 @@ def heal(config: HealConfig) -> dict[str, Any]:
             k: {"name": s.name, "n": len(s), "sha256": s.sha256}
             for k, s in {**prompts, **(sources or {})}.items()
         }
-        env = environment_record(str(loaded.device), config.seed, data)
-        write_json(tmp / "environment.json", env)
-        spec, counts = _preferences(
-            config, sources, loaded, original, judges[0], checkpoints, stages
+        write_json(
+            tmp / "environment.json", environment_record(str(loaded.device), config.seed, data)
         )
+        with process_state().main_process_first():
+            spec, counts = _preferences(
+                config, sources, loaded, original, judges[0], checkpoints, stages
+            )
         if config.preferences is None:
             shutil.copyfile(spec, tmp / PAIRS_FILE)
         with stages.stage("eval before"):
@@ -163,7 +191,16 @@ def heal(config: HealConfig) -> dict[str, Any]:
         original_record = model_record(original)
         del original
         gc.collect()
-        training, model = _train(config, loaded, spec, counts, checkpoints, resume, tmp, stages)
+        trainer, training = _train(config, loaded, spec, counts, checkpoints, resume, stages)
+        with stages.stage("merge"):
+            model = merged_model(
+                trainer, config.adapter, tmp / "adapter", lambda: load_model(
+                    str(loaded.source), device=config.device, dtype=config.dtype,
+                    trust_remote_code=config.trust_remote_code,
+                ),
+            )  # fmt: skip
+            del trainer
+            gc.collect()
         prepare_tokenizer(loaded.tokenizer)
         with stages.stage("eval after"):
             after = evaluator.assess(model, "healed")
@@ -174,11 +211,8 @@ def heal(config: HealConfig) -> dict[str, Any]:
         with stages.stage("export"):
             probe = list(evaluator.sets.harmless.texts[:4])
             export_diff = save_trained(model, loaded, tmp / "model", record, probe)
-        extra = {
-            "original_model": original_record,
-            "n_examples": config.n_examples,
-            "timings": stages.to_dict(),
-        }
+        extra = {"original_model": original_record, "n_examples": config.n_examples,
+                 "timings": stages.to_dict()}  # fmt: skip
         report = Report.model_validate(
             report_dict("heal", loaded, prompts, judges, Outcome(before, after, training),
                         export_diff, extra)
@@ -249,14 +283,14 @@ def _train(
     counts: dict[str, int] | None,
     checkpoints: Checkpoints,
     resume: Path | None,
-    tmp: Path,
     stages: Stages,
-) -> tuple[dict[str, Any], Any]:
-    """DPO on the pairs; the merged model and the training record."""
+) -> tuple[Any, dict[str, Any]]:
+    """DPO on the pairs (every process); the trainer and the training record."""
     from abliterate.train.dpo import LOSS_TYPES, dpo_trainer  # needs trl (checked at the start)
 
     with stages.stage("train"):
-        dataset = build_preferences(spec, config.system_prompt, checkpoints.path / "dataset")
+        with process_state().main_process_first():
+            dataset = build_preferences(spec, config.system_prompt, checkpoints.path / "dataset")
         train, heldout = split_heldout(dataset, config.n_heldout)
         arguments = trainer_arguments(
             config, output_dir=checkpoints.path, model=loaded.model, seed=config.seed
@@ -267,14 +301,6 @@ def _train(
             peft_config=lora_config(config),
         )  # fmt: skip
         result = run_training(trainer, checkpoints, resume, "DPO")
-        model = merged_model(
-            trainer, config.adapter, tmp / "adapter", lambda: load_model(
-                str(loaded.source), device=config.device, dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code,
-            ),
-        )  # fmt: skip
-        del trainer
-        gc.collect()
     lora = config.adapter != "full"
     training = {
         "method": "dpo",
@@ -284,7 +310,9 @@ def _train(
         "n_heldout": 0 if heldout is None else len(heldout),
         "epochs": config.epochs,
         "learning_rate": config.learning_rate,
-        "batch_size": config.train_batch_size * config.gradient_accumulation,
+        "batch_size": (
+            config.train_batch_size * config.gradient_accumulation * process_state().num_processes
+        ),
         "lora_r": config.lora_r if lora else None,
         "lora_alpha": config.lora_alpha if lora else None,
         "beta": config.beta,
@@ -292,7 +320,7 @@ def _train(
         "pairs": counts,
         **result,
     }
-    return training, model
+    return trainer, training
 
 
 def _record(

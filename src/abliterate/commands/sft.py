@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 from typing import Any
 
 from abliterate import __version__
@@ -23,6 +24,7 @@ from abliterate.commands.training import (
     eval_prompts,
     file_sha256,
     model_record,
+    process_state,
     record_kl,
     report_dict,
     save_trained,
@@ -33,7 +35,7 @@ from abliterate.config import SftConfig, to_dict
 from abliterate.data.chat import prepare_tokenizer
 from abliterate.data.conversations import RowSource
 from abliterate.eval.benchmarks import check_task_names
-from abliterate.model.loading import load_model
+from abliterate.model.loading import LoadedModel, load_model
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 def sft(config: SftConfig) -> dict[str, Any]:
     """Fine-tune ``config.model`` on ``config.data`` and write the run directory.
 
+    Under ``accelerate launch`` (several processes, see ``configs/``) the main process does what
+    is described above; the others only train with it and return an empty dict.
+
     Returns:
         The report (also in ``config.out/report.json``).
 
@@ -65,20 +70,26 @@ def sft(config: SftConfig) -> dict[str, Any]:
     import torch
 
     require_training()
-    check_output_dir(config.out, config.overwrite)
+    state = process_state()
+    if state.is_main_process:
+        check_output_dir(config.out, config.overwrite)
     torch.manual_seed(config.seed)
     prompts = eval_prompts(config)
     check_task_names(config.benchmarks)
     RowSource.parse(config.data)
-    data_sha = file_sha256(config.data)
-    fmt = None if config.format == "auto" else config.format
     fingerprint = training_fingerprint(
-        config, command="sft", model=config.model, data=config.data, data_sha256=data_sha,
-        format=config.format, max_rows=config.max_rows, system_prompt=config.system_prompt,
-        seed=config.seed,
+        config, command="sft", model=config.model, data=config.data,
+        data_sha256=file_sha256(config.data), format=config.format, max_rows=config.max_rows,
+        system_prompt=config.system_prompt, seed=config.seed,
     )  # fmt: skip
     checkpoints = Checkpoints(config.out, fingerprint, config.restart)
-    resume = checkpoints.prepare()
+    # The main process prepares (or clears) the directory before the others look into it.
+    with state.main_process_first():
+        resume = checkpoints.prepare() if state.is_main_process else checkpoints.last()
+    if not state.is_main_process:
+        loaded = load_trainable(config.model, config, config.adapter)
+        _fit(config, loaded, checkpoints, resume, Stages())
+        return {}
     stages = Stages()
     with run_directory(config.out, config.overwrite) as tmp:
         write_json(tmp / "config.json", to_dict(config))
@@ -90,24 +101,8 @@ def sft(config: SftConfig) -> dict[str, Any]:
         write_json(tmp / "environment.json", env)
         with stages.stage("eval before"):
             before = evaluator.assess(loaded.model, "before")
-        with stages.stage("dataset"):
-            dataset = build_dataset(
-                config.data,
-                fmt,
-                config.max_rows,
-                config.system_prompt,
-                checkpoints.path / "dataset",
-            )
-            train, heldout = split_heldout(dataset, config.n_heldout)
-        with stages.stage("train"):
-            arguments = trainer_arguments(
-                config, output_dir=checkpoints.path, model=loaded.model, seed=config.seed
-            )
-            trainer = sft_trainer(
-                loaded.model, loaded.tokenizer, train, heldout, arguments, config.max_length,
-                lora_config(config),
-            )  # fmt: skip
-            result = run_training(trainer, checkpoints, resume, "SFT")
+        trainer, training = _fit(config, loaded, checkpoints, resume, stages)
+        with stages.stage("merge"):
             model = merged_model(trainer, config.adapter, tmp / "adapter", lambda: _load(config))
             del trainer
             gc.collect()
@@ -118,9 +113,6 @@ def sft(config: SftConfig) -> dict[str, Any]:
             reference = _load(config)
             record_kl(evaluator, reference.model, model, after)
             del reference
-        training = _training_record(
-            config, result, len(train), 0 if heldout is None else len(heldout)
-        )
         record = {
             "abliterate_version": __version__,
             "base_model": {k: v for k, v in model_record(loaded).items() if k != "architecture"},
@@ -139,6 +131,32 @@ def sft(config: SftConfig) -> dict[str, Any]:
     print(summary_table(report))
     print(f"\nRun directory: {config.out}")
     return report.model_dump(mode="json")
+
+
+def _fit(
+    config: SftConfig,
+    loaded: LoadedModel,
+    checkpoints: Checkpoints,
+    resume: Path | None,
+    stages: Stages,
+) -> tuple[Any, dict[str, Any]]:
+    """Build the examples and train (every process); the trainer and the training record."""
+    fmt = None if config.format == "auto" else config.format
+    with stages.stage("dataset"), process_state().main_process_first():
+        cache = checkpoints.path / "dataset"
+        dataset = build_dataset(config.data, fmt, config.max_rows, config.system_prompt, cache)
+    train, heldout = split_heldout(dataset, config.n_heldout)
+    with stages.stage("train"):
+        arguments = trainer_arguments(
+            config, output_dir=checkpoints.path, model=loaded.model, seed=config.seed
+        )
+        trainer = sft_trainer(
+            loaded.model, loaded.tokenizer, train, heldout, arguments, config.max_length,
+            lora_config(config),
+        )  # fmt: skip
+        result = run_training(trainer, checkpoints, resume, "SFT")
+    n_heldout = 0 if heldout is None else len(heldout)
+    return trainer, _training_record(config, result, len(train), n_heldout)
 
 
 def _load(config: SftConfig) -> Any:
@@ -161,7 +179,9 @@ def _training_record(
         "n_heldout": n_heldout,
         "epochs": config.epochs,
         "learning_rate": config.learning_rate,
-        "batch_size": config.train_batch_size * config.gradient_accumulation,
+        "batch_size": (
+            config.train_batch_size * config.gradient_accumulation * process_state().num_processes
+        ),
         "lora_r": config.lora_r if lora else None,
         "lora_alpha": config.lora_alpha if lora else None,
         **result,

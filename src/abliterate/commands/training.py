@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     from abliterate.model.loading import LoadedModel
 
 
+def process_state() -> Any:
+    """accelerate's view of this process: the only one, or one of several under ``accelerate
+    launch`` (then only the main process evaluates and writes the run directory)."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
 def eval_prompts(config: EvalPromptOptions) -> dict[str, PromptSet]:
     """The held-out harmful and harmless evaluation prompts, capped at ``n_eval``."""
     col, n = config.prompt_column, config.n_eval

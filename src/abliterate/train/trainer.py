@@ -134,16 +134,20 @@ def lora_config(options: TrainOptions) -> LoraConfig | None:
 
 def load_trainable(name: str, options: ModelOptions, adapter: str) -> LoadedModel:
     """Load the model to train: as given, or for ``qlora`` quantized to 4-bit NF4 with bfloat16
-    compute (bitsandbytes, CUDA only) and prepared for k-bit training.
+    compute (bitsandbytes, CUDA only) and prepared for k-bit training. Under ``accelerate
+    launch`` each process loads onto its own GPU.
 
     Raises:
         TrainingError: ``qlora`` without CUDA or without bitsandbytes.
     """
     import torch
+    from accelerate import PartialState
 
+    state = PartialState()
+    device = str(state.device) if state.num_processes > 1 else options.device
     kwargs: dict[str, Any] = {}
     if adapter == "qlora":
-        if not torch.cuda.is_available() or resolve_device(options.device) == "cpu":
+        if not torch.cuda.is_available() or resolve_device(device) == "cpu":
             raise TrainingError("--adapter qlora needs a CUDA GPU; use --adapter lora on a CPU.")
         try:
             import bitsandbytes  # noqa: F401
@@ -159,9 +163,9 @@ def load_trainable(name: str, options: ModelOptions, adapter: str) -> LoadedMode
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": state.local_process_index}
     loaded = load_model(
-        name, revision=options.revision, device=options.device, dtype=options.dtype,
+        name, revision=options.revision, device=device, dtype=options.dtype,
         trust_remote_code=options.trust_remote_code, **kwargs,
     )  # fmt: skip
     if adapter == "qlora":
