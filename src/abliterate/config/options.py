@@ -499,6 +499,11 @@ class SftConfig(
 ):
     """Configuration of ``abliterate sft``: supervised fine-tuning on a conversation dataset."""
 
+    model: Text = Field(
+        "demo",
+        description="Model to fine-tune: a hub id (ORG/NAME), a local directory with safetensors "
+        "weights (e.g. a run's model/ folder), a .gguf file, or 'demo'.",
+    )
     data: CliPositionalArg[Text] = Field(
         description="Training conversations: a .jsonl, .json or .parquet file of alpaca, ShareGPT "
         "or chat-messages rows (for example the output of filter-dataset), or hf:ORG/NAME[:split]."

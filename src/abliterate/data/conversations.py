@@ -280,6 +280,11 @@ class RowSource:
         file = pq.ParquetFile(self.path)
         names = file.schema_arrow.names
         wanted = [c for c in (columns or names) if c in names]
+        if not wanted:
+            raise DatasetError(
+                f"{self.path} has none of the columns {', '.join(columns or [])}; its columns are "
+                f"{', '.join(names)}."
+            )
         start = 0
         # iter_batches decodes one row group at a time: memory is bounded by the largest group.
         for table in file.iter_batches(batch_size=size):
