@@ -117,7 +117,7 @@ def write_inputs(rows: list[tuple[str, str, str]], work: Path) -> dict[str, Path
                 "kind": kind,
             }
             for kind, q, a in rows
-        ]  # fmt: skip
+        ]
     )
     pq.write_table(table, paths["messages.parquet"], row_group_size=10_000)
     return paths
@@ -176,8 +176,9 @@ def main() -> None:
             "top_markers": dict(list(report["by_marker"].items())[:5]),
         }
     (args.work / "results.json").write_text(json.dumps({"expected": expected, **results}, indent=2))
-    print("| input | MB | rows | kept | rows/s (filter) | process s | peak RSS MB | compliant kept |"
-          " refusals+lectures dropped |")  # fmt: skip
+    header = ["input", "MB", "rows", "kept", "rows/s (filter)", "process s", "peak RSS MB",
+              "compliant kept", "refusals+lectures dropped"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['file_mb']} | {r['rows']} | {r['kept']} | {r['rows_per_second']:.0f} "
