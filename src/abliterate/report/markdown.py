@@ -224,6 +224,8 @@ def _result_lines(report: Report) -> list[str]:
 
 def _edit_lines(report: Report) -> list[str]:
     edit, opt = report.edit, report.optimization
+    if edit is None and report.selection is None:
+        return []  # a trained model (heal, sft) has no edit
     lines = ["", "## Edit", ""]
     if isinstance(edit, AblationEdit) and opt is not None:
         lines += [
