@@ -144,7 +144,7 @@ def filter_rows(
                     stats.examples.append(_example(batch.start + i, verdict, turns[i]))
             stats.n_assistant_turns += sum(len(t) for t in turns)
             bar.update(len(batch.rows))
-            bar.set_postfix(kept=stats.n_kept, dropped=stats.n_rows - stats.n_kept)
+            bar.set_postfix(kept=stats.n_kept, dropped=stats.n_rows - stats.n_kept, refresh=False)
     return found, stats
 
 

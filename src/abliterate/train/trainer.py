@@ -247,7 +247,7 @@ class TrainingProgress(TrainerCallback):
         **kw: Any,
     ) -> None:
         if logs and "loss" in logs and self._bar is not None:
-            self._bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            self._bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
             log.debug("step %d: %s", state.global_step, logs)
 
     def on_train_end(
