@@ -346,3 +346,22 @@ def test_checkpoints_refuse_another_run_unless_restarted(tmp_path: Path) -> None
     with pytest.raises(TrainingError, match=r"other settings \(lr\)"):
         Checkpoints(out, {"lr": 2}, restart=False).prepare()
     assert Checkpoints(out, {"lr": 2}, restart=True).prepare() is None
+
+
+def test_a_run_directory_names_the_model_and_its_original(tmp_path: Path) -> None:
+    from abliterate.commands.heal import resolve_target
+    from abliterate.errors import ConfigError
+
+    original = tmp_path / "original"
+    original.mkdir()
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    record = {"base_model": {"name": "org/base", "source": str(original), "revision": None}}
+    (model / "abliteration.json").write_text(json.dumps(record))
+    target = resolve_target(HealConfig(model=str(tmp_path / "run")))
+    assert (target.model, target.original) == (str(model), str(original))
+    given = resolve_target(HealConfig(model=str(model), original="demo"))
+    assert (given.model, given.original) == (str(model), "demo")
+    with pytest.raises(ConfigError, match="--harmful/--harmless"):
+        HealConfig(model="m", preferences="p.jsonl", harmful="h.txt")
