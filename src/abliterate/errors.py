@@ -36,6 +36,16 @@ class PromptSetError(AbliterateError):
     """A prompt set could not be read: missing file, unknown column, empty set."""
 
 
+class DatasetError(AbliterateError):
+    """An instruction or preference dataset could not be read or written: missing file,
+    unknown format, malformed row."""
+
+
+class TrainingError(AbliterateError):
+    """Fine-tuning cannot start or resume: no chat template, checkpoints of another run, a
+    training mode the machine cannot run (QLoRA without CUDA)."""
+
+
 class OutputDirError(AbliterateError):
     """The output directory is or contains an input, exists and is not a run directory that
     may be replaced, or cannot be written."""

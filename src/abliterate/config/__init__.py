@@ -9,6 +9,10 @@ config inherits the groups it uses (:class:`RunConfig`, :class:`OptimizeConfig`,
 (``config.n_train``), it *is* an instance of each of its groups, and
 ``config.section(SearchOptions)`` hands a group whole to the code that uses it.
 
+The commands that change a model by data (``filter-dataset``, ``sft``, ``heal``) have their
+configs and groups (:class:`TrainOptions`, :class:`JudgeBenchmarkOptions`) in
+:mod:`abliterate.config.training`.
+
 Every value is validated where it enters. Built in Python (``RunConfig(n_train=8)``), a config
 is validated by pydantic's usual (lax) rules. :func:`load_config` resolves a command's config
 the way the CLI does, from defaults < a TOML/JSON config file < ``ABLITERATE_<OPTION>``
@@ -43,6 +47,13 @@ from abliterate.config.options import (
     to_dict,
 )
 from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
+from abliterate.config.training import (
+    FilterDatasetConfig,
+    HealConfig,
+    JudgeBenchmarkOptions,
+    SftConfig,
+    TrainOptions,
+)
 
 __all__ = [
     "ENV_PREFIX",
@@ -52,6 +63,9 @@ __all__ = [
     "EvalPromptOptions",
     "EvaluateConfig",
     "ExportOptions",
+    "FilterDatasetConfig",
+    "HealConfig",
+    "JudgeBenchmarkOptions",
     "ModelOptions",
     "OptimizeConfig",
     "Options",
@@ -62,7 +76,9 @@ __all__ = [
     "RunConfig",
     "SearchOptions",
     "SelectionOptions",
+    "SftConfig",
     "ThinkingOptions",
+    "TrainOptions",
     "describe_errors",
     "load_config",
     "option_name",

@@ -230,6 +230,7 @@ def load_model(
     max_memory: dict[int | str, int | str] | None = None,
     load_in: str | None = None,
     offload_folder: str | Path | None = None,
+    quantization: Any = None,
 ) -> LoadedModel:
     """Load a chat model and its tokenizer.
 
@@ -247,6 +248,8 @@ def load_model(
             (:func:`quantization_config`); the model stays on ``device`` (or the map).
         offload_folder: Where weights that do not fit are kept when they cannot be read from
             the checkpoint as they are (converted expert tensors, say); ``device_map`` only.
+        quantization: A transformers quantization config given as it is (e.g. the
+            ``BitsAndBytesConfig`` of QLoRA training); pass ``device_map`` with it.
 
     Raises:
         ModelLoadError: the path does not exist, holds no model, its weight files are corrupt
@@ -278,6 +281,8 @@ def load_model(
             kwargs["max_memory"] = max_memory
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
         config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
