@@ -38,6 +38,7 @@ from abliterate.report.schema import Report
 
 if TYPE_CHECKING:
     from abliterate.data.prompts import PromptSet
+    from abliterate.eval.evaluator import Assessment
     from abliterate.eval.metrics import ReferenceAnswers
     from abliterate.model.loading import LoadedModel
 
@@ -108,6 +109,42 @@ def evaluate_inputs(config: EvaluateConfig) -> list[str | Path | None]:
     ]  # fmt: skip
 
 
+def _load(config: EvaluateConfig, name: str) -> LoadedModel:
+    """``name`` loaded as the config asks, its anatomy verified."""
+    loaded = load_model(
+        name,
+        revision=config.revision,
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        **config.placement(),
+    )
+    verify_anatomy(loaded.model, loaded.tokenizer)
+    return loaded
+
+
+def _against_baseline(
+    config: EvaluateConfig,
+    name: str,
+    model: LoadedModel,
+    evaluator: Evaluator,
+    edited: Assessment,
+    stages: Stages,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate the baseline ``name`` and compare ``edited`` with it (KL divergences); returns
+    the baseline's report entry and its model record."""
+    with stages.stage("load baseline"):
+        base_model = _load(config, name)
+    check_ready(base_model.model, base_model.tokenizer, evaluator.sets.chat_sets(), base_model.name)
+    _check_same_vocabulary(base_model, model)
+    with stages.stage("baseline eval"):
+        baseline = evaluator.assess(base_model.model, "baseline")
+    with stages.stage("KL divergence"):
+        kl_multi, _ = evaluator.multi_token_kl(base_model.model, model_q=model.model)
+    evaluator.compare(baseline, edited, kl_multi)
+    return baseline.to_dict(), _model_record(base_model)
+
+
 def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Evaluate ``config.model`` (and ``config.baseline``) and write the run directory.
 
@@ -132,22 +169,10 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             config.judge, JudgeOptions(device=config.device, batch_size=config.batch_size)
         )
 
-    def load(name: str) -> LoadedModel:
-        loaded = load_model(
-            name,
-            revision=config.revision,
-            device=config.device,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            **config.placement(),
-        )
-        verify_anatomy(loaded.model, loaded.tokenizer)
-        return loaded
-
     with run_directory(config.out, config.overwrite, "evaluate") as tmp:
         write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
-            model = load(config.model)
+            model = _load(config, config.model)
         sets = _format_sets(model, config, raw_sets)
         check_ready(model.model, model.tokenizer, sets.chat_sets(), model.name)
         data = sets.record()
@@ -166,16 +191,9 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
         baseline_dict: dict[str, Any] | None = None
         baseline_record: dict[str, Any] | None = None
         if config.baseline is not None:
-            with stages.stage("load baseline"):
-                base_model = load(config.baseline)
-            check_ready(base_model.model, base_model.tokenizer, sets.chat_sets(), base_model.name)
-            _check_same_vocabulary(base_model, model)
-            with stages.stage("baseline eval"):
-                baseline = evaluator.assess(base_model.model, "baseline")
-            with stages.stage("KL divergence"):
-                kl_multi, _ = evaluator.multi_token_kl(base_model.model, model_q=model.model)
-            evaluator.compare(baseline, edited, kl_multi)
-            baseline_dict, baseline_record = baseline.to_dict(), _model_record(base_model)
+            baseline_dict, baseline_record = _against_baseline(
+                config, config.baseline, model, evaluator, edited, stages
+            )
         report: dict[str, Any] = {
             "abliterate_version": __version__,
             "command": "evaluate",
