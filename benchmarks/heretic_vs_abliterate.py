@@ -345,12 +345,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from abliterate.core.stats import kl_divergence
     from abliterate.data.chat import ChatSet
     from abliterate.data.prompts import builtin
     from abliterate.eval.evaluator import EvalSets, Evaluator
     from abliterate.eval.judges import MarkerJudge
-    from abliterate.model.forward import next_token_logprobs
     from abliterate.model.loading import load_model
 
     original = load_model("demo", device="cpu", dtype="float32")
@@ -364,19 +362,23 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     evaluator = Evaluator(tok, sets, [MarkerJudge()], max_new_tokens=args.max_new_tokens,
                           kl_tokens=args.kl_tokens, batch_size=args.batch_size)  # fmt: skip
+    baseline = evaluator.assess(original.model, "baseline", reference=True)
     assessed = evaluator.assess(edited, "edited")
-    base_lp = next_token_logprobs(original.model, tok, sets.harmless.texts,
-                                  batch_size=args.batch_size)  # fmt: skip
-    multi, _ = evaluator.multi_token_kl(original.model, model_q=edited)
+    evaluator.compare(assessed, evaluator.kl(baseline, original.model, model_q=edited))
+    report = assessed.to_dict()
     refusals = assessed.harmful
     result = {
         "refusal_rate": refusals.refusal_rate,
         "refusals": sum(refusals.refused),
+        "late_refusals": refusals.n_late,
         "n_prompts": len(refusals.refused),
-        "kl_divergence": float(kl_divergence(base_lp, assessed.harmless_logprobs).mean()),
-        "kl_divergence_multi_token": multi,
+        "kl_divergence": report["kl_divergence"],
+        "kl_divergence_multi_token": report["kl_divergence_multi_token"],
+        "kl_by_category": report["kl_by_category"],
         "kl_tokens": args.kl_tokens,
+        "max_new_tokens": args.max_new_tokens,
         "judge": "markers",
+        "commit": abliterate_commit(),
         "completions": refusals.completions(),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

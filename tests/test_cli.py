@@ -459,6 +459,9 @@ def test_saved_direction_is_reapplied_without_selection(
     assert a["edited"]["kl_divergence"] == pytest.approx(b["edited"]["kl_divergence"], rel=1e-5)
     assert not (second / "scores.json").exists() and not (second / "model").exists()
     assert b["checks"]["export_reload_max_abs_diff"] is None
+    # TINY_RUN: the built-in validation prompts include long ones (pasted passages, other
+    # scripts) that the tiny model's 256 positions cannot hold with its byte-level tokenizer.
     msg = _error_of(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
-                     "--direction", str(tmp_path / "nope.safetensors")], capsys)  # fmt: skip
+                     "--direction", str(tmp_path / "nope.safetensors"), *TINY_RUN],
+                    capsys)  # fmt: skip
     assert "not found" in msg

@@ -168,10 +168,10 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             check_ready(base_model.model, base_model.tokenizer, sets.chat_sets(), base_model.name)
             _check_same_vocabulary(base_model, model)
             with stages.stage("baseline eval"):
-                baseline = evaluator.assess(base_model.model, "baseline")
+                baseline = evaluator.assess(base_model.model, "baseline", reference=True)
             with stages.stage("KL divergence"):
-                kl_multi, _ = evaluator.multi_token_kl(base_model.model, model_q=model.model)
-            evaluator.compare(baseline, edited, kl_multi)
+                kl = evaluator.kl(baseline, base_model.model, model_q=model.model)
+            evaluator.compare(edited, kl)
             baseline_dict, baseline_record = baseline.to_dict(), _model_record(base_model)
         report: dict[str, Any] = {
             "abliterate_version": __version__,

@@ -293,9 +293,9 @@ def evaluate_edit(
 ) -> EditOutcome:
     """Evaluate the unedited model, bake ``edit`` into it, and evaluate it again.
 
-    The multi-token KL is measured through hooks before the weights are baked; the hooks and
-    the baked weights are then compared on a few prompts, so the evaluated model is the one
-    the hooks describe.
+    The KL divergences are measured through hooks before the weights are baked, over the
+    baseline's continuations; the hooks and the baked weights are then compared on a few
+    prompts, so the evaluated model is the one the hooks describe.
     """
 
     model, tok = loaded.model, loaded.tokenizer
@@ -311,9 +311,9 @@ def evaluate_edit(
         reasoning=config.thinking == "on",
     )
     with stages.stage("baseline eval"):
-        baseline = evaluator.assess(model, "baseline")
-    with stages.stage("multi-token KL"):
-        kl_multi, _ = evaluator.multi_token_kl(model, q_context=lambda: edit_hooks(model, edit))
+        baseline = evaluator.assess(model, "baseline", reference=True)
+    with stages.stage("KL divergence"):
+        kl = evaluator.kl(baseline, model, q_context=lambda: edit_hooks(model, edit))
     with stages.stage("bake edit"):
         probe = chats[SCORED["eval_harmless"]].texts[:4]
         with edit_hooks(model, edit):
@@ -323,7 +323,7 @@ def evaluate_edit(
         hooks_vs_weights = float((hooked - baked).abs().max())
     with stages.stage("edited eval"):
         edited = evaluator.assess(model, "abliterated")
-        evaluator.compare(baseline, edited, kl_multi)
+        evaluator.compare(edited, kl)
     return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict())
 
 

@@ -307,7 +307,9 @@ class SearchOptions(Options):
 class EvalOptions(Options):
     """How answers are generated and compared in the final evaluation."""
 
-    max_new_tokens: Count = Field(64, description="Tokens generated per evaluation prompt.")
+    # 128: refusals that follow a compliant opening ("Sure, here is ... However, I cannot") show
+    # only in longer answers.
+    max_new_tokens: Count = Field(128, description="Tokens generated per evaluation prompt.")
     kl_tokens: Count = Field(
         16,
         description="Positions of the original model's own greedy continuation of each harmless "

@@ -198,6 +198,32 @@ def kl_figure(report: Report) -> Figure | None:
         return _finish(fig, ax, "kl", "KL divergence from the original", caption)
 
 
+def kl_category_figure(report: Report) -> Figure | None:
+    """Bars of the first-token and multi-token KL per category of the harmless prompts."""
+    by_category = report.edited.kl_by_category
+    if not by_category:
+        return None
+    labels = list(by_category)
+    series: list[Series] = [
+        ("first-token KL", [c.kl_divergence for c in by_category.values()], PALETTE[0]),
+        ("multi-token KL", [c.kl_divergence_multi_token for c in by_category.values()],
+         PALETTE[1]),
+    ]  # fmt: skip
+    highest = max(max(c.kl_divergence, c.kl_divergence_multi_token) for c in by_category.values())
+    with _canvas("kl_categories", 3.8) as (fig, ax):
+        _grouped_bars(ax, labels, series, lambda v: f"{v:.2g}")
+        ax.set_ylim(0, highest * 1.25 or 1.0)
+        ax.set_ylabel("nats")
+        _legend_above(ax)
+        n = sum(c.n for c in by_category.values())
+        caption = (
+            f"KL(original ‖ abliterated) on the harmless evaluation prompts ({n}), per category: "
+            "where the edit moves the model on requests it should answer as before. Lower is "
+            "better."
+        )
+        return _finish(fig, ax, "kl_categories", "KL divergence by kind of request", caption)
+
+
 def category_figure(report: Report) -> Figure | None:
     """Grouped bars of the refusal rate per prompt category, baseline vs. edited."""
     rows = refusal_by_category(report)
@@ -412,6 +438,7 @@ def all_figures(report: Report, scores: SelectionScores | None = None) -> list[F
     """Every figure the report's data supports, in reading order."""
     optional = [
         kl_figure(report),
+        kl_category_figure(report),
         category_figure(report),
         over_refusal_figure(report),
         *candidate_figures(scores),

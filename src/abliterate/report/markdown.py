@@ -104,7 +104,8 @@ def summary_table(report: Report) -> str:
 
 def _models(report: Report) -> list[tuple[str, ModelResult]]:
     rows = [("baseline", report.baseline)] if report.baseline else []
-    return [*rows, ("model", report.edited)]
+    edited = "model" if report.command == "evaluate" else "abliterated"
+    return [*rows, (edited, report.edited)]
 
 
 def _evaluation_summary(report: Report) -> str:
@@ -163,6 +164,46 @@ def category_table(rows: list[CategoryRefusals]) -> str:
             f"| {change} |"
         )
     return "\n".join(lines)
+
+
+def kl_category_table(report: Report) -> list[str]:
+    """The KL divergences per category of the harmless prompts (nothing when not measured)."""
+    by_category = report.edited.kl_by_category
+    if not by_category:
+        return []
+    lines = [
+        "",
+        "## KL divergence by kind of request",
+        "",
+        "KL(original ‖ abliterated) on the harmless evaluation prompts of each category: where "
+        "the edit moves the model on requests it should answer as before.",
+        "",
+        "| category | prompts | first-token KL | multi-token KL |",
+        "|---|---:|---:|---:|",
+    ]
+    for cat, kl in by_category.items():
+        lines.append(
+            f"| {text(cat)} | {kl.n} | {fixed(kl.kl_divergence)} | "
+            f"{fixed(kl.kl_divergence_multi_token)} |"
+        )
+    return lines
+
+
+def _late_lines(report: Report) -> list[str]:
+    """How many refusals came after a compliant opening (nothing when not measured)."""
+    sides = [(label, m) for label, m in _models(report) if m.late_refusal_rate is not None]
+    if not sides:
+        return []
+    counts = ", ".join(
+        f"{label} {pct(m.late_refusal_rate)} ({m.n_late_refusals}/"
+        f"{m.n_prompts - (m.n_unfinished or 0)})"
+        for label, m in sides
+    )
+    return [
+        "",
+        f"Late refusals (the first refusal phrase comes after the answer's first sentence, as in "
+        f'"Sure, here is … However, I cannot …"; counted in the refusal rate): {counts}.',
+    ]
 
 
 def _stages(report: Report) -> list[str]:
@@ -234,6 +275,7 @@ def _result_lines(report: Report) -> list[str]:
         "",
         f"Judge: {code(edited.judge)}. Evaluation prompts: harmful "
         f"{_prompt_set(report, 'eval_harmful')}, harmless {_prompt_set(report, 'eval_harmless')}.",
+        *_late_lines(report),
     ]
     if report.measured_on is not None:
         lines += [
@@ -299,6 +341,7 @@ def _render_run(report: Report, scores: SelectionScores | None) -> str:
         "Plots, every completion and every number: [report.html](report.html).",
         "",
         *_result_lines(report),
+        *kl_category_table(report),
         *_edit_lines(report),
         *_check_lines(report),
     ]
@@ -343,6 +386,7 @@ def _evaluation_result(report: Report) -> list[str]:
         "",
         f"Prompts: harmful {names[0]}, harmless {names[1]}, over-refusal {names[2]}, "
         f"reference answers {names[3]}.",
+        *_late_lines(report),
     ]
     return lines
 
@@ -434,6 +478,7 @@ def _render_evaluation(report: Report) -> str:
         "Plots, every completion and every number: [report.html](report.html).",
         "",
         *_evaluation_result(report),
+        *kl_category_table(report),
         *_judge_lines(report),
         *_evaluation_extras(report),
         *_examples(report, "model"),

@@ -306,6 +306,11 @@ class Completion(_Record):
     category: str | None = _omitted()
     judges: dict[str, bool] | None = _omitted()
     unfinished: bool | None = _omitted()
+    late_refusal: bool | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="The marker judge found a refusal phrase only after the first sentence.",
+    )
 
 
 class OverRefusal(_Record):
@@ -314,6 +319,7 @@ class OverRefusal(_Record):
     n_prompts: int = Field(ge=0)
     n_unfinished: int | None = _omitted()
     unfinished_rate: Rate | None = _omitted()
+    late_refusal_rate: Rate | None = _omitted()
     by_category: dict[str, Rate]
     completions: list[Completion]
 
@@ -369,6 +375,14 @@ class BenchmarkScores(_Record):
         return dict(self.__pydantic_extra__ or {})
 
 
+class CategoryKL(_Record):
+    """The KL divergences of one category of harmless prompts (``kl_by_category``)."""
+
+    n: int = Field(ge=1)
+    kl_divergence: float = Field(description="First-token KL, averaged over the category.")
+    kl_divergence_multi_token: float
+
+
 class ModelResult(_Record):
     """Everything measured on one model (``baseline`` or ``edited``).
 
@@ -388,9 +402,21 @@ class ModelResult(_Record):
         exclude_if=_is_none,
         description="Share of prompts whose answer never arrived within the token budget.",
     )
+    late_refusal_rate: Rate | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Share of finished answers whose first refusal phrase comes after the first "
+        "sentence (counted in refusal_rate too).",
+    )
+    n_late_refusals: int | None = _omitted()
     kl_divergence: float | None = _omitted()
     kl_divergence_multi_token: float | None = _omitted()
     kl_tokens: int | None = _omitted()
+    kl_by_category: dict[str, CategoryKL] | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="First-token and multi-token KL per category of the harmless prompts.",
+    )
     over_refusal_rate: Rate | None = _omitted()
     over_refusal: OverRefusal | None = _omitted()
     judges: dict[str, JudgeResult] | None = _omitted()
