@@ -347,6 +347,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     from abliterate.data.chat import ChatSet
     from abliterate.data.prompts import builtin
+    from abliterate.eval.cache import baseline_assessment
     from abliterate.eval.evaluator import EvalSets, Evaluator
     from abliterate.eval.judges import MarkerJudge
     from abliterate.model.loading import load_model
@@ -362,7 +363,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     evaluator = Evaluator(tok, sets, [MarkerJudge()], max_new_tokens=args.max_new_tokens,
                           kl_tokens=args.kl_tokens, batch_size=args.batch_size)  # fmt: skip
-    baseline = evaluator.assess(original.model, "baseline", reference=True)
+    # The unedited demo model's answers: from the baseline cache when a run has measured them
+    # with these settings (abliterate's own run stores them), else measured here.
+    baseline, cached = baseline_assessment(evaluator, original, "demo")
     assessed = evaluator.assess(edited, "edited")
     evaluator.compare(assessed, evaluator.kl(baseline, original.model, model_q=edited))
     report = assessed.to_dict()
@@ -378,6 +381,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         "kl_tokens": args.kl_tokens,
         "max_new_tokens": args.max_new_tokens,
         "judge": "markers",
+        "baseline_cache": cached,
         "commit": abliterate_commit(),
         "completions": refusals.completions(),
     }

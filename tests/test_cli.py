@@ -429,9 +429,11 @@ def test_sigterm_leaves_no_partial_directory(tmp_path: Path, tiny_model_dir: Pat
     import time
 
     out = tmp_path / "run"
-    # Long enough to still be running when the signal arrives.
+    # Long enough to still be running when the signal arrives; a subprocess does not see the
+    # tests' private baseline cache, so it stores nothing in the user's.
     argv = [sys.executable, "-m", "abliterate", "run", "--model", str(tiny_model_dir),
-            "--out", str(out), "--n-train", "8", "--max-new-tokens", "64"]  # fmt: skip
+            "--out", str(out), "--n-train", "8", "--max-new-tokens", "64",
+            "--no-baseline-cache"]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".run.partial-*")) and time.time() < deadline:

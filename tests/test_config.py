@@ -57,8 +57,8 @@ CHAT_DEFAULTS = {
 # defaults change nothing.
 PLACEMENT = {"device_map": None, "max_memory": None, "load_in": None}
 THINKING = {"thinking": "off", "thinking_budget": 512}
-# Issue 14: answers of 128 tokens (late refusals).
-EVALUATION = {"max_new_tokens": 128}
+# Issue 14: answers of 128 tokens (late refusals), the unedited model's evaluation cached.
+EVALUATION = {"max_new_tokens": 128, "baseline_cache": True}
 
 
 def test_defaults_and_record_keys_are_unchanged() -> None:

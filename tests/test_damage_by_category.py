@@ -32,6 +32,7 @@ def _report(evaluated: bool = False) -> Report:
         raw[side]["late_refusal_rate"] = late / 24
         raw[side]["n_late_refusals"] = late
     raw["edited"]["completions"][5]["late_refusal"] = True  # a refused one (weapons)
+    raw["baseline_cache"] = {"hit": True, "key": "f0" * 32, "stored": False}
     return Report.model_validate(migrate(raw))
 
 
@@ -55,6 +56,7 @@ def test_the_report_shows_kl_per_category_late_refusals_and_the_cache() -> None:
     assert "| code_fix | 2 | 0.2500 | 0.5000 |" in md
     assert "non_english_&lt;asian&gt;" in md  # categories are text
     assert "Late refusals" in md and "abliterated 4.2% (1/24)" in md
+    assert "Baseline from cache" in md
     page = render_html(report)
     assert 'id="kl-categories"' in page and 'id="fig-kl_categories"' in page
     assert '<span class="badge late">late</span>' in page

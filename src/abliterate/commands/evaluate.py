@@ -25,6 +25,7 @@ from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
 from abliterate.errors import ConfigError
 from abliterate.eval.benchmarks import check_task_names
+from abliterate.eval.cache import baseline_assessment
 from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.metrics import reference_answers
@@ -162,13 +163,16 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             edited = evaluator.assess(model.model, "model")
         baseline_dict: dict[str, Any] | None = None
         baseline_record: dict[str, Any] | None = None
+        cached: dict[str, Any] | None = None
         if config.baseline is not None:
             with stages.stage("load baseline"):
                 base_model = load(config.baseline)
             check_ready(base_model.model, base_model.tokenizer, sets.chat_sets(), base_model.name)
             _check_same_vocabulary(base_model, model)
             with stages.stage("baseline eval"):
-                baseline = evaluator.assess(base_model.model, "baseline", reference=True)
+                baseline, cached = baseline_assessment(
+                    evaluator, base_model, config.baseline, use_cache=config.baseline_cache
+                )
             with stages.stage("KL divergence"):
                 kl = evaluator.kl(baseline, base_model.model, model_q=model.model)
             evaluator.compare(edited, kl)
@@ -181,6 +185,7 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             "data": data,
             "judges": [j.name for j in judges],
             "baseline": baseline_dict,
+            "baseline_cache": cached,
             "edited": edited.to_dict(),
             "n_examples": config.n_examples,
             "timings": stages.to_dict(),

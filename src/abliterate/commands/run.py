@@ -51,6 +51,7 @@ from abliterate.edit.export import save_model, verify_export
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
 from abliterate.errors import ConfigError
+from abliterate.eval.cache import baseline_assessment
 from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.eval.judges import MarkerJudge
 from abliterate.files import write_json
@@ -114,12 +115,14 @@ class EditChoice:
 
 @dataclass
 class EditOutcome:
-    """The held-out evaluation of an edit: both models, and the hooks-vs-weights check."""
+    """The held-out evaluation of an edit: both models, the hooks-vs-weights check, and where
+    the baseline came from (the ``baseline_cache`` record; None: not cacheable)."""
 
     baseline: Assessment
     edited: Assessment
     hooks_vs_weights: float
     edited_writers: dict[str, object]
+    baseline_cache: dict[str, Any] | None = None
 
 
 def load_prompt_sets(config: RunConfig) -> dict[str, PromptSet]:
@@ -291,7 +294,8 @@ def evaluate_edit(
     judge: Judge,
     stages: Stages,
 ) -> EditOutcome:
-    """Evaluate the unedited model, bake ``edit`` into it, and evaluate it again.
+    """Evaluate the unedited model (or read its evaluation from the baseline cache), bake
+    ``edit`` into it, and evaluate it again.
 
     The KL divergences are measured through hooks before the weights are baked, over the
     baseline's continuations; the hooks and the baked weights are then compared on a few
@@ -311,7 +315,9 @@ def evaluate_edit(
         reasoning=config.thinking == "on",
     )
     with stages.stage("baseline eval"):
-        baseline = evaluator.assess(model, "baseline", reference=True)
+        baseline, cached = baseline_assessment(
+            evaluator, loaded, config.model, use_cache=config.baseline_cache
+        )
     with stages.stage("KL divergence"):
         kl = evaluator.kl(baseline, model, q_context=lambda: edit_hooks(model, edit))
     with stages.stage("bake edit"):
@@ -324,7 +330,7 @@ def evaluate_edit(
     with stages.stage("edited eval"):
         edited = evaluator.assess(model, "abliterated")
         evaluator.compare(edited, kl)
-    return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict())
+    return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict(), cached)
 
 
 def _record(
@@ -381,6 +387,7 @@ def _report(
             "edited_writers": outcome.edited_writers,
         },
         "baseline": outcome.baseline.to_dict(),
+        "baseline_cache": outcome.baseline_cache,
         "edited": outcome.edited.to_dict(),
         "n_examples": config.n_examples,
         "timings": stages.to_dict(),

@@ -308,7 +308,7 @@ class EvalOptions(Options):
     """How answers are generated and compared in the final evaluation."""
 
     # 128: refusals that follow a compliant opening ("Sure, here is ... However, I cannot") show
-    # only in longer answers.
+    # only in longer answers; with the baseline cache the original model pays it once.
     max_new_tokens: Count = Field(128, description="Tokens generated per evaluation prompt.")
     kl_tokens: Count = Field(
         16,
@@ -317,6 +317,15 @@ class EvalOptions(Options):
     )
     n_examples: Annotated[int, Field(ge=0)] = Field(
         4, description="Side-by-side example completions shown in the report."
+    )
+    baseline_cache: bool = Field(
+        True,
+        description="Reuse the unedited model's evaluation (its judged answers and its "
+        "continuations of the harmless prompts) when the model's files, the prompts, the chat "
+        "formatting, the judges and every generation setting match; otherwise measure it and "
+        "store it. Entries live in the 'baselines' folder of the abliterate cache "
+        "($ABLITERATE_CACHE, default ~/.cache/abliterate on Linux); deleting that folder clears "
+        "them. --no-baseline-cache measures it again and stores nothing.",
     )
 
 

@@ -206,6 +206,20 @@ def _late_lines(report: Report) -> list[str]:
     ]
 
 
+def _cache_lines(report: Report) -> list[str]:
+    """Where the baseline's evaluation came from (nothing when it could not be cached)."""
+    cache = report.baseline_cache
+    if cache is None:
+        return []
+    if cache.hit:
+        where = "Baseline from cache: the unedited model's evaluation was read from the cache"
+    elif cache.stored:
+        where = "Baseline measured and stored in the cache"
+    else:
+        where = "Baseline measured (the cache could not be written)"
+    return ["", f"{where} (key {code(cache.key[:16])})."]
+
+
 def _stages(report: Report) -> list[str]:
     """The stage wall times and memory peaks (nothing when there are none)."""
     if not report.timings:
@@ -276,6 +290,7 @@ def _result_lines(report: Report) -> list[str]:
         f"Judge: {code(edited.judge)}. Evaluation prompts: harmful "
         f"{_prompt_set(report, 'eval_harmful')}, harmless {_prompt_set(report, 'eval_harmless')}.",
         *_late_lines(report),
+        *_cache_lines(report),
     ]
     if report.measured_on is not None:
         lines += [
@@ -387,6 +402,7 @@ def _evaluation_result(report: Report) -> list[str]:
         f"Prompts: harmful {names[0]}, harmless {names[1]}, over-refusal {names[2]}, "
         f"reference answers {names[3]}.",
         *_late_lines(report),
+        *_cache_lines(report),
     ]
     return lines
 

@@ -435,6 +435,14 @@ class ModelResult(_Record):
         return self
 
 
+class BaselineCache(_Record):
+    """Where the unedited model's evaluation came from (:mod:`abliterate.eval.cache`)."""
+
+    hit: bool = Field(description="True: read from the cache; False: measured (and stored).")
+    key: str = Field(description="The entry's content address (sha256 of its key).")
+    stored: bool = Field(description="Whether the measured evaluation was written to the cache.")
+
+
 class StageTiming(_Record):
     """Wall time and peak resident memory of one stage."""
 
@@ -466,6 +474,7 @@ class Report(_Record):
         "checkpoint in full precision, with the edit baked in.",
     )
     baseline: ModelResult | None = None
+    baseline_cache: BaselineCache | None = _omitted()
     edited: ModelResult = Field(description="The edited (or evaluated) model.")
     n_examples: int = Field(4, ge=0, description="Examples shown side by side in report.md.")
     timings: dict[str, StageTiming] = Field(default_factory=dict)
