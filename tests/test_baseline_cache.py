@@ -187,11 +187,11 @@ def test_entries_round_trip_and_bad_ones_are_ignored(
 def test_file_hashes_are_remembered_until_the_file_changes(tmp_path: Path) -> None:
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"a" * 1000)
-    first = cache.file_sha256(weights)
+    first = cache.memo_sha256(weights)
     assert len(list((cache.cache_dir() / "files").iterdir())) == 1  # remembered
-    assert cache.file_sha256(weights) == first
+    assert cache.memo_sha256(weights) == first
     # Same size and modification time, other content: the change time still tells.
     st = weights.stat()
     weights.write_bytes(b"b" * 1000)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert cache.file_sha256(weights) != first
+    assert cache.memo_sha256(weights) != first

@@ -53,7 +53,7 @@ from abliterate import __version__
 from abliterate.eval.evaluator import Assessment
 from abliterate.eval.judges import MarkerJudge
 from abliterate.eval.refusals import late_rule
-from abliterate.files import write_json
+from abliterate.files import file_sha256, write_json
 from abliterate.model.demo import cache_root
 from abliterate.model.forward import model_device
 
@@ -68,8 +68,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 """Version of what an entry holds and how it is measured; bumped when either changes."""
 
-_CHUNK = 1 << 24  # 16 MiB reads when hashing weights
-
 
 def cache_dir() -> Path:
     """Where baseline entries and the file-hash memo live."""
@@ -82,8 +80,9 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's content, memoised under its identity and times (module doc)."""
+def memo_sha256(path: Path) -> str:
+    """The sha256 of a file's content (:func:`abliterate.files.file_sha256`), memoised under
+    its identity and times (module doc)."""
     st = path.stat()
     identity = [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                 st.st_ctime_ns]  # fmt: skip
@@ -94,11 +93,7 @@ def file_sha256(path: Path) -> str:
             return str(known["sha256"])
     except (OSError, ValueError):
         pass  # not hashed yet, or an unreadable memo: hash the file again
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_sha256(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         write_json(memo, {"identity": identity, "sha256": digest})
@@ -111,9 +106,9 @@ def files_fingerprint(path: Path) -> dict[str, str]:
     """``{file name: sha256}`` of a file, or of every regular file directly in a directory
     (hidden files aside)."""
     if path.is_file():
-        return {path.name: file_sha256(path)}
+        return {path.name: memo_sha256(path)}
     return {
-        f.name: file_sha256(f)
+        f.name: memo_sha256(f)
         for f in sorted(path.iterdir())
         if f.is_file() and not f.name.startswith(".")
     }

@@ -298,13 +298,16 @@ class Evaluator:
                 model, self.tokenizer, self.benchmarks, limit=self.benchmark_limit,
                 batch_size=self.batch_size, seed=self.seed,
             )  # fmt: skip
-        continuations = None
-        if reference:
-            continuations = reference_continuations(
-                model, self.tokenizer, self.sets.harmless.texts, n_tokens=self.kl_tokens,
-                batch_size=self.batch_size,
-            )  # fmt: skip
-        return Assessment(harmful, extra, continuations)
+        return Assessment(harmful, extra, self.continuations(model) if reference else None)
+
+    def continuations(self, model: PreTrainedModel) -> list[list[int]]:
+        """``model``'s greedy continuations of the harmless prompts (token ids, at most
+        ``kl_tokens`` each): the reference over which :meth:`kl` compares another model with
+        it (an :class:`Assessment` made with ``reference=True`` holds them)."""
+        return reference_continuations(
+            model, self.tokenizer, self.sets.harmless.texts, n_tokens=self.kl_tokens,
+            batch_size=self.batch_size,
+        )  # fmt: skip
 
     def _per_judge(
         self, judged: dict[str, RefusalEval], llm_answers: dict[str, dict[str, list[str]]]
@@ -328,7 +331,7 @@ class Evaluator:
 
     def kl(
         self,
-        baseline: Assessment,
+        baseline: Assessment | list[list[int]],
         model_p: PreTrainedModel,
         *,
         model_q: PreTrainedModel | None = None,
@@ -337,14 +340,19 @@ class Evaluator:
     ) -> KLResult:
         """``KL(p ‖ q)`` per harmless prompt over ``baseline``'s continuations (see
         :func:`abliterate.eval.kl.kl_per_prompt`): p is the baseline model (``model_p`` in
-        ``p_context``), q the compared one (``model_q``, or ``model_p`` in ``q_context``)."""
-        if baseline.continuations is None:
+        ``p_context``), q the compared one (``model_q``, or ``model_p`` in ``q_context``).
+
+        ``baseline`` is p's assessment made with ``reference=True``, or the continuations
+        themselves (:meth:`continuations`) where p's answers are not assessed.
+        """
+        continuations = baseline if isinstance(baseline, list) else baseline.continuations
+        if continuations is None:
             raise ValueError("the baseline was not assessed as a reference (reference=True)")
         multi, first = kl_per_prompt(
             model_p,
             self.tokenizer,
             self.sets.harmless.texts,
-            baseline.continuations,
+            continuations,
             model_q=model_q,
             p_context=p_context or nullcontext,
             q_context=q_context or nullcontext,

@@ -15,7 +15,8 @@
   the attention mask hides the pads and position ids count only real tokens, so every prompt
   sees exactly what plain left padding shows it). The tokens equal plain ``generate``'s (a test
   checks it on every supported family); on the demo model the prefix is about half of each
-  prompt, so the prompt pass of every batch costs about half.
+  prompt, so the prompt pass of every batch costs about half. Models with recurrent mixers, or a
+  sliding window shorter than the sequences, run each prompt whole (plain left padding).
 * :func:`check_ready` — the checks between loading a model and its first real forward pass:
   no prompt longer than the model reads, and finite logits.
 
@@ -99,6 +100,11 @@ class SharedPrefixScorer:
         ids = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         # Every prompt keeps at least one token of its own, whose logits are the answer.
         n = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
+        if self.anatomy.anatomy.recurrent:
+            # Recurrent mixers (linear attention, state-space) cache states that cannot be
+            # repeated across a batch: every prompt runs whole (right padding stays exact, as
+            # the recurrence is causal).
+            n = 0
         self.prefix = torch.tensor(ids[0][:n], dtype=torch.long)  # (n_prefix,)
         self.suffixes = [x[n:] for x in ids]
         pad = tokenizer.pad_token_id
@@ -137,7 +143,9 @@ class SharedPrefixScorer:
         body = self.anatomy.body
         cache = None
         if self.prefix_length:
-            cache = DynamicCache()
+            # Built from the config, the cache matches each layer's kind and index (sliding
+            # windows; layers without attention, whose index a bare cache would misnumber).
+            cache = DynamicCache(config=self.model.config)
             body(input_ids=self.prefix[None].to(device), past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(batch.shape[0])
         # No attention mask: the padding follows each suffix, and causal attention never looks
@@ -156,7 +164,7 @@ class SharedPrefixScorer:
             for idx, batch, lengths in self.batches():
                 hidden = self.forward(batch)  # (batch, suffix, d_model)
                 last = hidden[torch.arange(len(idx)), lengths.to(hidden.device) - 1]
-                logits = self.anatomy.lm_head(last)  # (batch, vocab)
+                logits = self.anatomy.logits(last)  # (batch, vocab)
                 yield idx, torch.log_softmax(logits.float(), dim=-1).cpu()
 
         return torch.stack(in_order(len(self.suffixes), pieces()))
@@ -192,21 +200,26 @@ def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
     return min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
 
 
-def _window_holds(model: PreTrainedModel, longest: int) -> bool:
-    """Whether every sequence fits the model's sliding attention window, if it has one.
+def _prefix_shareable(model: PreTrainedModel, longest: int) -> bool:
+    """Whether pads between the shared prefix and a suffix change nothing: every layer mixes
+    tokens by attention, and every sequence fits its sliding window, if it has one.
 
-    Within the window, pads between the prefix and a suffix change nothing; a window shorter
-    than the sequence would count the pads as positions and see fewer real tokens.
+    A window shorter than the sequence would count the pads as positions and see fewer real
+    tokens; a recurrent mixer (linear attention, state-space, convolution) would run the pads
+    through its state, and its cache holds states, not keys and values.
     """
+    if anatomy_of(model).anatomy.recurrent:
+        return False
     window = getattr(model.config, "sliding_window", None)
     return window is None or longest <= int(window)
 
 
 def _prefix_cache(model: PreTrainedModel, prefix: torch.Tensor) -> Any:
-    """The key/value cache of ``prefix`` ``(n_prefix,)``, computed by the model's body."""
+    """The key/value cache of ``prefix`` ``(n_prefix,)``, computed by the model's body (laid
+    out by the config's layer types: a layer without attention holds no keys)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     anatomy_of(model).body(
         input_ids=prefix[None].to(model_device(model)), past_key_values=cache, use_cache=True
     )
@@ -233,7 +246,7 @@ def greedy_new_tokens(
         return []
     ids = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     longest = max(len(x) for x in ids) + max_new_tokens
-    n = shared_prefix_length(ids) if _window_holds(model, longest) else 0
+    n = shared_prefix_length(ids) if _prefix_shareable(model, longest) else 0
     prefix = torch.tensor(ids[0][:n], dtype=torch.long)  # (n_prefix,)
     cache = _prefix_cache(model, prefix) if n else None
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)

@@ -39,10 +39,12 @@ from abliterate.eval.judges import Judge
 from abliterate.eval.text import split_answer
 from abliterate.measure.candidates import Candidates
 from abliterate.model.forward import generate
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.objective import CheapObjective, search_model
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
 from abliterate.search.selection import max_candidate_layer
 from abliterate.search.space import SPACE_VERSION, EditParams, SearchSpace
+from abliterate.search.streamed import streamed_generate
 from abliterate.search.study import completed, open_study, run_trials
 
 if TYPE_CHECKING:
@@ -124,7 +126,7 @@ class _Search:
 
 
 def _run_study(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     search: _Search,
     refusal_ids: list[int],
@@ -138,8 +140,12 @@ def _run_study(
     """
     c = search.config
     space = search.space()
-    scorer_model = search_model(model, c.search_dtype)
-    dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
+    if isinstance(model, LayerwiseModel):  # its compute dtype was chosen when it was opened
+        scorer_model: PreTrainedModel | LayerwiseModel = model
+        dtype = str(model.dtype).removeprefix("torch.")
+    else:
+        scorer_model = search_model(model, c.search_dtype)
+        dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
     # A resumed study must score in the same precision: KL values of two precisions differ.
     fingerprint = {**fingerprint, "space_version": SPACE_VERSION, "site": c.site,
                    "n_layers": space.n_layers, "prune_last_layers": c.prune_last_layers,
@@ -163,7 +169,7 @@ def _run_study(
 
 
 def _confirmer(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, search: _Search
+    model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase, search: _Search
 ) -> Callable[[TrialRecord], float]:
     """The judged refusal rate of a trial's edit on the harmful validation prompts."""
     c = search.config
@@ -172,18 +178,19 @@ def _confirmer(
     budget = c.thinking_budget if c.thinking == "on" else 0
 
     def confirm(record: TrialRecord) -> float:
-        # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
-        # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32 prompts ×
-        # 32 tokens on the demo model), and the confirmed rates are then the model's own.
-        with edit_hooks(model, search.edit(record.params)):
-            responses = generate(
-                model,
-                tokenizer,
-                texts,
-                max_new_tokens=min(c.confirm_tokens, c.max_new_tokens) + budget,
-                batch_size=c.batch_size,
-                desc=f"Confirming trial {record.number}",
-            )
+        edit = search.edit(record.params)
+        tokens = min(c.confirm_tokens, c.max_new_tokens) + budget
+        desc = f"Confirming trial {record.number}"
+        if isinstance(model, LayerwiseModel):
+            responses = streamed_generate(model, tokenizer, texts, edit, max_new_tokens=tokens,
+                                          batch_size=c.batch_size, desc=desc)  # fmt: skip
+        else:
+            # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
+            # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32
+            # prompts × 32 tokens on the demo model), and the confirmed rates are the model's.
+            with edit_hooks(model, edit):
+                responses = generate(model, tokenizer, texts, max_new_tokens=tokens,
+                                     batch_size=c.batch_size, desc=desc)  # fmt: skip
         answers = [
             split_answer(r, opens_reasoning(t)) for r, t in zip(responses, texts, strict=True)
         ]
@@ -237,7 +244,7 @@ def _choose_trial(
 
 
 def optimize_edit(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     candidates: Candidates,
     harmful_val: ChatSet,
@@ -251,6 +258,9 @@ def optimize_edit(
     scoring: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> SearchResult:
     """Search the edit space on validation prompts and choose an edit (see module docstring).
+
+    ``model`` is a loaded model, or a layer-streamed one (trials scored and confirmed one
+    decoder layer at a time from its checkpoint).
 
     The search options (trials, study, target, confirmation, search precision, site, pruning,
     batch size, seed, ``--trial``, thinking) come from ``config``; ``storage`` is the study's
