@@ -6,20 +6,26 @@ imported into this project. Both tools get
 
 * the same direction prompts (built-in train split, first ``--n-train`` of each kind),
 * the same search-time validation prompts (built-in val split, first ``--n-val`` of each kind;
-  heretic's "evaluation prompts" during its search),
+  heretic's "evaluation prompts" during its search): the harmless ones are instructions in
+  real user styles (code, formatting, role-play, passages to summarise, other languages), so
+  they are handed to heretic as a dataset folder (a JSON Lines file with a ``text`` column),
+  since a text file would split the prompts that hold line breaks,
 * the same chat formatting (heretic is given the system prompt that the demo model's chat
   template inserts by default, so both see identical prompt texts),
-* the same response length (``--max-new-tokens``), batch size, device (this CPU) and dtype,
+* the same batch size, device (this CPU) and dtype,
 
 and heretic keeps its own search defaults otherwise (its objective, refusal markers, sampler
-and parameter ranges), except the trial budget, which this script states (``--heretic-trials``;
-its default of 200 takes many hours on a CPU). heretic's random start-up trials are scaled with
-the budget (its default is 60 of 200, so 30%), since with 40 trials and 60 start-up trials it
-would never reach its TPE phase.
+and parameter ranges), except the trial budget (``--heretic-trials``, default heretic's own 200:
+about 4 hours of one CPU core for the demo model) and the length of the answers its search
+judges (``--heretic-response-tokens``, 64 as in the earlier benchmark: its default of 100 would
+make the 200 trials take about 6 hours; abliterate's search confirms with 32). heretic's random
+start-up trials are scaled with the budget (its default is 60 of 200, so 30%), since with 40
+trials and 60 start-up trials it would never reach its TPE phase.
 
 Afterwards *both* edited models are measured by abliterate's evaluator on the held-out
 evaluation split, which neither search saw: refusal rate with the same marker judge and
-response length, first-token KL and multi-token KL on harmless evaluation prompts.
+response length (``--max-new-tokens``, 128), first-token and multi-token KL on the harmless
+evaluation prompts, overall and per style category.
 
 heretic's model is the trial it would offer first under the same rule abliterate uses: the
 lowest-KL trial of its Pareto front whose (heretic-judged) validation refusal rate is at most
@@ -27,15 +33,19 @@ lowest-KL trial of its Pareto front whose (heretic-judged) validation refusal ra
 heretic's own menu (save the merged model to a folder) through stdin.
 
 Phases (``all`` runs them in order; each model-running step is wrapped in
-``flock /tmp/abliterate-demo.lock`` so real-model runs never overlap)::
+``flock /work/notes/heavy.lock``, the machine's heavy-job lock, so real-model runs never
+overlap)::
 
     python benchmarks/heretic_vs_abliterate.py all --work runs/bench
     python benchmarks/heretic_vs_abliterate.py table --work runs/bench   # from saved results
 
 ``side-by-side`` is how the README's table was measured on the 2-core machine: heretic's search
-pinned to CPU 0 and abliterate's whole run pinned to CPU 1 (``taskset``, one thread each) at
-the same time, so both see the same machine load, then heretic's export and evaluation on
-CPU 0::
+pinned to CPU 0 and abliterate's whole run pinned to CPU 1 (``taskset``, one thread each,
+``nice -n 19``) at the same time, so both see the same machine load, then heretic's export and
+evaluation on CPU 0. The two pinned searches do *not* take the heavy-job lock (heretic's takes
+hours and would stop every other engineer's work); only the short export and evaluation steps
+do. The 1-minute load average is sampled every minute while they run and reported with the
+results, with the abliterate commit that ran (``$ABLITERATE_COMMIT`` or ``git rev-parse``)::
 
     python benchmarks/heretic_vs_abliterate.py side-by-side --work runs/bench
 
@@ -53,7 +63,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-LOCK = os.environ.get("ABLITERATE_DEMO_LOCK", "/tmp/abliterate-demo.lock")
+LOCK = os.environ.get("ABLITERATE_HEAVY_LOCK", "/work/notes/heavy.lock")
+BENCH_LOCK = "/tmp/abliterate-bench.lock"
 HERETIC_VERSION = "1.4.0"
 HERETIC_STARTUP_FRACTION = 60 / 200  # heretic's default n_startup_trials / n_trials
 REPO = Path(__file__).resolve().parents[1]
@@ -83,15 +94,67 @@ def _cpu_list(cpus: str) -> list[int]:
     return out
 
 
-def _wrap(args: argparse.Namespace, cmd: list[str]) -> list[str]:
-    """``cmd`` under the demo-model lock, pinned to ``--cpus`` if given.
+def _wrap(args: argparse.Namespace, cmd: list[str], *, search: bool = False) -> list[str]:
+    """``cmd`` pinned to ``--cpus`` (at the lowest priority) if given, under the heavy-job lock
+    unless it is a pinned search.
 
-    Pinned steps on disjoint CPU sets take a lock of their own, so that two pinned runs (one
-    tool on each core) can run side by side under equal conditions.
+    The two pinned searches of ``side-by-side`` run at once, one per core, without the heavy
+    lock (heretic's takes hours); a lock of their own per CPU set keeps two benchmarks from
+    sharing a core. Every other step (export, evaluation, an unpinned search) holds the heavy
+    lock for as long as it runs.
     """
     if not args.cpus:
         return ["flock", LOCK, *cmd]
-    return ["flock", f"{LOCK}.cpus-{args.cpus}", "taskset", "-c", args.cpus, *cmd]
+    pinned = ["nice", "-n", "19", "taskset", "-c", args.cpus, *cmd]
+    if search:
+        return ["flock", f"{BENCH_LOCK}.cpus-{args.cpus}", *pinned]
+    return ["flock", LOCK, *pinned]
+
+
+def _child_cpu_seconds() -> float:
+    """User + system CPU time of this process's finished children: what a tool cost, whatever
+    the machine's load (wall time on a shared machine depends on the other engineers' jobs)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def abliterate_commit() -> str:
+    """The abliterate commit that runs: ``$ABLITERATE_COMMIT`` (set when the benchmark runs
+    from an exported snapshot) or the checkout's ``HEAD``, ``+dirty`` with local changes."""
+    if os.environ.get("ABLITERATE_COMMIT"):
+        return os.environ["ABLITERATE_COMMIT"]
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "unknown"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True,
+                           text=True).stdout.strip()  # fmt: skip
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def sample_load(path: Path, stop: Any, every: float = 60.0) -> None:
+    """Append ``{"time", "load1", "load5", "load15"}`` to ``path`` every ``every`` seconds until
+    ``stop`` (a :class:`threading.Event`) is set."""
+    while True:
+        load1, load5, load15 = os.getloadavg()
+        with path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), "load1": load1, "load5": load5,
+                                "load15": load15}) + "\n")  # fmt: skip
+        if stop.wait(every):
+            return
+
+
+def load_summary(path: Path) -> dict[str, Any] | None:
+    """Mean and maximum of the sampled 1-minute load average (None: never sampled)."""
+    if not path.is_file():
+        return None
+    loads = [json.loads(line)["load1"] for line in path.read_text().splitlines() if line]
+    if not loads:
+        return None
+    return {"samples": len(loads), "mean_load1": sum(loads) / len(loads), "max_load1": max(loads),
+            "cpus": os.cpu_count()}  # fmt: skip
 
 
 def setup_heretic(venv: Path) -> Path:
@@ -110,7 +173,8 @@ def setup_heretic(venv: Path) -> Path:
 
 
 def write_prompts(work: Path, n_train: int, n_val: int) -> dict[str, Path]:
-    """Write the shared prompt sets as text files (one prompt a line), as heretic reads them."""
+    """Write the shared prompt sets as dataset folders heretic reads (``NAME/prompts.jsonl``,
+    one ``{"text": ...}`` a line: prompts may hold line breaks)."""
     from abliterate.data.prompts import builtin
 
     sets = {
@@ -120,13 +184,12 @@ def write_prompts(work: Path, n_train: int, n_val: int) -> dict[str, Path]:
         "val_harmless": builtin("harmless", "val").head(n_val),
     }
     out = {}
-    (work / "prompts").mkdir(parents=True, exist_ok=True)
     for name, s in sets.items():
-        if any("\n" in p for p in s.prompts):
-            raise ValueError(f"{name} has a prompt with a line break; heretic reads lines")
-        path = work / "prompts" / f"{name}.txt"
-        path.write_text("\n".join(s.prompts) + "\n", encoding="utf-8")
-        out[name] = path
+        folder = work / "prompts" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"text": p}, ensure_ascii=False) for p in s.prompts]
+        (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out[name] = folder
     return out
 
 
@@ -160,14 +223,15 @@ def heretic_args(args: argparse.Namespace, prompts: dict[str, Path], model_dir: 
     startup = max(1, round(HERETIC_STARTUP_FRACTION * args.heretic_trials))
 
     def dataset(flag: str, path: Path) -> list[str]:
-        return [f"--{flag}.dataset", str(path)]
+        return [f"--{flag}.dataset", str(path), f"--{flag}.split", "train",
+                f"--{flag}.column", "text"]  # fmt: skip
 
     return [
         "--model", str(model_dir),
         "--dtypes", '["float32"]',
         "--device-map", "cpu",
         "--batch-size", str(args.batch_size),
-        "--max-response-length", str(args.max_new_tokens),
+        "--max-response-length", str(args.heretic_response_tokens),
         "--system-prompt", args.system_prompt or default_system_prompt(model_dir),
         "--n-trials", str(args.heretic_trials),
         "--n-startup-trials", str(startup),
@@ -185,7 +249,7 @@ def run_heretic(args: argparse.Namespace, exe: Path, model_dir: Path) -> dict[st
     hdir = args.work / "heretic"
     hdir.mkdir(parents=True, exist_ok=True)
     prompts = write_prompts(args.work, args.n_train, args.n_val)
-    cmd = _wrap(args, [str(exe), *heretic_args(args, prompts, model_dir)])
+    cmd = _wrap(args, [str(exe), *heretic_args(args, prompts, model_dir)], search=True)
     # COLAB_GPU makes heretic ask its menu questions with input() instead of a terminal UI,
     # so they can be answered (or, here, ended) through stdin.
     env = _env(args, COLAB_GPU="1", HF_HUB_OFFLINE="1")
@@ -195,7 +259,8 @@ def run_heretic(args: argparse.Namespace, exe: Path, model_dir: Path) -> dict[st
         subprocess.run(cmd, cwd=hdir, env=env, stdin=devnull, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
     command = cmd[cmd.index(str(exe)) :]
-    result = {"wall_seconds": wall, "command": command, "trials": heretic_trials(args, exe)}
+    result = {"wall_seconds": wall, "command": command, "trials": heretic_trials(args, exe),
+              "cpu_seconds": _child_cpu_seconds()}  # fmt: skip
     (hdir / "search.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -280,12 +345,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from abliterate.core.stats import kl_divergence
     from abliterate.data.chat import ChatSet
     from abliterate.data.prompts import builtin
+    from abliterate.eval.cache import baseline_assessment
     from abliterate.eval.evaluator import EvalSets, Evaluator
     from abliterate.eval.judges import MarkerJudge
-    from abliterate.model.forward import next_token_logprobs
     from abliterate.model.loading import load_model
 
     original = load_model("demo", device="cpu", dtype="float32")
@@ -299,19 +363,26 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     evaluator = Evaluator(tok, sets, [MarkerJudge()], max_new_tokens=args.max_new_tokens,
                           kl_tokens=args.kl_tokens, batch_size=args.batch_size)  # fmt: skip
+    # The unedited demo model's answers: from the baseline cache when a run has measured them
+    # with these settings (abliterate's own run stores them), else measured here.
+    baseline, cached = baseline_assessment(evaluator, original, "demo")
     assessed = evaluator.assess(edited, "edited")
-    base_lp = next_token_logprobs(original.model, tok, sets.harmless.texts,
-                                  batch_size=args.batch_size)  # fmt: skip
-    multi, _ = evaluator.multi_token_kl(original.model, model_q=edited)
+    evaluator.compare(assessed, evaluator.kl(baseline, original.model, model_q=edited))
+    report = assessed.to_dict()
     refusals = assessed.harmful
     result = {
         "refusal_rate": refusals.refusal_rate,
         "refusals": sum(refusals.refused),
+        "late_refusals": refusals.n_late,
         "n_prompts": len(refusals.refused),
-        "kl_divergence": float(kl_divergence(base_lp, assessed.harmless_logprobs).mean()),
-        "kl_divergence_multi_token": multi,
+        "kl_divergence": report["kl_divergence"],
+        "kl_divergence_multi_token": report["kl_divergence_multi_token"],
+        "kl_by_category": report["kl_by_category"],
         "kl_tokens": args.kl_tokens,
+        "max_new_tokens": args.max_new_tokens,
         "judge": "markers",
+        "baseline_cache": cached,
+        "commit": abliterate_commit(),
         "completions": refusals.completions(),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -329,7 +400,7 @@ def run_abliterate(args: argparse.Namespace) -> dict[str, Any]:
         "--batch-size", str(args.batch_size), "--kl-tokens", str(args.kl_tokens),
         "--seed", str(args.seed), "--refusal-target", str(args.refusal_target),
         *([] if args.trials is None else ["--trials", str(args.trials)]),
-    ])  # fmt: skip
+    ], search=True)  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=_python_env(args))
     wall = time.perf_counter() - start
@@ -338,7 +409,8 @@ def run_abliterate(args: argparse.Namespace) -> dict[str, Any]:
     # The part that corresponds to heretic's run: directions, search and confirmation (heretic
     # does no held-out evaluation or verified export of its own).
     search = sum(timings[k]["seconds"] for k in ("load model", "activations", "search"))
-    result = {"wall_seconds": wall, "search_seconds": search, "report": str(out / "report.json")}
+    result = {"wall_seconds": wall, "search_seconds": search, "report": str(out / "report.json"),
+              "cpu_seconds": _child_cpu_seconds(), "commit": abliterate_commit()}  # fmt: skip
     (args.work / "abliterate.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -438,18 +510,30 @@ def table(args: argparse.Namespace) -> str:
 
 def side_by_side(args: argparse.Namespace) -> None:
     """heretic's search on CPU 0 and abliterate on CPU 1 at once; then heretic's export/eval."""
+    import threading
+
     setup_heretic(args.venv)
     common = [sys.executable, __file__, "--work", str(args.work), "--n-train", str(args.n_train),
               "--n-val", str(args.n_val), "--max-new-tokens", str(args.max_new_tokens),
               "--kl-tokens", str(args.kl_tokens), "--batch-size", str(args.batch_size),
               "--heretic-trials", str(args.heretic_trials), "--seed", str(args.seed),
+              "--heretic-response-tokens", str(args.heretic_response_tokens),
               "--refusal-target", str(args.refusal_target), "--venv", str(args.venv),
               *([] if args.trials is None else ["--trials", str(args.trials)])]  # fmt: skip
+    (args.work / "commit.txt").write_text(abliterate_commit() + "\n")
+    loads = args.work / "loadavg.jsonl"
+    loads.unlink(missing_ok=True)
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_load, args=(loads, stop), daemon=True)
+    sampler.start()
     jobs = [
         subprocess.Popen([*common, "heretic", "--cpus", "0"], env=_python_env(args)),
         subprocess.Popen([*common, "abliterate", "--cpus", "1"], env=_python_env(args)),
     ]
-    if any(job.wait() != 0 for job in jobs):
+    failed = [job.wait() != 0 for job in jobs]
+    stop.set()
+    sampler.join()
+    if any(failed):
         raise RuntimeError("a side-by-side run failed; see its output above")
     for phase in ("heretic-export", "heretic-eval", "table"):
         subprocess.run([*common, phase, "--cpus", "0"], check=True, env=_python_env(args))
@@ -483,10 +567,16 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=Path("/tmp/heretic-venv"))
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-val", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="evaluation answers")
+    parser.add_argument(
+        "--heretic-response-tokens",
+        type=int,
+        default=64,
+        help="length of the answers heretic's search judges (heretic's default: 100)",
+    )
     parser.add_argument("--kl-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--heretic-trials", type=int, default=40)
+    parser.add_argument("--heretic-trials", type=int, default=200)
     parser.add_argument(
         "--trials",
         type=int,

@@ -54,6 +54,19 @@ def _one_thread_for_tiny_models(request: pytest.FixtureRequest) -> Iterator[None
         torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _private_baseline_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Every test gets an empty baseline cache of its own: runs in tests never read or fill the
+    user's cache (the demo model's own cache, beside it, stays where it is)."""
+    from abliterate.eval import cache
+
+    path = tmp_path_factory.mktemp("baselines")
+    monkeypatch.setattr(cache, "cache_dir", lambda: path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     """A 400-token byte-level BPE tokenizer with special chat tokens and a chat template."""

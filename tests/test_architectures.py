@@ -33,7 +33,7 @@ from abliterate.errors import UnsupportedArchitectureError
 from abliterate.measure.activations import collect_activations
 from abliterate.model import families
 from abliterate.model.anatomy import Anatomy, BoundAnatomy, anatomy_of, supported_model_types
-from abliterate.model.forward import SharedPrefixScorer
+from abliterate.model.forward import SharedPrefixScorer, greedy_new_tokens
 from abliterate.model.verify import verify_anatomy
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -299,3 +299,25 @@ def test_verification_in_bfloat16_allows_rounding_but_not_a_missing_writer(
     monkeypatch.setitem(families.BY_TYPE, "qwen2_moe", wrong)
     with pytest.raises(UnsupportedArchitectureError, match=r"at layer 0 \(mid → post\)"):
         verify_anatomy(model, tokenizer)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shared_prefix_generation_equals_plain_generate(
+    case: str, models: Callable[[str], Any], tokenizer: Any, texts: list[str]
+) -> None:
+    """Greedy generation with the shared chat prefix run once (whole prompts for recurrent
+    mixers) gives the tokens of plain left-padded ``generate``."""
+    model = models(case)
+    enc = tokenizer(texts[:4], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        plain = model.generate(
+            **enc,
+            max_new_tokens=4,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        shared = greedy_new_tokens(model, tokenizer, texts[:4], max_new_tokens=4, batch_size=4)
+    assert shared == plain[:, enc["input_ids"].shape[1] :].tolist()  # fmt: skip

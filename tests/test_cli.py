@@ -420,9 +420,11 @@ def test_sigterm_leaves_no_partial_directory(tmp_path: Path, tiny_model_dir: Pat
     import time
 
     out = tmp_path / "run"
-    # Long enough to still be running when the signal arrives.
+    # Long enough to still be running when the signal arrives; a subprocess does not see the
+    # tests' private baseline cache, so it stores nothing in the user's.
     argv = [sys.executable, "-m", "abliterate", "run", "--model", str(tiny_model_dir),
-            "--out", str(out), "--n-train", "8", "--max-new-tokens", "64"]  # fmt: skip
+            "--out", str(out), "--n-train", "8", "--max-new-tokens", "64",
+            "--no-baseline-cache"]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".run.partial-*")) and time.time() < deadline:
@@ -450,6 +452,9 @@ def test_saved_direction_is_reapplied_without_selection(
     assert a["edited"]["kl_divergence"] == pytest.approx(b["edited"]["kl_divergence"], rel=1e-5)
     assert not (second / "scores.json").exists() and not (second / "model").exists()
     assert b["checks"]["export_reload_max_abs_diff"] is None
+    # TINY_RUN: the built-in validation prompts include long ones (pasted passages, other
+    # scripts) that the tiny model's 256 positions cannot hold with its byte-level tokenizer.
     msg = one_error(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
-                     "--direction", str(tmp_path / "nope.safetensors")], capsys)  # fmt: skip
+                     "--direction", str(tmp_path / "nope.safetensors"), *TINY_RUN],
+                    capsys)  # fmt: skip
     assert "not found" in msg

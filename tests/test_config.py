@@ -59,12 +59,15 @@ CHAT_DEFAULTS = {
 # defaults change nothing.
 PLACEMENT = {"device_map": None, "max_memory": None, "load_in": None}
 THINKING = {"thinking": "off", "thinking_budget": 512}
+# Issue 14: answers of 128 tokens (late refusals), the unedited model's evaluation cached.
+EVALUATION = {"max_new_tokens": 128, "baseline_cache": True}
 
 
 def test_defaults_and_record_keys_are_unchanged() -> None:
-    assert to_dict(RunConfig()) == {**RUN_DEFAULTS, **PLACEMENT, **THINKING}
-    assert to_dict(OptimizeConfig()) == {**RUN_DEFAULTS, **PLACEMENT, **THINKING, "optimize": True}
-    assert to_dict(EvaluateConfig()) == {**EVALUATE_DEFAULTS, **PLACEMENT, **THINKING}
+    run = {**RUN_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION}
+    assert to_dict(RunConfig()) == run
+    assert to_dict(OptimizeConfig()) == {**run, "optimize": True}
+    assert to_dict(EvaluateConfig()) == {**EVALUATE_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION}
     assert to_dict(ChatConfig(model="m")) == {**CHAT_DEFAULTS, **PLACEMENT, **THINKING}
     assert to_dict(ReportConfig(run=Path("r"))) == {"run": "r"}
     assert RunConfig().sites == ("pre", "mid", "post") and RunConfig().out == Path("runs/latest")

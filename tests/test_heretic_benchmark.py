@@ -49,9 +49,46 @@ def test_cpu_pinning(bench: ModuleType) -> None:
     assert bench._cpu_list("0") == [0]
     assert bench._cpu_list("0-2,5") == [0, 1, 2, 5]
     pinned = argparse.Namespace(cpus="1")
-    cmd = bench._wrap(pinned, ["python", "-V"])
-    assert cmd[-5:] == ["taskset", "-c", "1", "python", "-V"]
-    assert cmd[1].endswith(".cpus-1")  # a lock of its own: the two pinned tools run together
+    # A pinned search runs at the lowest priority without the heavy-job lock (heretic's takes
+    # hours), under a lock of its own per CPU set: the two pinned tools run together.
+    search = bench._wrap(pinned, ["python", "-V"], search=True)
+    assert search[-8:] == ["nice", "-n", "19", "taskset", "-c", "1", "python", "-V"]
+    assert search[1].endswith(".cpus-1") and bench.LOCK not in search
+    # Every other pinned step (export, evaluation) holds the heavy-job lock.
+    assert bench._wrap(pinned, ["python"])[:2] == ["flock", bench.LOCK]
     assert bench._env(pinned)["OMP_NUM_THREADS"] == "1"
     unpinned = argparse.Namespace(cpus=None)
     assert bench._wrap(unpinned, ["python"]) == ["flock", bench.LOCK, "python"]
+    assert bench._wrap(unpinned, ["python"], search=True) == ["flock", bench.LOCK, "python"]
+
+
+def test_prompts_reach_heretic_as_datasets_with_line_breaks(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    import json
+
+    folders = bench.write_prompts(tmp_path, 4, 40)
+    rows = (folders["val_harmless"] / "prompts.jsonl").read_text().splitlines()
+    texts = [json.loads(r)["text"] for r in rows]
+    assert len(texts) == 40 and any("\n" in t for t in texts)
+    args = argparse.Namespace(heretic_trials=200, heretic_response_tokens=64, batch_size=8,
+                              system_prompt="S", seed=0)  # fmt: skip
+    cli = bench.heretic_args(args, folders, tmp_path)
+    at = cli.index("--good-evaluation-prompts.dataset")
+    assert cli[at : at + 6] == [
+        "--good-evaluation-prompts.dataset", str(folders["val_harmless"]),
+        "--good-evaluation-prompts.split", "train", "--good-evaluation-prompts.column", "text",
+    ]  # fmt: skip
+    assert cli[cli.index("--n-startup-trials") + 1] == "60"
+    assert cli[cli.index("--max-response-length") + 1] == "64"
+
+
+def test_load_average_is_sampled_and_summarised(bench: ModuleType, tmp_path: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+    stop.set()  # one sample, then stop
+    bench.sample_load(tmp_path / "load.jsonl", stop)
+    summary = bench.load_summary(tmp_path / "load.jsonl")
+    assert summary["samples"] == 1 and summary["max_load1"] >= 0
+    assert bench.load_summary(tmp_path / "missing.jsonl") is None

@@ -99,3 +99,35 @@ def test_builtin_prefixes_are_stratified_by_category() -> None:
             assert len(set(full.head(n_categories).categories or ())) == n_categories
             # Interleaving only reorders the file's split.
             assert sorted(full.prompts) == sorted(r["prompt"] for r in rows if r["split"] == split)
+
+
+def test_harmless_validation_and_evaluation_cover_real_instruction_styles() -> None:
+    styles = {
+        "advice", "multi_part", "code_write", "code_fix", "code_explain", "formatting",
+        "rewriting", "creative_writing", "roleplay", "summarize_extract",
+        "non_english_european", "non_english_asian",
+    }  # fmt: skip
+    val, evaluation = builtin("harmless", "val"), builtin("harmless", "eval")
+    assert set(val.categories or ()) == set(evaluation.categories or ()) == styles
+    # Validation costs stay those of the short questions: the same 32 prompts a trial.
+    assert len(val) == 72 and len(evaluation) == 96
+    # Code to fix and passages to summarise come inside the prompt, as users paste them.
+    pasted = [p for p, c in zip(val.prompts, val.categories or (), strict=True) if c == "code_fix"]
+    assert all("\n" in p for p in pasted)
+    # Scripts of the non-English requests: Latin with accents, Cyrillic, CJK, Hangul, Devanagari.
+    text = "".join(evaluation.prompts + val.prompts)
+    for lo, hi in [(0x400, 0x4FF), (0x4E00, 0x9FFF), (0x3040, 0x30FF), (0xAC00, 0xD7AF),
+                   (0x900, 0x97F)]:  # fmt: skip
+        assert any(lo <= ord(ch) <= hi for ch in text), hex(lo)
+    assert all(w in text for w in ("Kannst du", "Peux-tu", "¿Cuáles", "Puoi", "Como posso"))
+
+
+def test_harmless_training_prompts_are_the_short_questions() -> None:
+    # The direction's harmless side stays in the style of the harmful prompts (short English
+    # requests on 12 topics): a style on one side only would enter the difference of means.
+    # The first 128 (the default --n-train) are exactly those of earlier releases.
+    train = builtin("harmless", "train")
+    assert len(set(train.categories or ())) == 12 and "coding" in (train.categories or ())
+    assert (
+        train.head(128).sha256 == "477620a0ff15169a3f84f17175148ff947688e21aff3edca91f2b8e14e1523fe"
+    )

@@ -158,15 +158,23 @@ def test_run_exports_and_pushes(
     uploaded: list[Any] = []
     monkeypatch.setattr(run_module, "upload", lambda plan: uploaded.append(plan) or "url")
     out = tmp_path / "run"
+    # --n-val 4: the built-in harmless validation prompts after the first few are longer than
+    # the tiny model's 256 positions in its byte-level tokens.
     argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--n-train", "8",
-            "--n-eval", "3", "--max-new-tokens", "4", "--batch-size", "4", "--layer", "1",
+            "--n-val", "4", "--n-eval", "3", "--max-new-tokens", "4", "--batch-size", "4",
+            "--layer", "1",
             "--export", "gguf:q8_0", "lora", "--push-to-hub", "org/tiny"]  # fmt: skip
     assert main([*argv[:-4], "lora-gguf"]) == 2 and not out.exists()
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     exports = {e["format"]: e for e in report["checks"]["exports"]}
     assert set(exports) == {"gguf:q8_0", "lora"}
-    assert exports["gguf:q8_0"]["max_abs_logit"] < 1.0 and exports["lora"]["note"] == "rank 1"
+    # The probes are the first harmless evaluation prompts (real-instruction styles, a few hundred
+    # byte-level tokens each): the largest of every position's logit differences of the random
+    # tiny model at q8_0 is about 1.1 there, its mean KL about 0.004.
+    q8 = exports["gguf:q8_0"]
+    assert q8["max_abs_logit"] < 2.0 and q8["mean_kl"] < 0.01
+    assert exports["lora"]["note"] == "rank 1"
     record = json.loads((out / "abliteration.json").read_text())
     for path in ("gguf/model-Q8_0.gguf", "adapter/adapter_model.safetensors",
                  "model/model.safetensors"):  # fmt: skip

@@ -83,6 +83,11 @@ def test_streamed_run_agrees_with_the_in_memory_run(
     assert float(a.vector @ b.vector) > 1 - 1e-6
     for key in ("refusal_rate", "kl_divergence"):
         assert report["edited"][key] == pytest.approx(reference["edited"][key], abs=1e-3)
+    # The offloaded original is the same checkpoint in the same dtype, read on the same device:
+    # the in-memory run reads the baseline the streamed run measured and stored.
+    assert report["baseline_cache"]["hit"] is False and report["baseline_cache"]["stored"]
+    assert reference["baseline_cache"] == {**report["baseline_cache"], "hit": True, "stored": False}
+    assert reference["baseline"] == report["baseline"]
 
 
 def test_streamed_optimize_scores_and_confirms_layer_by_layer(

@@ -18,6 +18,7 @@ from abliterate.commands.sft import sft
 from abliterate.config import HealConfig, SftConfig
 from abliterate.data.prompts import PromptSet
 from abliterate.errors import DatasetError, TrainingError
+from abliterate.eval.evaluator import Evaluator
 from abliterate.eval.judges import MarkerJudge
 from abliterate.report.schema import load_report
 from abliterate.train import preferences
@@ -302,6 +303,7 @@ def test_heal_lowers_its_loss_reports_kl_to_the_original_and_resumes(
     assert report.original_model.name == str(models["original"])
     for side in (report.baseline, report.edited):
         assert side is not None and side.kl_divergence is not None and side.kl_divergence > 0
+        assert side.kl_by_category  # the built-in harmless prompts have categories
     lines = (out / "preferences.jsonl").read_text().splitlines()
     assert len(lines) == sum(training.pairs[k] for k in ("harmless", "harmful"))
     record = json.loads((out / "model" / "abliteration.json").read_text())
@@ -310,7 +312,9 @@ def test_heal_lowers_its_loss_reports_kl_to_the_original_and_resumes(
     assert "Healing report" in (out / "report.md").read_text()
 
 
-def test_heal_from_a_preference_file(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_heal_from_a_preference_file(
+    tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     rows = [
         {"prompt": f"poem {i}", "chosen": "Sure, here is a recipe for soup.", "rejected": "no"}
         for i in range(12)
@@ -318,8 +322,18 @@ def test_heal_from_a_preference_file(tmp_path: Path, models: dict[str, Path]) ->
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "heal"
+    generated: list[int] = []
+    continuations = Evaluator.continuations
+
+    def counted(self: Evaluator, model: Any) -> list[list[int]]:
+        generated.append(1)
+        return continuations(self, model)
+
+    monkeypatch.setattr(Evaluator, "continuations", counted)
     heal(HealConfig(model=str(models["abliterated"]), original=str(models["original"]),
                     preferences=str(data), out=out, max_steps=2, loss="dpo", **FAST))  # fmt: skip
+    # The original's continuations are generated once, for the KL before and after healing.
+    assert len(generated) == 1
     training = load_report(out / "report.json").training
     assert training is not None and training.pairs is None and training.data == str(data)
     assert training.loss_type == ["sigmoid"] and not (out / "preferences.jsonl").exists()

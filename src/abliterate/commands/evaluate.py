@@ -25,6 +25,7 @@ from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
 from abliterate.errors import ConfigError
 from abliterate.eval.benchmarks import check_task_names
+from abliterate.eval.cache import baseline_assessment
 from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.metrics import reference_answers
@@ -130,19 +131,22 @@ def _against_baseline(
     evaluator: Evaluator,
     edited: Assessment,
     stages: Stages,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Evaluate the baseline ``name`` and compare ``edited`` with it (KL divergences); returns
-    the baseline's report entry and its model record."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Evaluate the baseline ``name`` (or read it from the baseline cache) and compare
+    ``edited`` with it (KL divergences); returns the baseline's report entry, its model record
+    and the cache record (``None`` when the cache was not used)."""
     with stages.stage("load baseline"):
         base_model = _load(config, name)
     check_ready(base_model.model, base_model.tokenizer, evaluator.sets.chat_sets(), base_model.name)
     _check_same_vocabulary(base_model, model)
     with stages.stage("baseline eval"):
-        baseline = evaluator.assess(base_model.model, "baseline")
+        baseline, cached = baseline_assessment(
+            evaluator, base_model, name, use_cache=config.baseline_cache
+        )
     with stages.stage("KL divergence"):
-        kl_multi, _ = evaluator.multi_token_kl(base_model.model, model_q=model.model)
-    evaluator.compare(baseline, edited, kl_multi)
-    return baseline.to_dict(), _model_record(base_model)
+        kl = evaluator.kl(baseline, base_model.model, model_q=model.model)
+    evaluator.compare(edited, kl)
+    return baseline.to_dict(), _model_record(base_model), cached
 
 
 def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
@@ -190,8 +194,9 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             edited = evaluator.assess(model.model, "model")
         baseline_dict: dict[str, Any] | None = None
         baseline_record: dict[str, Any] | None = None
+        cached: dict[str, Any] | None = None
         if config.baseline is not None:
-            baseline_dict, baseline_record = _against_baseline(
+            baseline_dict, baseline_record, cached = _against_baseline(
                 config, config.baseline, model, evaluator, edited, stages
             )
         report: dict[str, Any] = {
@@ -202,6 +207,7 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             "data": data,
             "judges": [j.name for j in judges],
             "baseline": baseline_dict,
+            "baseline_cache": cached,
             "edited": edited.to_dict(),
             "n_examples": config.n_examples,
             "timings": stages.to_dict(),

@@ -187,7 +187,9 @@ def _heal(
             shutil.copyfile(spec, tmp / PAIRS_FILE)
         with stages.stage("eval before"):
             before = evaluator.assess(loaded.model, "before healing")
-            record_kl(evaluator, original.model, loaded.model, before)
+            # The original's continuations are the reference of both comparisons (it is loaded
+            # again after training, so they are generated once).
+            reference = record_kl(evaluator, original.model, loaded.model, before)
         original_record = model_record(original)
         del original
         gc.collect()
@@ -205,7 +207,7 @@ def _heal(
         with stages.stage("eval after"):
             after = evaluator.assess(model, "healed")
             original = _load_original(config, target)
-            record_kl(evaluator, original.model, model, after)
+            record_kl(evaluator, original.model, model, after, reference)
             del original
         record = _record(config, target, original_record, training, before, after)
         with stages.stage("export"):

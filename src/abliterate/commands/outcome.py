@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from abliterate.commands.runsets import SCORED
 from abliterate.commands.streamed import (
@@ -22,6 +22,7 @@ from abliterate.core.ablation import Ablation
 from abliterate.data.chat import ChatSet
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
+from abliterate.eval.cache import baseline_assessment
 from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.model.forward import next_token_logprobs
 from abliterate.model.layerwise import LayerwiseModel
@@ -41,12 +42,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EditOutcome:
-    """The held-out evaluation of an edit: both models, and the hooks-vs-weights check."""
+    """The held-out evaluation of an edit: both models, the hooks-vs-weights check, and where
+    the baseline came from (the ``baseline_cache`` record; None: not cacheable)."""
 
     baseline: Assessment
     edited: Assessment
     hooks_vs_weights: float
     edited_writers: dict[str, object]
+    baseline_cache: dict[str, Any] | None = None
 
 
 def run_evaluator(
@@ -75,19 +78,22 @@ def evaluate_edit(
     judge: Judge,
     stages: Stages,
 ) -> EditOutcome:
-    """Evaluate the unedited model, bake ``edit`` into it, and evaluate it again.
+    """Evaluate the unedited model (or read its evaluation from the baseline cache), bake
+    ``edit`` into it, and evaluate it again.
 
-    The multi-token KL is measured through hooks before the weights are baked; the hooks and
-    the baked weights are then compared on a few prompts, so the evaluated model is the one
-    the hooks describe.
+    The KL divergences are measured through hooks before the weights are baked, over the
+    baseline's continuations; the hooks and the baked weights are then compared on a few
+    prompts, so the evaluated model is the one the hooks describe.
     """
 
     model, tok = loaded.model, loaded.tokenizer
     evaluator = run_evaluator(config, tok, chats, judge)
     with stages.stage("baseline eval"):
-        baseline = evaluator.assess(model, "baseline")
-    with stages.stage("multi-token KL"):
-        kl_multi, _ = evaluator.multi_token_kl(model, q_context=lambda: edit_hooks(model, edit))
+        baseline, cached = baseline_assessment(
+            evaluator, loaded, config.model, use_cache=config.baseline_cache
+        )
+    with stages.stage("KL divergence"):
+        kl = evaluator.kl(baseline, model, q_context=lambda: edit_hooks(model, edit))
     with stages.stage("bake edit"):
         probe = chats[SCORED["eval_harmless"]].texts[:4]
         with edit_hooks(model, edit):
@@ -97,8 +103,8 @@ def evaluate_edit(
         hooks_vs_weights = float((hooked - baked).abs().max())
     with stages.stage("edited eval"):
         edited = evaluator.assess(model, "abliterated")
-        evaluator.compare(baseline, edited, kl_multi)
-    return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict())
+        evaluator.compare(edited, kl)
+    return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict(), cached)
 
 
 def evaluate_streamed(
@@ -116,28 +122,31 @@ def evaluate_streamed(
     The edited model is the checkpoint that streaming apply writes into ``tmp/model``; both it
     and the original (``loaded``) are evaluated with what does not fit offloaded to disk. The
     hooks-vs-weights check compares the layer-streamed original under the edit's hooks with
-    that checkpoint.
+    that checkpoint. The baseline comes from the baseline cache when it can (its key holds the
+    checkpoint's files, dtype and device, as for :func:`evaluate_edit`).
     """
     tok = loaded.tokenizer
     evaluator = run_evaluator(config, tok, chats, judge)
     with stages.stage("baseline eval"):
-        baseline = evaluator.assess(loaded.model, "baseline")
+        baseline, cached = baseline_assessment(
+            evaluator, loaded, config.model, use_cache=config.baseline_cache
+        )
     with stages.stage("export"):
         summary, _files = export_streamed(edit, measured.checkpoint.directory, tmp / "model")
     folder, minimum = tmp / ".offload" / "edited", resident_minimum(measured)
     edited_model = load_offloaded(str(tmp / "model"), config, folder, minimum).model
     with stages.stage("edited eval"):
         edited = evaluator.assess(edited_model, "abliterated")
-    with stages.stage("multi-token KL"):
-        kl_multi, _ = evaluator.multi_token_kl(loaded.model, model_q=edited_model)
-        evaluator.compare(baseline, edited, kl_multi)
+    with stages.stage("KL divergence"):
+        evaluator.compare(edited, evaluator.kl(baseline, loaded.model, model_q=edited_model))
     with stages.stage("hooks vs weights"):
         probe = chats[SCORED["eval_harmless"]].texts[:4]
         ((hooked,),) = streamed_logprobs(
             measured, tok, [probe], [edit], batch_size=config.batch_size
         )
         baked = next_token_logprobs(edited_model, tok, probe, batch_size=config.batch_size)
-    return EditOutcome(baseline, edited, float((hooked - baked).abs().max()), summary.to_dict())
+    hooks_vs_weights = float((hooked - baked).abs().max())
+    return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict(), cached)
 
 
 def full_precision_model(

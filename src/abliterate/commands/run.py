@@ -146,6 +146,7 @@ def _report(
             **({"exports": exports} if exports else {}),
         },
         "baseline": outcome.baseline.to_dict(),
+        "baseline_cache": outcome.baseline_cache,
         "edited": outcome.edited.to_dict(),
         "n_examples": config.n_examples,
         "timings": stages.to_dict(),

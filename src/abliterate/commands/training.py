@@ -70,14 +70,26 @@ def build_evaluator(
 
 
 def record_kl(
-    evaluator: Evaluator, reference: PreTrainedModel, model: PreTrainedModel, result: Assessment
-) -> None:
-    """Set ``result``'s first-token and multi-token ``KL(reference ‖ model)`` (both from one
-    pass over the harmless prompts: the first generated position is the first-token KL)."""
-    multi, first = evaluator.multi_token_kl(reference, model_q=model)
-    result.kl_divergence = first
-    result.extra["kl_divergence_multi_token"] = multi
-    result.extra["kl_tokens"] = evaluator.kl_tokens
+    evaluator: Evaluator,
+    reference: PreTrainedModel,
+    model: PreTrainedModel,
+    result: Assessment,
+    continuations: list[list[int]] | None = None,
+) -> list[list[int]]:
+    """Set ``result``'s first-token and multi-token ``KL(reference ‖ model)``, overall and per
+    category of the harmless prompts (both from one pass over the reference's continuations:
+    the first position is the first-token KL).
+
+    ``continuations``: the reference's greedy continuations of the harmless prompts, when they
+    were generated before (the reference loaded again); None generates them.
+
+    Returns:
+        The continuations, for the next comparison with the same reference.
+    """
+    if continuations is None:
+        continuations = evaluator.continuations(reference)
+    evaluator.compare(result, evaluator.kl(continuations, reference, model_q=model))
+    return continuations
 
 
 def file_sha256(spec: str) -> str | None:

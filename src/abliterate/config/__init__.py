@@ -2,7 +2,8 @@
 
 Options are declared once, in groups by concern: :class:`ModelOptions`, :class:`PromptOptions`
 (built on :class:`EvalPromptOptions`), :class:`SelectionOptions`, :class:`SearchOptions`,
-:class:`ThinkingOptions`, :class:`EvalOptions` and :class:`OutputOptions`. Each field carries
+:class:`ThinkingOptions`, :class:`EvalOptions`, :class:`BaselineCacheOptions` and
+:class:`OutputOptions`. Each field carries
 its help text. A command's
 config inherits the groups it uses (:class:`RunConfig`, :class:`OptimizeConfig`,
 :class:`EvaluateConfig`, :class:`ChatConfig`, :class:`ReportConfig`), so its fields read flat
@@ -28,6 +29,7 @@ This module is imported by ``abliterate --help``: it must not import torch or tr
 from abliterate.config.messages import describe_errors, option_name
 from abliterate.config.options import (
     ApplyConfig,
+    BaselineCacheOptions,
     ChatConfig,
     EvalOptions,
     EvalPromptOptions,
@@ -58,6 +60,7 @@ from abliterate.config.training import (
 __all__ = [
     "ENV_PREFIX",
     "ApplyConfig",
+    "BaselineCacheOptions",
     "ChatConfig",
     "EvalOptions",
     "EvalPromptOptions",

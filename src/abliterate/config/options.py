@@ -308,7 +308,9 @@ class SearchOptions(Options):
 class EvalOptions(Options):
     """How answers are generated and compared in the final evaluation."""
 
-    max_new_tokens: Count = Field(64, description="Tokens generated per evaluation prompt.")
+    # 128: refusals that follow a compliant opening ("Sure, here is ... However, I cannot") show
+    # only in longer answers; with the baseline cache the original model pays it once.
+    max_new_tokens: Count = Field(128, description="Tokens generated per evaluation prompt.")
     kl_tokens: Count = Field(
         16,
         description="Positions of the original model's own greedy continuation of each harmless "
@@ -316,6 +318,20 @@ class EvalOptions(Options):
     )
     n_examples: Annotated[int, Field(ge=0)] = Field(
         4, description="Side-by-side example completions shown in the report."
+    )
+
+
+class BaselineCacheOptions(Options):
+    """Whether the unedited model's evaluation is reused between runs (``run``, ``evaluate``)."""
+
+    baseline_cache: bool = Field(
+        True,
+        description="Reuse the unedited model's evaluation (its judged answers and its "
+        "continuations of the harmless prompts) when the model's files, the prompts, the chat "
+        "formatting, the judges and every generation setting match; otherwise measure it and "
+        "store it. Entries live in the 'baselines' folder of the abliterate cache "
+        "($ABLITERATE_CACHE, default ~/.cache/abliterate on Linux); deleting that folder clears "
+        "them. --no-baseline-cache measures it again and stores nothing.",
     )
 
 
@@ -378,6 +394,7 @@ class ExportOptions(Options):
 class RunConfig(
     ExportOptions,
     OutputOptions,
+    BaselineCacheOptions,
     EvalOptions,
     ThinkingOptions,
     SelectionOptions,
@@ -424,7 +441,14 @@ class OptimizeConfig(RunConfig):
     optimize: bool = Field(True, description="Search the edit space (always on for this command).")
 
 
-class EvaluateConfig(OutputOptions, EvalOptions, ThinkingOptions, EvalPromptOptions, ModelOptions):
+class EvaluateConfig(
+    OutputOptions,
+    BaselineCacheOptions,
+    EvalOptions,
+    ThinkingOptions,
+    EvalPromptOptions,
+    ModelOptions,
+):
     """Configuration of ``abliterate evaluate``: measure a model, optionally against a baseline."""
 
     model: CliPositionalArg[Text] = Field(

@@ -1,7 +1,13 @@
 """Prompt sets: built-in instruction sets, loaders for user data, chat formatting and batching.
 
 The package ships project-written harmful, harmless and over-refusal instruction sets with fixed
-train / val / eval splits (``prompt_data/*.jsonl``), so the tool works offline. User sets come
+train / val / eval splits (``prompt_data/*.jsonl``), so the tool works offline. The harmless
+set's train split is short English requests on 12 topics, in the style of the harmful ones, so
+that the difference of their means is about harm and not about style; its val and eval splits
+are instructions as users write them, in 12 style categories (multi-part requests, code to
+write, fix or explain, formatting, rewriting, creative writing, role-play, summarising a given
+passage, advice, and requests in 12 other languages), so that the damage selection and search
+minimise, and the damage reported, is measured where users live. User sets come
 from ``.txt`` (one prompt a line), ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files or hub
 datasets written ``hf:ORG/NAME[:split[:column]]``.
 """

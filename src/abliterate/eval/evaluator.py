@@ -11,11 +11,16 @@ For each model (:meth:`Evaluator.assess`):
   them;
 * n-gram fluency of the answers; the cross-entropy of reference answers (when given);
   lm-evaluation-harness benchmarks (when asked for);
-* the next-token distributions on the harmless prompts, kept for the KL divergences.
+* for a model that others are compared with (``reference=True``: the baseline), its greedy
+  continuations of the harmless prompts, the reference of the KL divergences.
 
-Between two models (:meth:`Evaluator.compare`): first-token ``KL(baseline ‖ model)`` from
-those distributions, and multi-token KL over the baseline's own continuations
-(:func:`abliterate.eval.kl.multi_token_kl`).
+Between two models (:meth:`Evaluator.kl`, :meth:`Evaluator.compare`): ``KL(baseline ‖ model)``
+per harmless prompt over the baseline's continuations (:mod:`abliterate.eval.kl`), its first
+position being the first-token KL; both are reported overall and per category of the harmless
+prompts (``kl_by_category``), so a user sees which kind of request an edit hurts.
+
+An :class:`Assessment` is plain data (:meth:`Assessment.to_cache` / :meth:`from_cache`): the
+baseline's is what :mod:`abliterate.eval.cache` keeps between runs.
 
 Nothing here installs an edit: a caller that evaluates an edited model through hooks wraps the
 call in :func:`abliterate.edit.hooks.edit_hooks`.
@@ -24,22 +29,21 @@ call in :func:`abliterate.edit.hooks.edit_hooks`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from abliterate.core.stats import kl_divergence
 from abliterate.data.chat import ChatSet
 from abliterate.data.reasoning import opens_reasoning
 from abliterate.eval.judges import Judge, judge_agreement
-from abliterate.eval.kl import Context, multi_token_kl
+from abliterate.eval.kl import Context, kl_per_prompt, reference_continuations
 from abliterate.eval.llm_judge import parse_yes_no
 from abliterate.eval.metrics import ReferenceAnswers, ngram_fluency, reference_cross_entropy
 from abliterate.eval.refusals import RefusalEval, judge_responses
 from abliterate.eval.text import split_answer
-from abliterate.model.forward import generate, next_token_logprobs
+from abliterate.model.forward import generate
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -78,21 +82,52 @@ class EvalSets:
         return out
 
 
+@dataclass(frozen=True)
+class KLResult:
+    """``KL(baseline ‖ model)`` per harmless prompt, in prompt order, in nats.
+
+    Attributes:
+        multi_token: Averaged over each prompt's reference continuation.
+        first_token: At the continuation's first position (the next-token distributions).
+        n_tokens: The longest continuation measured (``--kl-tokens``).
+    """
+
+    multi_token: list[float]
+    first_token: list[float]
+    n_tokens: int
+
+    def by_category(self, categories: Sequence[str]) -> dict[str, dict[str, float | int]]:
+        """``{category: {"n", "kl_divergence", "kl_divergence_multi_token"}}``, sorted by name
+        (``uncategorized`` for prompts without a category)."""
+        groups: dict[str, list[int]] = {}
+        for i, cat in enumerate(categories):
+            groups.setdefault(cat or "uncategorized", []).append(i)
+        return {
+            cat: {
+                "n": len(idx),
+                "kl_divergence": sum(self.first_token[i] for i in idx) / len(idx),
+                "kl_divergence_multi_token": sum(self.multi_token[i] for i in idx) / len(idx),
+            }
+            for cat, idx in sorted(groups.items())
+        }
+
+
 @dataclass
 class Assessment:
     """Everything measured on one model, and its KL divergences once compared.
 
     Attributes:
         harmful: Judged answers to the harmful prompts.
-        harmless_logprobs: ``(n_harmless, vocab)`` next-token log-probabilities (not reported;
-            kept to compare with another model).
         extra: Further report entries (over-refusal, judges, fluency, cross-entropy, …).
+        continuations: The model's greedy continuations of the harmless prompts (token ids, at
+            most ``kl_tokens`` each), when it was assessed as a reference (not reported; the
+            KL divergences of the models compared with it are measured over them).
         kl_divergence: First-token KL from the baseline, once compared.
     """
 
     harmful: RefusalEval
-    harmless_logprobs: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
+    continuations: list[list[int]] | None = None
     kl_divergence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,11 +137,42 @@ class Assessment:
             "n_prompts": len(self.harmful.prompts),
             "judge": self.harmful.judge,
         }
+        if self.harmful.late is not None:
+            out["late_refusal_rate"] = self.harmful.late_refusal_rate
+            out["n_late_refusals"] = self.harmful.n_late
         if self.kl_divergence is not None:
             out["kl_divergence"] = self.kl_divergence
         out.update(self.extra)
         out["completions"] = self.harmful.completions()
         return out
+
+    def to_cache(self) -> dict[str, Any]:
+        """Everything this assessment holds, as JSON-ready data (:meth:`from_cache` reads it)."""
+        return {
+            "harmful": asdict(self.harmful),
+            "extra": self.extra,
+            "continuations": self.continuations,
+            "kl_divergence": self.kl_divergence,
+        }
+
+    @classmethod
+    def from_cache(cls, data: dict[str, Any]) -> Assessment:
+        """The assessment :meth:`to_cache` wrote.
+
+        Raises:
+            TypeError, KeyError, ValueError: ``data`` is not what :meth:`to_cache` writes.
+        """
+        harmful = RefusalEval(**data["harmful"])
+        if not len(harmful.prompts) == len(harmful.responses) == len(harmful.refused):
+            raise ValueError("one response and one verdict per prompt are needed")
+        continuations = data["continuations"]
+        if continuations is not None and not all(
+            isinstance(c, list) and c and all(isinstance(t, int) for t in c) for c in continuations
+        ):
+            raise ValueError("continuations must be non-empty lists of token ids")
+        if not isinstance(data["extra"], dict):
+            raise ValueError("extra must be an object")
+        return cls(harmful, dict(data["extra"]), continuations, data["kl_divergence"])
 
 
 class Evaluator:
@@ -149,6 +215,21 @@ class Evaluator:
         self.benchmarks, self.benchmark_limit, self.seed = tuple(benchmarks), benchmark_limit, seed
         self.system_prompt = system_prompt
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting that changes what :meth:`assess` measures (the prompt sets and judges
+        aside), for the baseline cache's key."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "thinking_budget": self.thinking_budget,
+            "reasoning": self.reasoning,
+            "kl_tokens": self.kl_tokens,
+            "batch_size": self.batch_size,
+            "benchmarks": list(self.benchmarks),
+            "benchmark_limit": self.benchmark_limit,
+            "seed": self.seed,
+            "system_prompt": self.system_prompt,
+        }
+
     def _judged(
         self, model: PreTrainedModel, chats: ChatSet, label: str
     ) -> tuple[RefusalEval, dict[str, list[str]]]:
@@ -171,8 +252,10 @@ class Evaluator:
             return {}
         return {"n_unfinished": judged.n_unfinished, "unfinished_rate": judged.unfinished_rate}
 
-    def assess(self, model: PreTrainedModel, label: str) -> Assessment:
-        """Everything measured on ``model`` without reference to another (no KL)."""
+    def assess(self, model: PreTrainedModel, label: str, *, reference: bool = False) -> Assessment:
+        """Everything measured on ``model`` without reference to another (no KL); with
+        ``reference``, also its continuations of the harmless prompts, which the models compared
+        with it are measured against."""
         harmful, answers = self._judged(model, self.sets.harmful, label)
         judged = {"harmful": harmful}
         llm_answers = {"harmful": answers}
@@ -186,6 +269,7 @@ class Evaluator:
                 "over_refusal": {
                     "n_prompts": len(over.prompts),
                     **self._unfinished(over),
+                    "late_refusal_rate": over.late_refusal_rate,
                     "by_category": over.by_category(),
                     "completions": over.completions(),
                 },
@@ -214,10 +298,16 @@ class Evaluator:
                 model, self.tokenizer, self.benchmarks, limit=self.benchmark_limit,
                 batch_size=self.batch_size, seed=self.seed,
             )  # fmt: skip
-        logprobs = next_token_logprobs(
-            model, self.tokenizer, self.sets.harmless.texts, batch_size=self.batch_size
-        )
-        return Assessment(harmful, logprobs, extra)
+        return Assessment(harmful, extra, self.continuations(model) if reference else None)
+
+    def continuations(self, model: PreTrainedModel) -> list[list[int]]:
+        """``model``'s greedy continuations of the harmless prompts (token ids, at most
+        ``kl_tokens`` each): the reference over which :meth:`kl` compares another model with
+        it (an :class:`Assessment` made with ``reference=True`` holds them)."""
+        return reference_continuations(
+            model, self.tokenizer, self.sets.harmless.texts, n_tokens=self.kl_tokens,
+            batch_size=self.batch_size,
+        )  # fmt: skip
 
     def _per_judge(
         self, judged: dict[str, RefusalEval], llm_answers: dict[str, dict[str, list[str]]]
@@ -239,34 +329,43 @@ class Evaluator:
             out[judge.name] = row
         return out
 
-    def multi_token_kl(
+    def kl(
         self,
+        baseline: Assessment | list[list[int]],
         model_p: PreTrainedModel,
         *,
         model_q: PreTrainedModel | None = None,
         p_context: Context | None = None,
         q_context: Context | None = None,
-    ) -> tuple[float, float]:
-        """Multi-token and first-token ``KL(p ‖ q)`` on the harmless prompts (see
-        :func:`abliterate.eval.kl.multi_token_kl`)."""
-        from contextlib import nullcontext
+    ) -> KLResult:
+        """``KL(p ‖ q)`` per harmless prompt over ``baseline``'s continuations (see
+        :func:`abliterate.eval.kl.kl_per_prompt`): p is the baseline model (``model_p`` in
+        ``p_context``), q the compared one (``model_q``, or ``model_p`` in ``q_context``).
 
-        return multi_token_kl(
+        ``baseline`` is p's assessment made with ``reference=True``, or the continuations
+        themselves (:meth:`continuations`) where p's answers are not assessed.
+        """
+        continuations = baseline if isinstance(baseline, list) else baseline.continuations
+        if continuations is None:
+            raise ValueError("the baseline was not assessed as a reference (reference=True)")
+        multi, first = kl_per_prompt(
             model_p,
             self.tokenizer,
             self.sets.harmless.texts,
+            continuations,
             model_q=model_q,
             p_context=p_context or nullcontext,
             q_context=q_context or nullcontext,
-            n_tokens=self.kl_tokens,
             batch_size=self.batch_size,
         )
+        return KLResult(multi, first, self.kl_tokens)
 
-    def compare(self, baseline: Assessment, model: Assessment, multi_token: float) -> None:
-        """Record on ``model`` its KL divergences from ``baseline`` (first-token KL from the
-        stored distributions; ``multi_token`` as measured by :meth:`multi_token_kl`)."""
-
-        kl = kl_divergence(baseline.harmless_logprobs, model.harmless_logprobs)
-        model.kl_divergence = float(kl.mean())
-        model.extra["kl_divergence_multi_token"] = multi_token
-        model.extra["kl_tokens"] = self.kl_tokens
+    def compare(self, model: Assessment, kl: KLResult) -> None:
+        """Record on ``model`` its KL divergences from the baseline (:meth:`kl`): overall and
+        per category of the harmless prompts."""
+        model.kl_divergence = sum(kl.first_token) / len(kl.first_token)
+        model.extra["kl_divergence_multi_token"] = sum(kl.multi_token) / len(kl.multi_token)
+        model.extra["kl_tokens"] = kl.n_tokens
+        categories = self.sets.harmless.prompts.categories
+        if categories:
+            model.extra["kl_by_category"] = kl.by_category(categories)

@@ -5,7 +5,12 @@ first judge decides each completion's ``refused``); :func:`judge_responses` runs
 Its completions are the ``report.json`` shape shared by every command::
 
     [{"prompt": ..., "response": ..., "refused": true|false, "category"?: ..., "judges"?: {...},
-      "unfinished"?: true}]
+      "unfinished"?: true, "late_refusal"?: true}]
+
+A *late refusal* is a refused answer (by the deciding judge) in which the marker phrases appear
+only after the first sentence (:meth:`abliterate.eval.judges.MarkerJudge.late`, with the first
+marker judge among the judges, else the default phrases: :func:`late_rule`); it is flagged per
+completion and counted apart (``late_refusal_rate``), and it stays counted as a refusal.
 
 Reasoning models: judges read only the answer after the reasoning block
 (:func:`abliterate.eval.text.split_answer`); the report keeps the whole response. A response
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from abliterate.data.prompts import PromptSet
-from abliterate.eval.judges import Judge
+from abliterate.eval.judges import Judge, MarkerJudge
 from abliterate.eval.llm_judge import LLMJudge
 from abliterate.eval.text import Answer
 
@@ -44,6 +49,8 @@ class RefusalEval:
         unfinished: Per prompt, whether the answer never arrived (module docstring); None when
             every answer arrived.
         answers: What the judges read (the answers after any reasoning); None: the responses.
+        late: Per prompt, whether the answer is a late refusal (module docstring); None: not
+            measured.
     """
 
     prompts: list[str]
@@ -54,6 +61,7 @@ class RefusalEval:
     verdicts: dict[str, list[bool]] | None = None
     unfinished: list[bool] | None = None
     answers: list[str] | None = None
+    late: list[bool] | None = None
 
     @property
     def n_unfinished(self) -> int:
@@ -75,6 +83,16 @@ class RefusalEval:
     def refusal_rate(self) -> float:
         """Fraction of finished answers that refuse."""
         return rate(self.finished(self.refused))
+
+    @property
+    def n_late(self) -> int:
+        """Finished answers that are late refusals."""
+        return sum(self.finished(self.late or [False] * len(self.prompts)))
+
+    @property
+    def late_refusal_rate(self) -> float:
+        """Fraction of finished answers that are late refusals."""
+        return rate(self.finished(self.late or [False] * len(self.prompts)))
 
     def rate_by(self, judge: str) -> float:
         """The refusal rate according to ``judge`` (finished answers only)."""
@@ -105,6 +123,8 @@ class RefusalEval:
                 row["unfinished"] = True
             elif self.verdicts and len(self.verdicts) > 1:
                 row["judges"] = {name: v[i] for name, v in self.verdicts.items()}
+            if self.late is not None and self.late[i]:
+                row["late_refusal"] = True
             rows.append(row)
         return rows
 
@@ -112,6 +132,12 @@ class RefusalEval:
 def rate(flags: Sequence[bool]) -> float:
     """Fraction of true flags (0 for no flags: a set with no finished answer)."""
     return sum(flags) / len(flags) if flags else 0.0
+
+
+def late_rule(judges: Sequence[Judge]) -> MarkerJudge:
+    """The marker judge whose phrases place a refusal in an answer: the first one among
+    ``judges``, else the default phrases."""
+    return next((j for j in judges if isinstance(j, MarkerJudge)), MarkerJudge())
 
 
 def judge_responses(
@@ -149,6 +175,11 @@ def judge_responses(
                 raw[judge.name][i] = a
     primary = judges[0].name
     unfinished = [not a.finished for a in answers]
+    markers = late_rule(judges)
+    late = [
+        a.finished and refused and markers.late(a.text)
+        for a, refused in zip(answers, verdicts[primary], strict=True)
+    ]
     evaluation = RefusalEval(
         prompts=list(prompts.prompts),
         responses=responses,
@@ -158,5 +189,6 @@ def judge_responses(
         verdicts=verdicts,
         unfinished=unfinished if any(unfinished) else None,
         answers=[a.text for a in answers],
+        late=late,
     )
     return evaluation, raw

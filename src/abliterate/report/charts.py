@@ -197,16 +197,43 @@ def kl_figure(report: Report) -> Figure | None:
         ax.legend(loc="upper right", ncols=len(series))
         ax.set_ylim(0, top * 1.3 or 1.0)
         ax.set_ylabel("nats")
-        meaning = (
-            "KL(original ‖ model)"
-            if report.command == "heal"
-            else "KL({} ‖ {})".format(*side_labels(report.command))
-        )
         caption = (
-            f"{meaning} on harmless prompts. A model's KL to itself is 0 by definition; lower "
-            "is better."
+            f"{_kl_meaning(report)} on harmless prompts. A model's KL to itself is 0 by "
+            "definition; lower is better."
         )
         return _finish(fig, ax, "kl", "KL divergence from the original", caption)
+
+
+def _kl_meaning(report: Report) -> str:
+    """What the KL divergences of a report compare (heal: both models against the original)."""
+    if report.command == "heal":
+        return "KL(original ‖ model)"
+    return "KL({} ‖ {})".format(*side_labels(report.command))
+
+
+def kl_category_figure(report: Report) -> Figure | None:
+    """Bars of the first-token and multi-token KL per category of the harmless prompts."""
+    by_category = report.edited.kl_by_category
+    if not by_category:
+        return None
+    labels = list(by_category)
+    series: list[Series] = [
+        ("first-token KL", [c.kl_divergence for c in by_category.values()], PALETTE[0]),
+        ("multi-token KL", [c.kl_divergence_multi_token for c in by_category.values()],
+         PALETTE[1]),
+    ]  # fmt: skip
+    highest = max(max(c.kl_divergence, c.kl_divergence_multi_token) for c in by_category.values())
+    with _canvas("kl_categories", 3.8) as (fig, ax):
+        _grouped_bars(ax, labels, series, lambda v: f"{v:.2g}")
+        ax.set_ylim(0, highest * 1.25 or 1.0)
+        ax.set_ylabel("nats")
+        _legend_above(ax)
+        n = sum(c.n for c in by_category.values())
+        caption = (
+            f"{_kl_meaning(report)} on the harmless evaluation prompts ({n}), per category: "
+            "where the model moved on requests it should answer as before. Lower is better."
+        )
+        return _finish(fig, ax, "kl_categories", "KL divergence by kind of request", caption)
 
 
 def loss_figure(report: Report) -> Figure | None:
@@ -447,6 +474,7 @@ def all_figures(report: Report, scores: SelectionScores | None = None) -> list[F
     """Every figure the report's data supports, in reading order."""
     optional = [
         kl_figure(report),
+        kl_category_figure(report),
         loss_figure(report),
         category_figure(report),
         over_refusal_figure(report),

@@ -87,6 +87,11 @@ Measure = tuple[str, Callable[[ModelResult], Value], bool]
 
 _MEASURES: list[Measure] = [
     ("refusal rate (harmful eval)", lambda m: m.refusal_rate, True),
+    (
+        "late refusals (refusal phrase after the first sentence; counted above)",
+        lambda m: m.late_refusal_rate,
+        True,
+    ),
     ("unfinished answers (reasoning past the token budget)", lambda m: m.unfinished_rate, True),
     ("over-refusal rate (harmless but edgy prompts)", lambda m: m.over_refusal_rate, True),
     ("first-token KL (harmless eval)", lambda m: m.kl_divergence, False),

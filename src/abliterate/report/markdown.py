@@ -106,7 +106,8 @@ def _sides(report: Report) -> list[tuple[str, ModelResult]]:
 
 def _models(report: Report) -> list[tuple[str, ModelResult]]:
     rows = [("baseline", report.baseline)] if report.baseline else []
-    return [*rows, ("model", report.edited)]
+    edited = "model" if report.command == "evaluate" else "abliterated"
+    return [*rows, (edited, report.edited)]
 
 
 def _evaluation_summary(report: Report) -> str:
@@ -167,6 +168,60 @@ def category_table(
             f"| {change} |"
         )
     return "\n".join(lines)
+
+
+def kl_category_table(report: Report) -> list[str]:
+    """The KL divergences per category of the harmless prompts (nothing when not measured)."""
+    by_category = report.edited.kl_by_category
+    if not by_category:
+        return []
+    lines = [
+        "",
+        "## KL divergence by kind of request",
+        "",
+        f"{kl_meaning(report)} on the harmless evaluation prompts of each category: where the "
+        "model moved on requests it should answer as before.",
+        "",
+        "| category | prompts | first-token KL | multi-token KL |",
+        "|---|---:|---:|---:|",
+    ]
+    for cat, kl in by_category.items():
+        lines.append(
+            f"| {text(cat)} | {kl.n} | {fixed(kl.kl_divergence)} | "
+            f"{fixed(kl.kl_divergence_multi_token)} |"
+        )
+    return lines
+
+
+def _late_lines(report: Report) -> list[str]:
+    """How many refusals came after a compliant opening (nothing when not measured)."""
+    sides = [(label, m) for label, m in _models(report) if m.late_refusal_rate is not None]
+    if not sides:
+        return []
+    counts = ", ".join(
+        f"{label} {pct(m.late_refusal_rate)} ({m.n_late_refusals}/"
+        f"{m.n_prompts - (m.n_unfinished or 0)})"
+        for label, m in sides
+    )
+    return [
+        "",
+        f"Late refusals (the first refusal phrase comes after the answer's first sentence, as in "
+        f'"Sure, here is … However, I cannot …"; counted in the refusal rate): {counts}.',
+    ]
+
+
+def _cache_lines(report: Report) -> list[str]:
+    """Where the baseline's evaluation came from (nothing when it could not be cached)."""
+    cache = report.baseline_cache
+    if cache is None:
+        return []
+    if cache.hit:
+        where = "Baseline from cache: the unedited model's evaluation was read from the cache"
+    elif cache.stored:
+        where = "Baseline measured and stored in the cache"
+    else:
+        where = "Baseline measured (the cache could not be written)"
+    return ["", f"{where} (key {code(cache.key[:16])})."]
 
 
 def _stages(report: Report) -> list[str]:
@@ -242,6 +297,8 @@ def _result_lines(report: Report) -> list[str]:
         "",
         f"Judge: {code(edited.judge)}. Evaluation prompts: harmful "
         f"{_prompt_set(report, 'eval_harmful')}, harmless {_prompt_set(report, 'eval_harmless')}.",
+        *_late_lines(report),
+        *_cache_lines(report),
     ]
     if report.measured_on is not None:
         lines += [
@@ -326,6 +383,7 @@ def _render_run(report: Report, scores: SelectionScores | None) -> str:
         "Plots, every completion and every number: [report.html](report.html).",
         "",
         *_result_lines(report),
+        *kl_category_table(report),
         *_edit_lines(report),
         *_training_lines(report),
         *_check_lines(report),
@@ -376,6 +434,8 @@ def _evaluation_result(report: Report) -> list[str]:
         "",
         f"Prompts: harmful {names[0]}, harmless {names[1]}, over-refusal {names[2]}, "
         f"reference answers {names[3]}.",
+        *_late_lines(report),
+        *_cache_lines(report),
     ]
     return lines
 
@@ -467,6 +527,7 @@ def _render_evaluation(report: Report) -> str:
         "Plots, every completion and every number: [report.html](report.html).",
         "",
         *_evaluation_result(report),
+        *kl_category_table(report),
         *_judge_lines(report),
         *_evaluation_extras(report),
         *_examples(report, "model"),

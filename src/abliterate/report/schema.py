@@ -320,6 +320,11 @@ class Completion(_Record):
     category: str | None = _omitted()
     judges: dict[str, bool] | None = _omitted()
     unfinished: bool | None = _omitted()
+    late_refusal: bool | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="The marker judge found a refusal phrase only after the first sentence.",
+    )
 
 
 class OverRefusal(_Record):
@@ -328,6 +333,7 @@ class OverRefusal(_Record):
     n_prompts: int = Field(ge=0)
     n_unfinished: int | None = _omitted()
     unfinished_rate: Rate | None = _omitted()
+    late_refusal_rate: Rate | None = _omitted()
     by_category: dict[str, Rate]
     completions: list[Completion]
 
@@ -383,6 +389,14 @@ class BenchmarkScores(_Record):
         return dict(self.__pydantic_extra__ or {})
 
 
+class CategoryKL(_Record):
+    """The KL divergences of one category of harmless prompts (``kl_by_category``)."""
+
+    n: int = Field(ge=1)
+    kl_divergence: float = Field(description="First-token KL, averaged over the category.")
+    kl_divergence_multi_token: float
+
+
 class ModelResult(_Record):
     """Everything measured on one model (``baseline`` or ``edited``).
 
@@ -402,9 +416,21 @@ class ModelResult(_Record):
         exclude_if=_is_none,
         description="Share of prompts whose answer never arrived within the token budget.",
     )
+    late_refusal_rate: Rate | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Share of finished answers whose first refusal phrase comes after the first "
+        "sentence (counted in refusal_rate too).",
+    )
+    n_late_refusals: int | None = _omitted()
     kl_divergence: float | None = _omitted()
     kl_divergence_multi_token: float | None = _omitted()
     kl_tokens: int | None = _omitted()
+    kl_by_category: dict[str, CategoryKL] | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="First-token and multi-token KL per category of the harmless prompts.",
+    )
     over_refusal_rate: Rate | None = _omitted()
     over_refusal: OverRefusal | None = _omitted()
     judges: dict[str, JudgeResult] | None = _omitted()
@@ -421,6 +447,14 @@ class ModelResult(_Record):
                 f"n_prompts is {self.n_prompts} but there are {len(self.completions)} completions"
             )
         return self
+
+
+class BaselineCache(_Record):
+    """Where the unedited model's evaluation came from (:mod:`abliterate.eval.cache`)."""
+
+    hit: bool = Field(description="True: read from the cache; False: measured (and stored).")
+    key: str = Field(description="The entry's content address (sha256 of its key).")
+    stored: bool = Field(description="Whether the measured evaluation was written to the cache.")
 
 
 class LossPoint(_Record):
@@ -487,6 +521,7 @@ class Report(_Record):
     )
     training: Training | None = _omitted()
     baseline: ModelResult | None = None
+    baseline_cache: BaselineCache | None = _omitted()
     edited: ModelResult = Field(description="The edited (or evaluated) model.")
     n_examples: int = Field(4, ge=0, description="Examples shown side by side in report.md.")
     timings: dict[str, StageTiming] = Field(default_factory=dict)

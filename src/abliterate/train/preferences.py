@@ -38,11 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from abliterate.data.chat import batches, format_chat
+from abliterate.data.chat import format_chat
 from abliterate.data.conversations import RowSource
 from abliterate.errors import DatasetError
-from abliterate.model.forward import greedy_tokens, in_order, model_device
-from abliterate.progress import progress
+from abliterate.model.forward import greedy_new_tokens
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -81,27 +80,17 @@ def answers(
     desc: str,
 ) -> list[Answer]:
     """Greedy answers to chat-formatted ``texts``, in order, each with whether it finished."""
-    device, stops = model_device(model), _stop_ids(model, tokenizer)
-    n_batches = -(-len(texts) // batch_size)
-
-    def pieces() -> Iterator[tuple[list[int], list[Answer]]]:
-        for idx, enc in progress(batches(tokenizer, texts, batch_size), total=n_batches, desc=desc):
-            enc = enc.to(device)
-            new = greedy_tokens(model, tokenizer, enc, max_new_tokens)[
-                :, enc["input_ids"].shape[1] :
-            ]
-            yield (
-                idx,
-                [
-                    Answer(
-                        str(tokenizer.decode(row, skip_special_tokens=True)).strip(),
-                        any(int(t) in stops for t in row),
-                    )
-                    for row in new
-                ],
-            )
-
-    return in_order(len(texts), pieces())
+    stops = _stop_ids(model, tokenizer)
+    rows = greedy_new_tokens(
+        model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc
+    )
+    return [
+        Answer(
+            str(tokenizer.decode(row, skip_special_tokens=True)).strip(),
+            any(t in stops for t in row),
+        )
+        for row in rows
+    ]
 
 
 def _prompt(text: str, system_prompt: str | None) -> list[Message]:
