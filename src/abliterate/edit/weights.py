@@ -80,11 +80,21 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     Raises:
         ValueError: the edit does not fit the model's shape.
         NonFiniteError: the edit produced NaN or infinite values in a tensor (named).
+        UnsupportedArchitectureError: the edit adds a constant to a writer that has no bias
+            (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`); nothing is changed.
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
+    planned = [(w, edit.writer_edits(writer_info(w, store, anatomy))) for w in anatomy.writers]
+    for writer, edits in planned:
+        # Checked for every writer before any is written: a refused edit changes nothing.
+        has_bias = writer.bias is not None and store.has(writer.bias)
+        if not has_bias and writer.role != "embedding" and any(e.needs_bias for e in edits):
+            raise UnsupportedArchitectureError(
+                f"the edit adds a constant to the output of {writer.tensor}, which has no bias "
+                "to hold it (affine mode needs writers with biases); use another edit mode."
+            )
     summary = EditSummary()
-    for writer in anatomy.writers:
-        edits = edit.writer_edits(writer_info(writer, store, anatomy))
+    for writer, edits in planned:
         if not edits:
             continue
         with store.writable(writer.tensor) as stored:

@@ -123,7 +123,7 @@ class AblationEdit(_Record):
     model_config = ConfigDict(extra="allow")
 
     kind: Literal["directional_ablation"]
-    mode: Literal["plain", "norm_preserving"] = "plain"
+    mode: Literal["plain", "norm_preserving", "affine"] = "plain"
     direction: DirectionRecord
     embedding: float
     attention: list[float]
