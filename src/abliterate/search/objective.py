@@ -1,27 +1,31 @@
 """The search's cheap objective: what one trial costs, and the precision it is scored in.
 
-A trial never generates text. It costs one forward pass (last position only, the chat
-template's shared prefix computed once per batch) over the harmful and harmless *validation*
-prompts: the objectives are the mean next-token refusal probability on harmful prompts and the
-first-token KL divergence on harmless prompts (:class:`CheapObjective`). :func:`search_model`
-gives the model those passes run on: the model itself, or a bfloat16 copy where the device
-computes bfloat16 natively (:func:`native_bf16`).
+A trial never generates text. It costs one forward pass over the harmful and harmless
+*validation* prompts, several trials per pass (:mod:`abliterate.search.scoring`): the
+objectives are the mean probability that the answer to a harmful prompt opens with one of the
+model's own refusal openings (teacher-forced over a few tokens; :func:`refusal_openings` finds
+them once, from the unedited model's judged answers) and the first-token KL divergence on
+harmless prompts (:class:`CheapObjective`). :func:`search_model` gives the model those passes
+run on: the model itself, or a bfloat16 copy where the device computes bfloat16 natively
+(:func:`native_bf16`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from abliterate.core.edits import Edit
-from abliterate.core.stats import kl_divergence, refusal_scores
-from abliterate.edit.hooks import edit_hooks
-from abliterate.model.forward import SharedPrefixScorer
+from abliterate.data.chat import batches
+from abliterate.eval.judges import Judge
+from abliterate.measure.refusal import RefusalOpenings
+from abliterate.model.forward import greedy_tokens, in_order, model_device
+from abliterate.search.scoring import EditScorer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -85,12 +89,76 @@ def search_model(model: PreTrainedModel, search_dtype: str) -> PreTrainedModel:
     return clone.to(target)  # type: ignore[arg-type]  # buffers too; parameters are done
 
 
+def judged_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    tokens: int = 16,
+    batch_size: int = 32,
+) -> tuple[list[list[int]], list[bool]]:
+    """The model's greedy answers to ``texts`` (token ids, up to and including the first
+    end-of-text token, at most ``tokens``) and the judge's verdicts on them (the judge reads
+    ``prompts``, the raw instructions)."""
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+    def pieces() -> Iterator[tuple[list[int], list[list[int]]]]:
+        for idx, enc in batches(tokenizer, texts, batch_size):
+            enc = enc.to(model_device(model))
+            new = greedy_tokens(model, tokenizer, enc, tokens)[:, enc["input_ids"].shape[1] :]
+            answers = []
+            for row in new.tolist():
+                end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+                answers.append(row[:end])
+            yield idx, answers
+
+    with torch.inference_mode():
+        answers = in_order(len(texts), pieces())
+    decoded = [str(tokenizer.decode(a, skip_special_tokens=True)).strip() for a in answers]
+    return answers, judge(list(prompts), decoded)
+
+
+def refusal_openings(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    length: int,
+    top: int,
+    tokens: int = 16,
+    batch_size: int = 32,
+) -> RefusalOpenings:
+    """The unedited model's own refusal openings on ``texts`` (harmful validation prompts):
+    the ``top`` most frequent first ``length`` tokens of its judged refusals among
+    :func:`judged_answers` of ``tokens`` tokens. A short generation suffices: a refusal shows
+    in its first words, and only its opening is kept."""
+    answers, refused = judged_answers(
+        model, tokenizer, texts, prompts, judge, tokens=tokens, batch_size=batch_size
+    )
+    openings = RefusalOpenings.from_answers(answers, refused, length, top)
+    log.info(
+        "refusal openings: %s (%d of %d answers refused; the openings cover %.0f%% of them)",
+        [tokenizer.decode(list(t)) for t in openings.tokens], sum(refused), len(refused),
+        100 * openings.coverage,
+    )  # fmt: skip
+    return openings
+
+
 class CheapObjective:
-    """The generation-free objectives of one edit: refusal probability and first-token KL.
+    """The generation-free objectives of edits on the validation prompts
+    (:class:`~abliterate.search.scoring.EditScorer`): ``refusal`` (the probability of opening
+    the answer with one of the model's refusal openings), ``refusal_prob`` (the next-token
+    proxy) and ``kl`` (first-token KL divergence).
 
     Args:
         harmful, harmless: Chat-formatted validation texts.
-        refusal_ids: Token ids whose probability makes up the refusal probability.
+        refusal_ids: First tokens of common refusal openings (the next-token proxy).
+        openings: The model's refusal openings (:func:`refusal_openings`).
+        edits_per_pass: Edits scored together in one forward pass (:meth:`many`).
     """
 
     def __init__(
@@ -100,29 +168,28 @@ class CheapObjective:
         harmful: Sequence[str],
         harmless: Sequence[str],
         refusal_ids: Sequence[int],
+        openings: RefusalOpenings,
         batch_size: int = 32,
+        edits_per_pass: int = 4,
     ) -> None:
-        # The chat template's shared opening is computed once per batch (abliterate.model.forward).
+        # The chat template's shared opening is computed once per pass (abliterate.search.scoring).
         self.model = model
-        self.harmful = SharedPrefixScorer(model, tokenizer, harmful, batch_size)
-        self.harmless = SharedPrefixScorer(model, tokenizer, harmless, batch_size)
-        self.refusal_ids = list(refusal_ids)
-        self.base_harmless = self.harmless.logprobs()
-        self.baseline = self._refusal(self.harmful.logprobs())
-
-    def _refusal(self, logprobs: torch.Tensor) -> dict[str, float]:
-        # Mean probability that the answer opens like a refusal: bounded and close in meaning
-        # to a refusal *rate*, unlike the mean log-odds, which a few prompts can dominate.
-        prob = torch.logsumexp(logprobs[:, self.refusal_ids], dim=-1).exp()
-        return {
-            "refusal_prob": float(prob.mean()),
-            "refusal_score": float(refusal_scores(logprobs, self.refusal_ids).mean()),
+        self.scorer = EditScorer(
+            model, tokenizer, harmful, harmless, refusal_ids, openings, batch_size
+        )
+        self.edits_per_pass = edits_per_pass
+        base = self.scorer.baseline()
+        prob = base.refusal.mean().clamp(1e-7, 1 - 1e-7)
+        self.baseline = {
+            **base.summary(),
+            "refusal_score": float(torch.log(prob) - torch.log1p(-prob)),
         }
+        del self.baseline["kl"]
 
     def __call__(self, edit: Edit) -> dict[str, float]:
-        """``{"refusal_prob", "refusal_score", "kl"}`` of ``edit`` on the validation prompts."""
-        with edit_hooks(self.model, edit):
-            harmless = self.harmless.logprobs()
-            harmful = self.harmful.logprobs()
-        kl = float(kl_divergence(self.base_harmless, harmless).mean())
-        return {**self._refusal(harmful), "kl": kl}
+        """``{"refusal", "refusal_prob", "kl"}`` of ``edit`` on the validation prompts."""
+        return self.many([edit])[0]
+
+    def many(self, edits: Sequence[Edit]) -> list[dict[str, float]]:
+        """:meth:`__call__` of several edits, scored ``edits_per_pass`` at a time."""
+        return [s.summary() for s in self.scorer.score(edits, self.edits_per_pass)]

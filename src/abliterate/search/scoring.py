@@ -258,6 +258,11 @@ class EditScorer:
             out.extend(self._scores(m) for m in measured)
         return out
 
+    @torch.inference_mode()
+    def baseline(self) -> EditScores:
+        """Scores of the unedited model (its KL is 0 up to rounding)."""
+        return self._scores(self._measure(nullcontext, 1)[0])
+
     def measure(self, context: Callable[[], AbstractContextManager[Any]]) -> EditScores:
         """Scores of the model as ``context`` changes it, with gradients when enabled (the
         search's descent installs differentiable hooks; nothing is detached)."""
