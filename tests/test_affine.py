@@ -170,9 +170,10 @@ def test_hooks_equal_baked_weights(
     if variant == "full":
         edit = _affine(means)
     elif variant == "partial_per_layer":
+        per_layer = tuple(unit(d, 10 + i) for i in range(N_LAYERS))
         edit = Ablation(unit(d, 1), embedding=0.5, attention=(0.0, 1.2, 0.4, 0.9),
                         mlp=(0.7, 0.0, 1.0, 0.3), mode="affine", harmless_means=means,
-                        layer_directions=tuple(unit(d, 10 + i) for i in range(N_LAYERS)))  # fmt: skip
+                        layer_directions=per_layer)  # fmt: skip
     elif variant == "extra":
         edit = _affine(means, extra_directions=(unit(d, 2), unit(d, 3)))
     else:
@@ -216,8 +217,9 @@ def test_post_norm_writers_and_experts_are_refused() -> None:
     with pytest.raises(ValueError, match="expert"):
         edit.writer_edit(WriterInfo("e", "expert", 1))
     # The embedding is projected through the origin: no offset.
-    emb = Ablation(edit.direction, 1.0, edit.attention, edit.mlp, mode="affine",
-                   harmless_means=means).writer_edit(WriterInfo("emb", "embedding", None))  # fmt: skip
+    with_embedding = Ablation(edit.direction, 1.0, edit.attention, edit.mlp, mode="affine",
+                              harmless_means=means)  # fmt: skip
+    emb = with_embedding.writer_edit(WriterInfo("emb", "embedding", None))
     assert emb is not None and not emb.needs_bias
 
 

@@ -166,7 +166,9 @@ class Candidates:
             raise ValueError(
                 f"writer means need the sites pre, mid and post; missing: {', '.join(missing)}"
             )
-        pre, mid, post = (self.harmless_mean[:, self.sites.index(s)] for s in ("pre", "mid", "post"))
+        pre, mid, post = (
+            self.harmless_mean[:, self.sites.index(s)] for s in ("pre", "mid", "post")
+        )
         return torch.stack([mid - pre, post - mid]).float()
 
     def extra_directions(

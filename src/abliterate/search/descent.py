@@ -165,9 +165,10 @@ def descend(
             excess = torch.relu(torch.log(refusal.clamp(min=1e-12)) - math.log(max(limit, 1e-12)))
             loss = kl + penalty * excess
             history.append({"step": step, "refusal": now["refusal"], "kl": now["kl"],
-                            "loss": float(loss)})  # fmt: skip
+                            "loss": float(loss.detach())})  # fmt: skip
             if now["refusal"] <= limit and (best is None or now["kl"] < best["kl"]):
-                best, best_edit = now, edit.current()
+                # The start itself at step 0, so callers can tell "no step improved" by identity.
+                best, best_edit = now, (start if step == 0 else edit.current())
             if step == steps:
                 break  # the last point is measured, not moved
             loss.backward()

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +39,7 @@ from abliterate.edit.hooks import RowBlocks, batchable, batched_edit_hooks, edit
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.forward import common_prefix_length, model_device
+from abliterate.progress import progress
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -106,7 +108,9 @@ class EditScorer:
         self.refusal_ids = torch.tensor(sorted(set(refusal_ids)), dtype=torch.long)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        ids = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in (*harmful, *harmless)]
+        ids = [
+            list(tokenizer(t, add_special_tokens=False).input_ids) for t in (*harmful, *harmless)
+        ]
         # Every text keeps at least one token of its own, whose logits are the answer's.
         n = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
         self.prefix = torch.tensor(ids[0][:n], dtype=torch.long)  # (n_prefix,)
@@ -133,13 +137,12 @@ class EditScorer:
         assert self.base_harmless is not None
         clone = object.__new__(EditScorer)
         clone.__dict__.update(self.__dict__)
-        clone.n_harmful, clone.n_harmless = min(n_harmful, self.n_harmful), min(
-            n_harmless, self.n_harmless
+        clone.n_harmful, clone.n_harmless = (
+            min(n_harmful, self.n_harmful),
+            min(n_harmless, self.n_harmless),
         )
         clone.rows = [
-            r
-            for r in self.rows
-            if r.prompt < (clone.n_harmful if r.harmful else clone.n_harmless)
+            r for r in self.rows if r.prompt < (clone.n_harmful if r.harmful else clone.n_harmless)
         ]
         clone.base_harmless = self.base_harmless[: clone.n_harmless]
         return clone
@@ -212,7 +215,8 @@ class EditScorer:
         """One edit's rows: the log-probabilities each row contributes, keyed by
         ``(what, prompt, opening)``. The vocabulary projection runs once, on every position the
         rows need."""
-        where, spans = [], []
+        where: list[tuple[int, int]] = []
+        spans: list[tuple[int, int]] = []
         for j, r in enumerate(rows):
             n = max(1, len(self.openings.tokens[r.opening])) if r.opening >= 0 else 1
             spans.append((len(where), n))
@@ -242,20 +246,23 @@ class EditScorer:
         return EditScores(refusal=refusal, first_token=first, kl=kl)
 
     @torch.inference_mode()
-    def score(self, edits: Sequence[Edit], edits_per_pass: int = 4) -> list[EditScores]:
+    def score(
+        self, edits: Sequence[Edit], edits_per_pass: int = 4, desc: str | None = None
+    ) -> list[EditScores]:
         """Scores of each edit, ``edits_per_pass`` edits per forward pass (one at a time when
-        the model has expert writers, see :func:`~abliterate.edit.hooks.batchable`)."""
+        the model has expert writers, see :func:`~abliterate.edit.hooks.batchable`); ``desc``
+        shows a progress bar."""
         per_pass = edits_per_pass if batchable(self.model, self.anatomy) else 1
         out: list[EditScores] = []
-        for start in range(0, len(edits), per_pass):
+        starts = range(0, len(edits), per_pass)
+        for start in starts if desc is None else progress(starts, desc=desc):
             group = list(edits[start : start + per_pass])
+            context: Callable[[], AbstractContextManager[Any]]
             if len(group) == 1:
-                measured = self._measure(lambda e=group[0]: edit_hooks(self.model, e), 1)
+                context = partial(edit_hooks, self.model, group[0])
             else:
-                measured = self._measure(
-                    lambda g=group: batched_edit_hooks(self.model, g, self.anatomy), len(group)
-                )
-            out.extend(self._scores(m) for m in measured)
+                context = partial(batched_edit_hooks, self.model, group, self.anatomy)
+            out.extend(self._scores(m) for m in self._measure(context, len(group)))
         return out
 
     @torch.inference_mode()
@@ -267,4 +274,3 @@ class EditScorer:
         """Scores of the model as ``context`` changes it, with gradients when enabled (the
         search's descent installs differentiable hooks; nothing is detached)."""
         return self._scores(self._measure(context, 1)[0])
-
