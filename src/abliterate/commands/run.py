@@ -64,6 +64,7 @@ from abliterate.model.loading import load_model, local_path, resolve_device
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report, SelectionScores
+from abliterate.search.objective import objective_openings, search_model
 from abliterate.search.optimize import optimize_edit
 from abliterate.search.selection import select_direction
 from abliterate.search.study import check_study, default_storage, sqlite_path
@@ -243,13 +244,20 @@ def choose_edit(
         write_json(tmp / "optimization.json", search.to_dict())
         return EditChoice(search.edit, search=search)
     with stages.stage("selection"):
+        harmful = chats[SCORED["val_harmful"]]
+        openings = objective_openings(
+            model, tok, harmful.texts, chats["val_harmful"].prompts.prompts, judge, config
+        )
+        # Screening in another precision only when the user names one: 'auto' would make the
+        # screened candidates depend on the CPU.
+        screening = None if config.search_dtype == "auto" else config.search_dtype
         selection = select_direction(
-            model, tok, candidates, chats[SCORED["val_harmful"]].texts,
-            chats[SCORED["val_harmless"]].texts, refusal_ids, config,
+            model, tok, candidates, harmful.texts, chats[SCORED["val_harmless"]].texts,
+            refusal_ids, openings, config,
+            None if screening is None else search_model(model, screening),
         )  # fmt: skip
     write_json(tmp / "scores.json", selection.to_dict())
-    edit = Ablation.uniform(selection.direction, n_layers, config.strength)
-    return EditChoice(edit, selection=selection)
+    return EditChoice(selection.edit, selection=selection)
 
 
 def _optimize(

@@ -30,6 +30,8 @@ from abliterate.search.scoring import EditScorer
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from abliterate.config.options import RunConfig
+
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,24 @@ def refusal_openings(
         100 * openings.coverage,
     )  # fmt: skip
     return openings
+
+
+def objective_openings(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    judge: Judge,
+    config: RunConfig,
+) -> RefusalOpenings:
+    """The openings ``--refusal-objective`` asks about: none for ``next_token`` (the scorer's
+    refusal is then the next-token proxy), else :func:`refusal_openings` of ``texts``."""
+    if config.refusal_objective == "next_token":
+        return RefusalOpenings()
+    return refusal_openings(
+        model, tokenizer, texts, prompts, judge, length=config.opening_tokens,
+        top=config.refusal_openings, batch_size=config.batch_size,
+    )  # fmt: skip
 
 
 class CheapObjective:

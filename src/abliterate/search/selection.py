@@ -2,16 +2,34 @@
 
 Following Arditi et al., each candidate is scored by ablating it from every residual writer and
 measuring (a) the refusal score on harmful validation prompts and (b) the first-token KL
-divergence on harmless validation prompts; candidates from the last layers are discarded. To
-keep this affordable on a CPU it runs in two stages:
+divergence on harmless validation prompts; candidates from the last layers are discarded. The
+refusal score (``--refusal-objective``) is either the next-token refusal log-odds (default) or
+the log-odds of the mean probability that an answer opens with one of the model's own refusal
+openings (teacher-forced over a few tokens, :mod:`abliterate.search.scoring`; found once from
+the unedited model's judged answers).
 
-1. *screen*: every distinct candidate on the first ``n_screen`` prompts of each kind;
-2. *final*: the ``n_finalists`` best screened candidates on the whole validation split.
+To keep this affordable on a CPU, candidates are scored several per forward pass
+(``edits_per_pass``, each on its own rows of the batch: the same scores as one at a time) in
+two stages:
+
+1. *screen*: every distinct candidate on the first ``n_screen`` prompts of each kind. With
+   ``screen_halving`` it is *successive halving* instead: after each round only the better half
+   of the candidates goes on to twice as many prompts, until ``n_finalists`` remain or the
+   validation split is used up, so hopeless candidates are dropped after the cheapest round;
+2. *final*: the ``n_finalists`` best screened candidates on the whole validation split, in the
+   model's own precision (screening may run on a copy in another precision,
+   ``scoring_model``; whether the two precisions ranked the finalists alike is recorded).
 
 The chosen candidate is the finalist with the lowest refusal score among those whose KL is at
-most ``kl_threshold`` and whose refusal score is below the unedited model's. If none qualifies,
-the run says so and picks the best trade-off: the finalist closest to the ideal point (lowest
-refusal score, lowest KL) after min-max normalising both over the finalists.
+most ``kl_threshold`` and whose refusal score is below the unedited model's. If none
+qualifies, the run says so and picks the best trade-off: the finalist closest to the ideal
+point (lowest refusal score, lowest KL) after min-max normalising both over the finalists.
+
+Finally (``refine_steps`` > 0; default off) the chosen direction's edit is *refined*: a few
+steps of descent on its per-layer attention and MLP strengths (:mod:`abliterate.search.descent`;
+a strength may reach 0) lower the KL while the refusal likelihood stays at most the unrefined
+edit's. The refined edit is scored again in the model's precision and kept when it lowers the
+KL there without raising the refusal likelihood by more than :data:`REFINE_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -26,13 +44,12 @@ import torch
 
 from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
-from abliterate.core.stats import kl_divergence, refusal_scores
-from abliterate.edit.hooks import edit_hooks
 from abliterate.errors import ConfigError
 from abliterate.measure.candidates import Candidates
-from abliterate.model.forward import next_token_logprobs
-from abliterate.progress import progress
-from abliterate.types import Site
+from abliterate.measure.refusal import RefusalOpenings
+from abliterate.search.descent import descend
+from abliterate.search.scoring import EditScorer, EditScores
+from abliterate.types import RefusalObjective, Site
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,6 +58,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REFINE_TOLERANCE = 0.1
+"""Relative rise of the refusal likelihood (in the model's precision) a refined edit may show:
+the descent keeps it at the cap in the scoring precision, which the model's can differ from."""
+
+REFUSAL_MEASURES = {
+    "next_token": "mean over harmful validation prompts of the next-token refusal log-odds",
+    "openings": "log-odds of the mean probability that the answer to a harmful validation "
+    "prompt opens with one of the model's own refusal openings",
+}
+
 
 @dataclass
 class CandidateScore:
@@ -48,7 +75,8 @@ class CandidateScore:
 
     Attributes:
         layer, site: Where the direction was taken.
-        screen_refusal, screen_kl: Scores on the screening subset.
+        screen_refusal, screen_kl: Scores of the last screening round it took part in.
+        screen_prompts: Prompts of each kind in that round.
         refusal, kl: Scores on the whole validation split (finalists only, else None).
         same_as: ``"L/site"`` of an identical earlier candidate whose scores were reused.
     """
@@ -60,6 +88,7 @@ class CandidateScore:
     refusal: float | None = None
     kl: float | None = None
     same_as: str | None = None
+    screen_prompts: int | None = None
 
     @property
     def key(self) -> str:
@@ -69,7 +98,14 @@ class CandidateScore:
 
 @dataclass
 class Selection:
-    """The outcome of selection, with everything needed to explain it."""
+    """The outcome of selection, with everything needed to explain it.
+
+    Attributes:
+        edit: The edit to apply: the chosen direction at ``--strength`` from every writer,
+            with refined per-layer strengths when the refinement was kept.
+        objective: The refusal measure the scores are in (``--refusal-objective``).
+        details: Optional report entries (openings, screening precision, refinement).
+    """
 
     layer: int
     site: Site
@@ -79,7 +115,10 @@ class Selection:
     rule: str
     kl_threshold: float
     max_layer: int
+    edit: Ablation
+    objective: RefusalObjective = "next_token"
     scores: list[CandidateScore] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the direction's vector is saved separately)."""
@@ -91,6 +130,8 @@ class Selection:
             "rule": self.rule,
             "kl_threshold": self.kl_threshold,
             "max_layer": self.max_layer,
+            "refusal_measure": REFUSAL_MEASURES[self.objective],
+            **self.details,
             "scores": [asdict(s) for s in self.scores],
         }
 
@@ -100,38 +141,22 @@ def max_candidate_layer(n_layers: int, prune_last_layers: float) -> int:
     return max(0, math.ceil(n_layers * (1.0 - prune_last_layers)) - 1)
 
 
-class _Scorer:
-    """Scores edits on a fixed pair of harmful / harmless prompt lists, against the unedited
-    model's next-token distributions on the harmless ones."""
+def log_odds(probability: float) -> float:
+    """``log p / (1 - p)``, with ``p`` kept inside (1e-7, 1 - 1e-7)."""
+    p = min(max(probability, 1e-7), 1 - 1e-7)
+    return math.log(p) - math.log1p(-p)
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        harmful: Sequence[str],
-        harmless: Sequence[str],
-        refusal_ids: Sequence[int],
-        batch_size: int,
-    ) -> None:
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.harmful, self.harmless, self.refusal_ids = harmful, harmless, refusal_ids
-        self.base_harmless = self._logprobs(harmless)
 
-    def _logprobs(self, texts: Sequence[str]) -> torch.Tensor:
-        return next_token_logprobs(self.model, self.tokenizer, texts, batch_size=self.batch_size)
-
-    def baseline_refusal(self) -> float:
-        """Mean refusal score of the unedited model on the harmful prompts."""
-        return float(refusal_scores(self._logprobs(self.harmful), self.refusal_ids).mean())
-
-    def __call__(self, edit: Ablation) -> tuple[float, float]:
-        """``(mean refusal score, mean first-token KL)`` of the model under ``edit``."""
-        with edit_hooks(self.model, edit):
-            lp_harmful = self._logprobs(self.harmful)
-            lp_harmless = self._logprobs(self.harmless)
-        refusal = float(refusal_scores(lp_harmful, self.refusal_ids).mean())
-        kl = float(kl_divergence(self.base_harmless, lp_harmless).mean())
-        return refusal, kl
+def _values(scores: EditScores, objective: RefusalObjective) -> tuple[float, float]:
+    """``(refusal score, KL)`` of one edit. ``next_token``: the mean over prompts of each
+    prompt's next-token refusal log-odds (as :func:`~abliterate.core.stats.refusal_scores`);
+    ``openings``: the log-odds of the mean probability of a refusal opening (a prompt whose
+    opening probability is tiny would dominate a mean of log-odds)."""
+    kl = float(scores.kl.detach().mean())
+    if objective == "openings":
+        return log_odds(float(scores.refusal.detach().mean())), kl
+    p = scores.first_token.detach().double().clamp(1e-30, 1 - 1e-7)
+    return float((torch.log(p) - torch.log1p(-p)).mean()), kl
 
 
 def _rank_key(refusal: float, kl: float, threshold: float) -> tuple[int, float]:
@@ -139,11 +164,11 @@ def _rank_key(refusal: float, kl: float, threshold: float) -> tuple[int, float]:
     return (0, refusal) if kl <= threshold else (1, kl)
 
 
-def _screen(
-    candidates: Candidates, max_layer: int, score: _Scorer, strength: float
-) -> tuple[list[CandidateScore], dict[str, Direction]]:
-    """Every candidate up to ``max_layer`` scored on the screening prompts; identical
-    candidates ("pre" of layer i+1 is "post" of layer i) are scored once."""
+def _distinct(
+    candidates: Candidates, max_layer: int
+) -> tuple[list[tuple[int, Site, Direction]], dict[tuple[int, Site], str]]:
+    """Every candidate up to ``max_layer`` once ("pre" of layer i+1 is "post" of layer i), and
+    for each repeat, the key of the candidate it repeats."""
     keys = [
         (layer, site)
         for layer in range(max_layer + 1)
@@ -155,23 +180,55 @@ def _screen(
             "the harmful and harmless training prompts give identical activations at every "
             "layer, so there is no direction to find; are the two prompt sets the same?"
         )
-    directions: dict[str, Direction] = {}
-    scores: list[CandidateScore] = []
-    seen: list[tuple[Direction, CandidateScore]] = []
-    for layer, site in progress(keys, desc="Screening candidates"):
+    distinct: list[tuple[int, Site, Direction]] = []
+    twins: dict[tuple[int, Site], str] = {}
+    for layer, site in keys:
         direction = candidates.direction(layer, site)
-        twin = next((s for d, s in seen if torch.equal(d.vector, direction.vector)), None)
-        if twin is not None:
-            scores.append(
-                CandidateScore(layer, site, twin.screen_refusal, twin.screen_kl, same_as=twin.key)
-            )
-            continue
-        refusal, kl = score(Ablation.uniform(direction, candidates.n_layers, strength))
-        entry = CandidateScore(layer, site, refusal, kl)
-        scores.append(entry)
-        seen.append((direction, entry))
-        directions[entry.key] = direction
-    return scores, directions
+        twin = next((d for d in distinct if torch.equal(d[2].vector, direction.vector)), None)
+        if twin is None:
+            distinct.append((layer, site, direction))
+        else:
+            twins[layer, site] = f"{twin[0]}/{twin[1]}"
+    return distinct, twins
+
+
+def _screen(
+    scorer: EditScorer,
+    distinct: list[tuple[int, Site, Direction]],
+    n_layers: int,
+    config: RunConfig,
+) -> dict[str, CandidateScore]:
+    """The screening stage (module docstring: one round, or successive halving): every
+    candidate's last screening scores, the finalists first, in rank order."""
+    c = config
+    pool = list(distinct)
+    n = min(c.n_screen, scorer.n_harmful, scorer.n_harmless)
+    out: dict[str, CandidateScore] = {}
+    rounds = 0
+    while True:
+        rounds += 1
+        edits = [Ablation.uniform(d, n_layers, c.strength) for _, _, d in pool]
+        subset = scorer.subset(n, n)
+        scores = subset.score(
+            edits, c.edits_per_pass, desc=f"Screening {len(pool)} candidates on {n} + {n} prompts"
+        )
+        for (layer, site, _), s in zip(pool, scores, strict=True):
+            refusal, kl = _values(s, c.refusal_objective)
+            out[f"{layer}/{site}"] = CandidateScore(layer, site, refusal, kl, screen_prompts=n)
+
+        def rank(p: tuple[int, Site, Direction]) -> tuple[int, float]:
+            entry = out[f"{p[0]}/{p[1]}"]
+            return _rank_key(entry.screen_refusal, entry.screen_kl, c.kl_threshold)
+
+        pool.sort(key=rank)
+        full = n >= max(scorer.n_harmful, scorer.n_harmless)
+        if not c.screen_halving or len(pool) <= c.n_finalists or full:
+            break
+        pool = pool[: max(c.n_finalists, math.ceil(len(pool) / 2))]
+        n = min(2 * n, max(scorer.n_harmful, scorer.n_harmless))
+    log.info("screened %d candidates in %d round(s)", len(distinct), rounds)
+    finalists = [f"{layer}/{site}" for layer, site, _ in pool[: c.n_finalists]]
+    return {k: out[k] for k in finalists} | {k: v for k, v in out.items() if k not in finalists}
 
 
 def _choose(
@@ -202,6 +259,25 @@ def _choose(
     return _best_tradeoff(finalists), False, rule
 
 
+def _refine(
+    scorer: EditScorer, exact: EditScorer, start: Ablation, steps: int
+) -> tuple[Ablation, dict[str, Any]]:
+    """The descent's edit when it lowers the KL in the model's precision without raising the
+    refusal likelihood beyond the tolerance, else ``start``; with what happened."""
+    result = descend(scorer, start, steps=steps)
+    report: dict[str, Any] = result.to_dict()
+    if result.edit is start:
+        report["kept"] = False
+        return start, report
+    before, after = (s.summary() for s in exact.score([start, result.edit], 2))
+    report["model_precision"] = {"start": before, "refined": after}
+    kept = after["kl"] < before["kl"] and after["refusal"] <= before["refusal"] * (
+        1 + REFINE_TOLERANCE
+    )
+    report["kept"] = kept
+    return (result.edit if kept else start), report
+
+
 def select_direction(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -209,46 +285,97 @@ def select_direction(
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
     refusal_ids: Sequence[int],
+    openings: RefusalOpenings,
     config: RunConfig,
+    scoring_model: PreTrainedModel | None = None,
 ) -> Selection:
-    """Score every candidate direction and choose one (see the module docstring for the rule).
+    """Score every candidate direction and choose one (see the module docstring).
 
     Args:
         harmful_val, harmless_val: Chat-formatted validation texts.
-        refusal_ids: Token ids whose probability makes up the refusal score.
+        refusal_ids: First tokens of common refusal openings (the next-token proxy, reported).
+        openings: The model's own refusal openings (``--refusal-objective openings``; empty
+            for ``next_token``).
         config: Its selection options (``kl_threshold``, ``prune_last_layers``, ``n_screen``,
-            ``n_finalists``, ``strength``, ``batch_size``).
+            ``n_finalists``, ``strength``, ``batch_size``, ``refusal_objective``,
+            ``edits_per_pass``, ``screen_halving``, ``refine_steps``).
+        scoring_model: The model screening and refinement run on (a lower-precision copy of
+            ``model``); default ``model``.
     """
     c = config
-    max_layer = max_candidate_layer(candidates.n_layers, c.prune_last_layers)
-    screen = _Scorer(model, tokenizer, harmful_val[: c.n_screen], harmless_val[: c.n_screen],
-                     refusal_ids, c.batch_size)  # fmt: skip
-    full = _Scorer(model, tokenizer, harmful_val, harmless_val, refusal_ids, c.batch_size)
-    baseline_refusal = full.baseline_refusal()
-    scores, directions = _screen(candidates, max_layer, screen, c.strength)
-
-    distinct = [s for s in scores if s.same_as is None]
-    distinct.sort(key=lambda s: _rank_key(s.screen_refusal, s.screen_kl, c.kl_threshold))
-    finalists = distinct[: c.n_finalists]
-    for entry in progress(finalists, desc="Scoring finalists"):
-        edit = Ablation.uniform(directions[entry.key], candidates.n_layers, c.strength)
-        entry.refusal, entry.kl = full(edit)
-    for s in scores:
-        if s.same_as is not None:
-            twin = next(t for t in distinct if t.key == s.same_as)
-            s.refusal, s.kl = twin.refusal, twin.kl
+    n_layers = candidates.n_layers
+    max_layer = max_candidate_layer(n_layers, c.prune_last_layers)
+    fast_model = scoring_model if scoring_model is not None else model
+    fast = EditScorer(fast_model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
+                      c.batch_size)  # fmt: skip
+    exact = fast
+    if fast_model is not model:
+        exact = EditScorer(model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
+                           c.batch_size)  # fmt: skip
+    baseline_refusal = _values(exact.baseline(), c.refusal_objective)[0]
+    distinct, twins = _distinct(candidates, max_layer)
+    by_key = {f"{layer}/{site}": d for layer, site, d in distinct}
+    screened = _screen(fast, distinct, n_layers, c)
+    finalists = list(screened.values())[: c.n_finalists]
+    edits = [Ablation.uniform(by_key[s.key], n_layers, c.strength) for s in finalists]
+    for entry, s in zip(finalists, exact.score(edits, c.edits_per_pass, "Finalists"), strict=True):
+        entry.refusal, entry.kl = _values(s, c.refusal_objective)
+    details: dict[str, Any] = {}
+    if c.refusal_objective == "openings":
+        details["openings"] = openings.to_dict(tokenizer)
+    if exact is not fast:
+        details["screening_dtype"] = str(next(fast_model.parameters()).dtype).removeprefix("torch.")
+    if exact is not fast:
+        # The finalists on the whole split in the screening precision too: does it rank them
+        # as the model's precision does, and would it choose the same?
+        fast_values = [_values(s, c.refusal_objective) for s in fast.score(edits, c.edits_per_pass)]
+        details["precision"] = _agreement(finalists, fast_values, baseline_refusal, c)
+    scores = []
+    for layer in range(max_layer + 1):
+        for site in candidates.sites:
+            key = f"{layer}/{site}"
+            if key in screened:
+                scores.append(screened[key])
+            elif (layer, site) in twins:
+                twin = screened[twins[layer, site]]
+                scores.append(CandidateScore(layer, site, twin.screen_refusal, twin.screen_kl,
+                                             twin.refusal, twin.kl, twin.key,
+                                             twin.screen_prompts))  # fmt: skip
     best, met, rule = _choose(finalists, baseline_refusal, c.kl_threshold)
+    start = Ablation.uniform(by_key[best.key], n_layers, c.strength)
+    edit = start
+    if c.refine_steps > 0:
+        edit, details["refinement"] = _refine(fast, exact, start, c.refine_steps)
     return Selection(
-        layer=best.layer,
-        site=best.site,
-        direction=directions[best.key],
-        baseline_refusal=baseline_refusal,
-        met_threshold=met,
-        rule=rule,
-        kl_threshold=c.kl_threshold,
-        max_layer=max_layer,
-        scores=scores,
-    )
+        layer=best.layer, site=best.site, direction=by_key[best.key],
+        baseline_refusal=baseline_refusal, met_threshold=met, rule=rule,
+        kl_threshold=c.kl_threshold, max_layer=max_layer, edit=edit,
+        objective=c.refusal_objective, scores=scores, details=details,
+    )  # fmt: skip
+
+
+def _agreement(
+    finalists: Sequence[CandidateScore],
+    fast: Sequence[tuple[float, float]],
+    baseline_refusal: float,
+    config: RunConfig,
+) -> dict[str, Any]:
+    """How the screening precision's full-split values of the finalists compare with the
+    model's: same rank order, same choice, largest KL difference."""
+    t = config.kl_threshold
+    exact_order = sorted(finalists, key=lambda s: _rank_key(float(s.refusal), float(s.kl), t))  # type: ignore[arg-type]
+    by_key = {s.key: v for s, v in zip(finalists, fast, strict=True)}
+    fast_order = sorted(finalists, key=lambda s: _rank_key(*by_key[s.key], t))
+    as_fast = [
+        CandidateScore(s.layer, s.site, s.screen_refusal, s.screen_kl, *by_key[s.key])
+        for s in finalists
+    ]
+    return {
+        "same_order": [s.key for s in exact_order] == [s.key for s in fast_order],
+        "same_choice": _choose(as_fast, baseline_refusal, t)[0].key
+        == _choose(finalists, baseline_refusal, t)[0].key,
+        "max_kl_difference": max(abs(float(s.kl or 0.0) - by_key[s.key][1]) for s in finalists),
+    }
 
 
 def _best_tradeoff(finalists: Sequence[CandidateScore]) -> CandidateScore:
