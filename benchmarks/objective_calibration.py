@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from abliterate.search.calibration import auc, reliability, spearman
 
 OPENING_CONFIGS = [(3, 1), (4, 1), (4, 2), (4, 3), (6, 2)]  # (tokens, openings)
 
@@ -88,11 +89,10 @@ def collect(work: Path, n_harmful: int, tokens: int, model_name: str) -> None:
     from abliterate.eval.judges import MarkerJudge
     from abliterate.measure.activations import mean_activations
     from abliterate.measure.candidates import Candidates
-    from abliterate.measure.refusal import refusal_token_ids
+    from abliterate.measure.refusal import RefusalOpenings, refusal_token_ids
     from abliterate.model.forward import generate
     from abliterate.model.loading import load_model
     from abliterate.search.descent import descend
-    from abliterate.measure.refusal import RefusalOpenings
     from abliterate.search.objective import judged_answers, search_model
     from abliterate.search.scoring import EditScorer
 
@@ -102,8 +102,9 @@ def collect(work: Path, n_harmful: int, tokens: int, model_name: str) -> None:
     loaded = load_model(model_name)
     model, tok = loaded.model, loaded.tokenizer
     fmt = lambda s: ChatSet.format(tok, s)  # noqa: E731
-    train_h, train_b = fmt(builtin("harmful", "train").head(128)), fmt(
-        builtin("harmless", "train").head(128)
+    train_h, train_b = (
+        fmt(builtin("harmful", "train").head(128)),
+        fmt(builtin("harmless", "train").head(128)),
     )
     harmful = fmt(builtin("harmful", "val").head(n_harmful))
     harmless = fmt(builtin("harmless", "val").head(32))
@@ -135,8 +136,9 @@ def collect(work: Path, n_harmful: int, tokens: int, model_name: str) -> None:
     del bf16, descent_scorer
     means = candidates.writer_means()
     affine = {
-        f"affine {k}": Ablation(e.direction, 0.0, e.attention, e.mlp, mode="affine",
-                                harmless_means=means)  # fmt: skip
+        f"affine {k}": Ablation(
+            e.direction, 0.0, e.attention, e.mlp, mode="affine", harmless_means=means
+        )
         for k, e in edits.items()
         if k in ("uniform 1.0", "fading (seed)", "uniform 0.8")
     }
@@ -181,38 +183,28 @@ def collect(work: Path, n_harmful: int, tokens: int, model_name: str) -> None:
 # --- analysis ------------------------------------------------------------------------------------
 
 
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+def _num(value: float | None) -> str:
+    """A statistic to 3 decimals, 'n/a' where it is undefined (None)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    """Rank correlation (ties averaged)."""
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(vx * vy) if vx and vy else float("nan")
+def _fit_probe(xs: torch.Tensor, ys: torch.Tensor) -> Any:
+    """L2-regularised logistic regression on standardised features; returns a predictor."""
+    mu, sd = xs.mean(0), xs.std(0) + 1e-6
+    w = torch.zeros(xs.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
 
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = ((xs - mu) / sd) @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ys)
+        loss = loss + 1e-2 * (w**2).sum()
+        loss.backward()
+        return loss
 
-def auc(scores: list[float], labels: list[bool]) -> float:
-    """Probability that a refused prompt scores above an answered one (ties count half)."""
-    pos = [s for s, y in zip(scores, labels, strict=True) if y]
-    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    opt.step(closure)
+    return lambda x: torch.sigmoid(((x - mu) / sd) @ w.detach() + b.detach())
 
 
 def _probe_predictions(work: Path, rows: dict[str, Any]) -> dict[str, list[float]]:
@@ -222,24 +214,11 @@ def _probe_predictions(work: Path, rows: dict[str, Any]) -> dict[str, list[float
     y = {k: torch.tensor(rows[k]["judged"], dtype=torch.float32) for k in names}
     out = {}
     for held in names:
-        xs = torch.cat([x[k] for k in names if k != held])
-        ys = torch.cat([y[k] for k in names if k != held])
-        mu, sd = xs.mean(0), xs.std(0) + 1e-6
-        w = torch.zeros(xs.shape[1], requires_grad=True)
-        b = torch.zeros(1, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=200)
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            logits = ((xs - mu) / sd) @ w + b
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ys)
-            loss = loss + 1e-2 * (w**2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            out[held] = torch.sigmoid(((x[held] - mu) / sd) @ w + b).tolist()
+        probe = _fit_probe(
+            torch.cat([x[k] for k in names if k != held]),
+            torch.cat([y[k] for k in names if k != held]),
+        )
+        out[held] = probe(x[held]).tolist()
     return out
 
 
@@ -269,19 +248,23 @@ def analyse(work: Path, out: Path | None) -> None:
         brier = mean([(s - y) ** 2 for s, y in zip(flat, labels, strict=True)])
         summary[p] = {"spearman": spearman(per_edit, judged), "auc": auc(flat, labels),
                       "brier": brier}  # fmt: skip
-        lines.append(f"| {p} | {summary[p]['spearman']:.3f} | {summary[p]['auc']:.3f} | "
+        lines.append(f"| {p} | {_num(summary[p]['spearman'])} | {_num(summary[p]['auc'])} | "
                      f"{brier:.3f} |")  # fmt: skip
     for p in ("first_token", "open_4x2"):
-        lines += ["", f"Reliability of {p} (per prompt):", "", "| predicted | n | judged |",
-                  "|---|---:|---:|"]  # fmt: skip
-        pairs = [(v, bool(y)) for r in rows.values() for v, y in zip(r[p], r["judged"],
-                                                                     strict=True)]  # fmt: skip
-        edges = [0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0001]
-        for lo, hi in zip(edges, edges[1:], strict=False):
-            inside = [y for v, y in pairs if lo <= v < hi]
-            if inside:
-                lines.append(f"| [{lo:.2f}, {min(hi, 1):.2f}) | {len(inside)} | "
-                             f"{mean([float(y) for y in inside]):.3f} |")  # fmt: skip
+        lines += [
+            "",
+            f"Reliability of {p} (per prompt):",
+            "",
+            "| predicted | n | mean predicted | judged |",
+            "|---|---:|---:|---:|",
+        ]
+        flat = [v for r in rows.values() for v in r[p]]
+        labels = [bool(y) for r in rows.values() for y in r["judged"]]
+        for row in reliability(flat, labels):
+            lines.append(
+                f"| [{row['lo']:.2f}, {row['hi']:.2f}) | {row['n']} | "
+                f"{row['predicted']:.3f} | {row['judged']:.3f} |"
+            )
     text = "\n".join(lines)
     print(text)
     print(json.dumps(raw["openings"], indent=1)[:2000])
