@@ -18,7 +18,9 @@ two stages:
    validation split is used up, so hopeless candidates are dropped after the cheapest round;
 2. *final*: the ``n_finalists`` best screened candidates on the whole validation split, in the
    model's own precision (screening may run on a copy in another precision,
-   ``scoring_model``; whether the two precisions ranked the finalists alike is recorded).
+   ``scoring_model``; whether the two precisions ranked the finalists alike is recorded). When
+   halving already scored them on the whole split in the model's precision, those scores are
+   used.
 
 The chosen candidate is the finalist with the lowest refusal score among those whose KL is at
 most ``kl_threshold`` and whose refusal score is below the unedited model's. If none
@@ -318,8 +320,15 @@ def select_direction(
     screened = _screen(fast, distinct, n_layers, c)
     finalists = list(screened.values())[: c.n_finalists]
     edits = [Ablation.uniform(by_key[s.key], n_layers, c.strength) for s in finalists]
-    for entry, s in zip(finalists, exact.score(edits, c.edits_per_pass, "Finalists"), strict=True):
-        entry.refusal, entry.kl = _values(s, c.refusal_objective)
+    whole = max(exact.n_harmful, exact.n_harmless)
+    if exact is fast and all((s.screen_prompts or 0) >= whole for s in finalists):
+        # Halving reached the whole split in the model's precision: those are the final scores.
+        for entry in finalists:
+            entry.refusal, entry.kl = entry.screen_refusal, entry.screen_kl
+    else:
+        scored = exact.score(edits, c.edits_per_pass, "Finalists")
+        for entry, s in zip(finalists, scored, strict=True):
+            entry.refusal, entry.kl = _values(s, c.refusal_objective)
     details: dict[str, Any] = {}
     if c.refusal_objective == "openings":
         details["openings"] = openings.to_dict(tokenizer)
