@@ -29,11 +29,13 @@ from edit_variants import (
 from abliterate.core.ablation import Ablation
 from abliterate.core.edits import WriterInfo, load_edit
 from abliterate.edit.hooks import edit_hooks
+from abliterate.edit.lora import lora_from_edit
 from abliterate.edit.weights import bake
 from abliterate.errors import UnsupportedArchitectureError
 from abliterate.measure.activations import mean_activations
 from abliterate.measure.candidates import Candidates
 from abliterate.model.anatomy import anatomy_of
+from abliterate.model.stores import ModuleStore
 
 
 def _means(model: Any, tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -206,6 +208,9 @@ def test_writers_without_biases_are_refused_before_anything_changes(
         bake(model, edit)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
+    # A LoRA adapter (and GGUF in place, through the same plan) would drop the constant.
+    with pytest.raises(UnsupportedArchitectureError, match="no bias"):
+        lora_from_edit(edit, ModuleStore(model), anatomy_of(model).anatomy)
 
 
 def test_post_norm_writers_and_experts_are_refused() -> None:

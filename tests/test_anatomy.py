@@ -15,12 +15,18 @@ from torch import nn
 
 from abliterate.errors import AbliterateError, UnsupportedArchitectureError
 from abliterate.model.anatomy import Anatomy, Layout, anatomy_of, canonical, supported_model_types
+from abliterate.model.families import BY_TYPE
 
 N_LAYERS, D_MODEL = 4, 64  # the conftest models
 
 
 def test_supported_families_are_the_table_minus_the_refused_ones() -> None:
-    assert supported_model_types() == ["gemma", "llama", "mistral", "qwen2", "qwen3"]
+    supported = supported_model_types()
+    assert supported == sorted(supported)
+    assert {"gemma", "llama", "mistral", "qwen2", "qwen3"} <= set(supported)
+    assert len(supported) >= 30
+    assert set(supported) == {t for t, f in BY_TYPE.items() if f.refused is None}
+    assert all(BY_TYPE[t].refused is not None for t in set(BY_TYPE) - set(supported))
 
 
 def test_from_config_is_the_same_from_a_live_config_and_from_config_json(
@@ -46,7 +52,7 @@ def test_from_config_is_the_same_from_a_live_config_and_from_config_json(
         ),
     ]
     assert all(w.layout == ("embedding" if w.layer is None else "linear") for w in live.writers)
-    assert all(w.post_norm is None and w.expert is None for w in live.writers)
+    assert all(not w.post_norms and w.expert is None for w in live.writers)
     # Every name it gives is a tensor of the checkpoint; a declared bias exists exactly where
     # the module has one (the tiny llama has writer biases, qwen2 and gemma have none).
     names = set(model.state_dict())
@@ -123,10 +129,10 @@ def test_the_residual_stream_is_the_sum_of_the_writes_the_anatomy_names(
     [
         ({"model_type": "gpt2", "n_layer": 2}, "unsupported architecture 'gpt2'"),
         ({}, "unsupported architecture 'unknown'"),
-        ({"model_type": "olmo2", "num_hidden_layers": 2}, "'olmo2' models cannot be edited"),
+        ({"model_type": "minimax", "num_hidden_layers": 2}, "'minimax' models cannot be edited"),
         (
-            {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}},
-            "'gemma3_text' models cannot be edited",
+            {"model_type": "gemma3n", "text_config": {"model_type": "gemma3n_text"}},
+            "'gemma3n_text' models cannot be edited",
         ),
         ({"model_type": "llama", "num_hidden_layers": 0}, "the 'llama' config declares no"),
     ],
@@ -137,14 +143,14 @@ def test_unknown_or_refused_family_raises_naming_it(config: dict[str, Any], mess
         Anatomy.from_config(config)
     assert isinstance(info.value, AbliterateError)  # the CLI prints it as one line
     if "declares no" not in message:  # the user learns what would work
-        assert "gemma, llama, mistral, qwen2, qwen3" in str(info.value)
+        assert ", ".join(supported_model_types()) in str(info.value)
 
 
 def test_a_refused_live_config_names_its_family_and_why() -> None:
-    from transformers import Gemma2Config
+    from transformers import MiniMaxConfig
 
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gemma2' models.*normalises each"):
-        Anatomy.from_config(Gemma2Config(num_hidden_layers=2))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'minimax' models.*replaces its resid"):
+        Anatomy.from_config(MiniMaxConfig(num_hidden_layers=2))
 
 
 def test_bind_names_what_is_missing_or_of_the_wrong_kind(make_model: Callable[[str], Any]) -> None:

@@ -210,7 +210,7 @@ def test_a_huge_prompt_is_refused_before_any_forward_pass(
     prompts = tmp_path / "harm.txt"
     prompts.write_text("Pick a lock.\nBake bread.\n" + "word " * 40_000 + "\nLast one.\n")
     forwards: list[int] = []
-    monkeypatch.setattr("abliterate.commands.run.collect_activations",
+    monkeypatch.setattr("abliterate.commands.choice.collect_activations",
                         lambda *a, **k: forwards.append(1))  # fmt: skip
     out = tmp_path / "out"
     argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--harmful", str(prompts),

@@ -36,7 +36,9 @@ RUN_DEFAULTS = {
     "out": "runs/latest", "overwrite": False, "sites": ["pre", "mid", "post"],
     "kl_threshold": 0.1, "prune_last_layers": 0.2, "n_screen": 8, "n_finalists": 8,
     "layer": None, "direction": None, "site": "pre", "strength": 1.0, "max_new_tokens": 64,
-    "kl_tokens": 16, "n_examples": 4, "save_model": True, "seed": 0,
+    "kl_tokens": 16, "n_examples": 4, "save_model": True, "seed": 0, "export": [],
+    "push_to_hub": None,
+    "stream": "auto",
 }  # fmt: skip
 EVALUATE_DEFAULTS = {
     "model": "demo", "revision": None, "device": "auto", "dtype": "auto",

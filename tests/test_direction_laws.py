@@ -95,7 +95,9 @@ def test_direction_addition_is_commutative_and_associative(ds: list[Direction]) 
     assert a + b == b + a  # float addition is commutative, bit for bit
     left, right = ((a + b) + c).vector, (a + (b + c)).vector
     # Each side rounds twice, by at most half an EPS of what it sums.
-    bound = EPS * (a.vector.abs() + b.vector.abs() + c.vector.abs())
+    # Each grouping rounds twice, by at most u = EPS/2 of its partial sums, so the two differ
+    # by at most 4u = 2 EPS times the sum of magnitudes.
+    bound = 2 * EPS * (a.vector.abs() + b.vector.abs() + c.vector.abs())
     assert bool(((left - right).abs() <= bound).all())
     assert torch.equal((a - b).vector, (a + -b).vector)
 
@@ -182,7 +184,9 @@ def test_direction_set_arithmetic_laws(sets: list[DirectionSet], s: float) -> No
     a, b, c = sets
     assert a + b == b + a
     left, right = ((a + b) + c).vectors, (a + (b + c)).vectors
-    bound = EPS * (a.vectors.abs() + b.vectors.abs() + c.vectors.abs())
+    # Each grouping rounds twice, by at most u = EPS/2 of its partial sums, so the two differ
+    # by at most 4u = 2 EPS times the sum of magnitudes.
+    bound = 2 * EPS * (a.vectors.abs() + b.vectors.abs() + c.vectors.abs())
     assert bool(((left - right).abs() <= bound).all())
     negated = -a
     assert -negated == a

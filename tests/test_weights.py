@@ -148,6 +148,9 @@ class DictStore:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def locate(self, writer: Writer) -> Writer:
+        return writer  # keyed by the model's own parameter names
+
     def read(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 

@@ -37,12 +37,17 @@ from pydantic_settings import (
 
 from abliterate import __version__
 from abliterate.config import (
+    ApplyConfig,
     ChatConfig,
     EvaluateConfig,
+    FilterDatasetConfig,
+    HealConfig,
     OptimizeConfig,
     Options,
+    PushConfig,
     ReportConfig,
     RunConfig,
+    SftConfig,
     load_config,
     option_name,
 )
@@ -78,6 +83,41 @@ def _cmd_chat(config: ChatConfig, _inputs: Sequence[Path]) -> int:
         and sys.stdout.isatty()
     )
     return chat(config, interactive=interactive)
+
+
+def _cmd_apply(config: ApplyConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.apply import apply
+
+    apply(config)
+    return 0
+
+
+def _cmd_push(config: PushConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.push import push
+
+    push(config)
+    return 0
+
+
+def _cmd_filter_dataset(config: FilterDatasetConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.filter_dataset import filter_dataset
+
+    filter_dataset(config)
+    return 0
+
+
+def _cmd_sft(config: SftConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.sft import sft
+
+    sft(config)
+    return 0
+
+
+def _cmd_heal(config: HealConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.heal import heal
+
+    heal(config)
+    return 0
 
 
 def _cmd_report(config: ReportConfig, _inputs: Sequence[Path]) -> int:
@@ -124,6 +164,41 @@ COMMANDS: dict[str, Command] = {
         _cmd_chat,
         "Chat in the terminal with an edited model and its original; their answers stream "
         "side by side.",
+    ),
+    "apply": Command(
+        ApplyConfig,
+        _cmd_apply,
+        "Apply a saved edit (a run, a direction, a .npy vector) to a model on disk, tensor by "
+        "tensor: a safetensors checkpoint is streamed (memory of about one tensor, whatever the "
+        "model's size) into an edited copy with its tokenizer, config and abliteration.json; a "
+        ".gguf is edited in its own tensor types, and tensors it cannot requantize (K-quants, "
+        "I-quants) get their edit as a GGUF LoRA adapter beside --out.",
+    ),
+    "push": Command(
+        PushConfig,
+        _cmd_push,
+        "Upload a run's edited model (or LoRA adapter) and further exports to a hub repository, "
+        "with a generated model card and the SHA-256 of every weight file.",
+    ),
+    "filter-dataset": Command(
+        FilterDatasetConfig,
+        _cmd_filter_dataset,
+        "Keep the rows of an instruction dataset (alpaca, ShareGPT or chat messages; JSONL, JSON, "
+        "parquet or hub) whose answers neither refuse nor moralize, streaming; writes OUT in the "
+        "input's format and OUT.report.json.",
+    ),
+    "sft": Command(
+        SftConfig,
+        _cmd_sft,
+        "Supervised fine-tuning (TRL, LoRA/QLoRA or full) on a conversation dataset with loss on "
+        "the answers only; saves the merged model and the adapter, evaluated before and after.",
+    ),
+    "heal": Command(
+        HealConfig,
+        _cmd_heal,
+        "Heal an abliterated model with DPO (TRL, LoRA/QLoRA): by default on pairs built from the "
+        "run (the original's answers preferred on harmless prompts, the abliterated model's "
+        "compliance on harmful ones); evaluated before and after against the original.",
     ),
     "report": Command(
         ReportConfig,

@@ -36,6 +36,16 @@ class PromptSetError(AbliterateError):
     """A prompt set could not be read: missing file, unknown column, empty set."""
 
 
+class DatasetError(AbliterateError):
+    """An instruction or preference dataset could not be read or written: missing file,
+    unknown format, malformed row."""
+
+
+class TrainingError(AbliterateError):
+    """Fine-tuning cannot start or resume: no chat template, checkpoints of another run, a
+    training mode the machine cannot run (QLoRA without CUDA)."""
+
+
 class OutputDirError(AbliterateError):
     """The output directory is or contains an input, exists and is not a run directory that
     may be replaced, or cannot be written."""
@@ -60,3 +70,12 @@ class BenchmarkError(AbliterateError):
 
 class ReportError(AbliterateError):
     """A ``report.json`` or ``scores.json`` is missing, malformed, or of an unknown version."""
+
+
+class ExportError(AbliterateError):
+    """An edit or a model cannot be written in the requested format: an unsupported family or
+    tokenizer, a GGUF type that cannot be requantized, an edit that is not low-rank."""
+
+
+class HubError(AbliterateError):
+    """An upload to the hub failed: no network, no or a wrong token, a repository refused."""

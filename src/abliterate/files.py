@@ -13,6 +13,7 @@ live run is still filling.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -70,3 +71,13 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON (with a final newline) to ``path`` atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MB pieces (the checksum recorded for every
+    exported weight file)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(16 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,22 +92,34 @@ class Stages:
         }
 
 
+def _bar_settings() -> dict[str, object]:
+    """Live on a terminal; otherwise a plain line every 30 s (see :func:`progress`)."""
+    import sys
+
+    interactive = sys.stderr.isatty()
+    return {
+        "mininterval": 0.1 if interactive else 30.0,
+        "dynamic_ncols": interactive,
+        "ascii": not interactive,
+    }
+
+
+def progress_bar(
+    *, total: int | None, desc: str, unit: str = "it", initial: int = 0
+) -> tqdm[NoReturn]:
+    """A progress bar advanced by hand (``bar.update(n)``, ``bar.set_postfix(loss=…)``), for
+    work that is not one iterable: training steps, rows written. Use it as a context manager."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, **_bar_settings())
+
+
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
     """A progress bar over ``iterable``: live on a terminal, a line every 30 s in logs.
 
     tqdm's own TTY detection would hide the bar entirely in CI and piped runs, leaving minutes
     of silence; printing at a long interval keeps logs short and still shows progress.
     """
-    import sys
-
     from tqdm.auto import tqdm
 
-    interactive = sys.stderr.isatty()
-    yield from tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        mininterval=0.1 if interactive else 30.0,
-        dynamic_ncols=interactive,
-        ascii=not interactive,
-    )
+    yield from tqdm(iterable, total=total, desc=desc, **_bar_settings())

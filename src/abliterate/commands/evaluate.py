@@ -31,6 +31,7 @@ from abliterate.eval.metrics import reference_answers
 from abliterate.files import write_json
 from abliterate.model.forward import check_ready
 from abliterate.model.loading import load_model, local_path, resolve_device
+from abliterate.model.verify import verify_anatomy
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -132,7 +133,7 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
         )
 
     def load(name: str) -> LoadedModel:
-        return load_model(
+        loaded = load_model(
             name,
             revision=config.revision,
             device=config.device,
@@ -140,6 +141,8 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             trust_remote_code=config.trust_remote_code,
             **config.placement(),
         )
+        verify_anatomy(loaded.model, loaded.tokenizer)
+        return loaded
 
     with run_directory(config.out, config.overwrite, "evaluate") as tmp:
         write_json(tmp / "config.json", to_dict(config))

@@ -9,6 +9,10 @@ config inherits the groups it uses (:class:`RunConfig`, :class:`OptimizeConfig`,
 (``config.n_train``), it *is* an instance of each of its groups, and
 ``config.section(SearchOptions)`` hands a group whole to the code that uses it.
 
+The commands that change a model by data (``filter-dataset``, ``sft``, ``heal``) have their
+configs and groups (:class:`TrainOptions`, :class:`JudgeBenchmarkOptions`) in
+:mod:`abliterate.config.training`.
+
 Every value is validated where it enters. Built in Python (``RunConfig(n_train=8)``), a config
 is validated by pydantic's usual (lax) rules. :func:`load_config` resolves a command's config
 the way the CLI does, from defaults < a TOML/JSON config file < ``ABLITERATE_<OPTION>``
@@ -23,15 +27,18 @@ This module is imported by ``abliterate --help``: it must not import torch or tr
 
 from abliterate.config.messages import describe_errors, option_name
 from abliterate.config.options import (
+    ApplyConfig,
     ChatConfig,
     EvalOptions,
     EvalPromptOptions,
     EvaluateConfig,
+    ExportOptions,
     ModelOptions,
     OptimizeConfig,
     Options,
     OutputOptions,
     PromptOptions,
+    PushConfig,
     ReportConfig,
     RunConfig,
     SearchOptions,
@@ -40,23 +47,38 @@ from abliterate.config.options import (
     to_dict,
 )
 from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
+from abliterate.config.training import (
+    FilterDatasetConfig,
+    HealConfig,
+    JudgeBenchmarkOptions,
+    SftConfig,
+    TrainOptions,
+)
 
 __all__ = [
     "ENV_PREFIX",
+    "ApplyConfig",
     "ChatConfig",
     "EvalOptions",
     "EvalPromptOptions",
     "EvaluateConfig",
+    "ExportOptions",
+    "FilterDatasetConfig",
+    "HealConfig",
+    "JudgeBenchmarkOptions",
     "ModelOptions",
     "OptimizeConfig",
     "Options",
     "OutputOptions",
     "PromptOptions",
+    "PushConfig",
     "ReportConfig",
     "RunConfig",
     "SearchOptions",
     "SelectionOptions",
+    "SftConfig",
     "ThinkingOptions",
+    "TrainOptions",
     "describe_errors",
     "load_config",
     "option_name",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import CliPositionalArg
@@ -379,12 +380,53 @@ class OutputOptions(Options):
     )
 
 
+EXPORT_FORMATS = ("gguf:f16", "gguf:bf16", "gguf:q8_0", "gguf:f32", "lora", "lora-gguf")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_exports(values: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [v for v in values if v.lower() not in EXPORT_FORMATS]
+    if bad:
+        raise problem(f"unknown format {bad[0]!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    return tuple(v.lower() for v in values)
+
+
+def _check_repo_id(value: str | None) -> str | None:
+    if value is not None and not _REPO_ID.fullmatch(value):
+        raise problem(f"must be a hub repository id ORG/NAME, got {value!r}")
+    return value
+
+
+RepoId = Annotated[Text, AfterValidator(_check_repo_id)]
+"""A hub repository id ``ORG/NAME``."""
+
+
+class ExportOptions(Options):
+    """Further formats of the edited model, and its upload to the hub."""
+
+    export: Annotated[Names, AfterValidator(_check_exports)] = Field(
+        (),
+        description="Further formats of the edited model, besides OUT/model: gguf:f16, "
+        "gguf:bf16, gguf:q8_0, gguf:f32 (OUT/gguf/model-TYPE.gguf, for llama.cpp; its logits are "
+        "checked against the evaluated model), lora (a PEFT LoRA adapter in OUT/adapter; plain "
+        "edits only: a projection is exactly rank 1 per matrix), lora-gguf (that adapter also "
+        "as a llama.cpp LoRA, OUT/adapter/adapter.gguf). Comma- or space-separated.",
+    )
+    push_to_hub: RepoId | None = Field(
+        None,
+        description="Upload the run's model (or adapter) with a generated model card to this hub "
+        "repository (ORG/NAME) when the run succeeds; the token comes from huggingface_hub "
+        "(HF_TOKEN or a stored login).",
+    )
+
+
 # --- command configs -----------------------------------------------------------------------------
 
 
 # pydantic orders inherited fields from the last base to the first: this order lists the model
 # options first, as in --help and config.json.
 class RunConfig(
+    ExportOptions,
     OutputOptions,
     EvalOptions,
     ThinkingOptions,
@@ -396,6 +438,15 @@ class RunConfig(
     """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
 
     save_model: bool = Field(True, description="Write the edited model to OUT/model.")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Layer-stream a model that does not fit in memory: activations, selection and "
+        "search trials run one decoder layer at a time from the checkpoint (each layer read once "
+        "per pass), the edit is written to OUT/model by streaming apply, and the evaluation runs "
+        "with what does not fit offloaded to disk (accelerate; each generated token then reads "
+        "the offloaded weights again, so it is slow). 'auto': on when the weights need more than "
+        "0.8 times the memory available. Needs a local safetensors checkpoint or demo.",
+    )
 
     @model_validator(mode="after")
     def _fixed_or_searched(self) -> RunConfig:
@@ -486,11 +537,72 @@ class ChatConfig(ThinkingOptions, ModelOptions):
     )
 
 
+class PushConfig(Options):
+    """Configuration of ``abliterate push``: upload a run's model or adapter with a model card."""
+
+    run: CliPositionalArg[PathOption] = Field(
+        description="Run directory (with report.json, abliteration.json and model/ or adapter/)."
+    )
+    repo: CliPositionalArg[RepoId] = Field(description="Hub repository ORG/NAME to upload to.")
+    private: bool = Field(False, description="Create the repository as private.")
+    dry_run: bool = Field(
+        False, description="Print the model card and the planned uploads; upload nothing."
+    )
+
+
 class ReportConfig(Options):
     """Configuration of ``abliterate report``: re-render a run's HTML report and plots."""
 
     run: CliPositionalArg[PathOption] = Field(
         description="Run directory holding report.json (and scores.json, for per-layer plots).",
+    )
+
+
+WRITER_KINDS = ("embedding", "attention", "mlp")
+"""Residual writers a plain direction can be removed from (``abliterate apply --writers``)."""
+
+
+def _check_writers(names: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in WRITER_KINDS]
+    if unknown:
+        raise problem(f"must name writers among {', '.join(WRITER_KINDS)}, got {unknown[0]!r}")
+    if not names:
+        raise problem(f"must name at least one of {', '.join(WRITER_KINDS)}")
+    return names
+
+
+class ApplyConfig(Options):
+    """Configuration of ``abliterate apply``: edit a model on disk, tensor by tensor."""
+
+    direction: PathOption = Field(
+        description="The edit to apply: a direction saved by the tool (direction.safetensors, "
+        "its .json beside it), an edit saved by a run (its edit_spec.json, or the run directory "
+        "itself), or a .npy vector of the model's hidden size (normalised to unit length).",
+    )
+    model: Text = Field(
+        description="Model to edit: a local directory with safetensors weights (one "
+        "model.safetensors, or shards listed in model.safetensors.index.json), 'demo', or a "
+        ".gguf file (edited in its own tensor types; tensors of types the gguf package cannot "
+        "requantize get their edit as a GGUF LoRA adapter beside --out). It is read, never "
+        "changed.",
+    )
+    out: PathOption = Field(
+        description="Directory the edited model is written to (built under a temporary name and "
+        "renamed when complete); for a .gguf model, the edited .gguf file.",
+    )
+    overwrite: bool = Field(
+        False, description="Replace --out (and a GGUF model's adapter) if it exists."
+    )
+    strength: FiniteFloat = Field(
+        1.0,
+        description="Ablation strength of a direction or .npy vector: 1 removes it, 0 changes "
+        "nothing. An edit saved by a run carries its own strengths.",
+    )
+    writers: Annotated[Names, AfterValidator(_check_writers)] = Field(
+        WRITER_KINDS,
+        description="Residual writers a direction or .npy vector is removed from: 'embedding', "
+        "'attention' (attention outputs and other token mixers) and 'mlp' (MLP outputs, every "
+        "routed and shared expert). An edit saved by a run names its own.",
     )
 
 

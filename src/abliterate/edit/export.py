@@ -16,6 +16,7 @@ import torch
 from abliterate.data.chat import batches
 from abliterate.files import write_json
 from abliterate.model.devices import input_device
+from abliterate.model.loading import auto_model_class
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,12 +58,10 @@ def verify_export(
 
     Zero means the saved model reproduces the evaluated model exactly.
     """
-    from transformers import AutoModelForCausalLM
-
     reference = _last_logits(model, tokenizer, texts)
     placed = getattr(model, "hf_device_map", None)
     # A model spread over devices is reloaded the same way (one device might not hold it).
-    reloaded = AutoModelForCausalLM.from_pretrained(
+    reloaded: PreTrainedModel = auto_model_class(model.config).from_pretrained(
         str(directory), dtype=model.dtype, use_safetensors=True, device_map=placed
     )
     if placed is None:

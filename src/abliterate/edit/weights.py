@@ -1,8 +1,9 @@
 """Permanent edits: apply an :class:`~abliterate.core.edits.Edit` to weights through a store.
 
 :func:`apply_edit` is the one implementation for every :class:`~abliterate.model.stores.
-WeightStore`: for each residual writer the anatomy names, it reads the writer's weight in its
-stored layout, converts it to the canonical ``(d_model, d_in)`` view, lets each of the edit's
+WeightStore`: for each residual writer the anatomy names, it locates the writer in the store
+(:meth:`~abliterate.model.stores.WeightStore.locate`), reads its weight in its stored layout,
+converts it to the canonical ``(d_model, d_in)`` view, lets each of the edit's
 :class:`~abliterate.core.edits.WriterEdit` rewrite its columns (and the bias), and writes the
 result back in the stored dtype. :func:`bake` is the in-memory case: the result equals running
 the unedited model under :func:`~abliterate.edit.hooks.edit_hooks` with the same edit.
@@ -42,10 +43,9 @@ class EditSummary:
 
 
 def writer_info(writer: Writer, store: WeightStore, anatomy: Anatomy) -> WriterInfo:
-    """What an edit needs to know about ``writer``, its post-norm gain read from ``store``."""
-    gain = None
-    if writer.post_norm is not None:
-        gain = store.read(writer.post_norm).detach().float().cpu() + anatomy.table.norm_offset
+    """What an edit needs to know about ``writer`` (named as the model's parameters), its
+    post-norm gains read from ``store`` under the store's own names."""
+    gain = anatomy.norm_gain(store.locate(writer), store.read)
     return WriterInfo(name=writer.name, role=writer.role, layer=writer.layer, norm_gain=gain)
 
 
@@ -71,11 +71,35 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def planned_edits(
+    edit: Edit, store: WeightStore, anatomy: Anatomy
+) -> list[tuple[Writer, list[WriterEdit]]]:
+    """Every writer of ``anatomy`` with its :class:`~abliterate.core.edits.WriterEdit` list
+    (empty: unchanged), checked before any is written, so that a refused edit changes nothing.
+
+    Raises:
+        UnsupportedArchitectureError: the edit adds a constant to a writer that has no bias
+            (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`).
+    """
+    planned = [(w, edit.writer_edits(writer_info(w, store, anatomy))) for w in anatomy.writers]
+    for writer, edits in planned:
+        bias = store.locate(writer).bias
+        has_bias = bias is not None and store.has(bias)
+        if not has_bias and writer.role != "embedding" and any(e.needs_bias for e in edits):
+            raise UnsupportedArchitectureError(
+                f"the edit adds a constant to the output of {writer.tensor}, which has no bias "
+                "to hold it (affine mode needs writers with biases); use another edit mode."
+            )
+    return planned
+
+
 def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     """Permanently apply ``edit`` to every writer of ``anatomy`` held in ``store``.
 
-    Every rewritten tensor is checked finite as soon as it is written, so no store (and no
-    exported model) ever keeps a NaN that an edit produced.
+    Writers that share a stored tensor (the experts of a fused expert tensor) are edited in one
+    read-modify-write of it, so a store on disk reads and writes each tensor once. Every
+    rewritten tensor is checked finite as soon as it is written, so no store (and no exported
+    model) ever keeps a NaN that an edit produced.
 
     Raises:
         ValueError: the edit does not fit the model's shape.
@@ -84,35 +108,35 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
             (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`); nothing is changed.
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
-    planned = [(w, edit.writer_edits(writer_info(w, store, anatomy))) for w in anatomy.writers]
-    for writer, edits in planned:
-        # Checked for every writer before any is written: a refused edit changes nothing.
-        has_bias = writer.bias is not None and store.has(writer.bias)
-        if not has_bias and writer.role != "embedding" and any(e.needs_bias for e in edits):
-            raise UnsupportedArchitectureError(
-                f"the edit adds a constant to the output of {writer.tensor}, which has no bias "
-                "to hold it (affine mode needs writers with biases); use another edit mode."
-            )
+    planned = planned_edits(edit, store, anatomy)
     summary = EditSummary()
+    weights: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
+    biases: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
     for writer, edits in planned:
         if not edits:
             continue
-        with store.writable(writer.tensor) as stored:
-            chunk = EMBEDDING_CHUNK if writer.layout == "embedding" else None
-            _rewrite(canonical(stored, writer.layout, writer.expert), edits, chunk)
-            _check_finite(writer.tensor, stored)
-        if writer.bias is not None and store.has(writer.bias):
-            with store.writable(writer.bias) as bias:
-                b = bias if writer.expert is None else bias[writer.expert]
+        stored = store.locate(writer)
+        weights.setdefault(stored.tensor, []).append((stored, edits))
+        if stored.bias is not None and store.has(stored.bias):
+            biases.setdefault(stored.bias, []).append((stored, edits))
+        summary.writers_by_role[writer.role] = summary.writers_by_role.get(writer.role, 0) + 1
+    for name, group in weights.items():
+        with store.writable(name) as tensor:
+            for w, edits in group:
+                chunk = EMBEDDING_CHUNK if w.layout == "embedding" else None
+                _rewrite(canonical(tensor, w.layout, w.expert), edits, chunk)
+            _check_finite(name, tensor)
+        summary.tensors.append(name)
+    for name, group in biases.items():
+        with store.writable(name) as tensor, torch.no_grad():
+            for w, edits in group:
+                b = tensor if w.expert is None else tensor[w.expert]
                 new = b
                 for e in edits:
                     new = e.bias(new)
                 b.copy_(new.to(b.dtype))
-                _check_finite(writer.bias, bias)
-            summary.tensors.append(writer.bias)
-        if writer.tensor not in summary.tensors:
-            summary.tensors.append(writer.tensor)
-        summary.writers_by_role[writer.role] = summary.writers_by_role.get(writer.role, 0) + 1
+            _check_finite(name, tensor)
+        summary.tensors.append(name)
     return summary
 
 

@@ -92,6 +92,11 @@ class SharedPrefixScorer:
         ids = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         # Every prompt keeps at least one token of its own, whose logits are the answer.
         n = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
+        if self.anatomy.anatomy.recurrent:
+            # Recurrent mixers (linear attention, state-space) cache states that cannot be
+            # repeated across a batch: every prompt runs whole (right padding stays exact, as
+            # the recurrence is causal).
+            n = 0
         self.prefix = torch.tensor(ids[0][:n], dtype=torch.long)  # (n_prefix,)
         self.suffixes = [x[n:] for x in ids]
         pad = tokenizer.pad_token_id
@@ -130,7 +135,9 @@ class SharedPrefixScorer:
         body = self.anatomy.body
         cache = None
         if self.prefix_length:
-            cache = DynamicCache()
+            # Built from the config, the cache matches each layer's kind and index (sliding
+            # windows; layers without attention, whose index a bare cache would misnumber).
+            cache = DynamicCache(config=self.model.config)
             body(input_ids=self.prefix[None].to(device), past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(batch.shape[0])
         # No attention mask: the padding follows each suffix, and causal attention never looks
@@ -149,7 +156,7 @@ class SharedPrefixScorer:
             for idx, batch, lengths in self.batches():
                 hidden = self.forward(batch)  # (batch, suffix, d_model)
                 last = hidden[torch.arange(len(idx)), lengths.to(hidden.device) - 1]
-                logits = self.anatomy.lm_head(last)  # (batch, vocab)
+                logits = self.anatomy.logits(last)  # (batch, vocab)
                 yield idx, torch.log_softmax(logits.float(), dim=-1).cpu()
 
         return torch.stack(in_order(len(self.suffixes), pieces()))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from abliterate.core.finite import first_nonfinite
 from abliterate.data.chat import prepare_tokenizer
 from abliterate.errors import ConfigError, ModelLoadError
+from abliterate.model.anatomy import is_multimodal
 from abliterate.model.devices import input_device
 
 if TYPE_CHECKING:
@@ -159,6 +160,17 @@ def quantization_config(load_in: str, device: str, compute_dtype: torch.dtype) -
     )
 
 
+def auto_model_class(config: Any) -> Any:
+    """The transformers auto class that loads a whole checkpoint of ``config``: image-text-to-
+    text models (Gemma 3, Qwen2.5-VL, Mistral 3 …) keep their vision tower, so that an edited
+    language model is saved with the rest of the checkpoint."""
+    import transformers
+
+    if is_multimodal(config):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 @dataclass
 class ModelSource:
     """Where and how transformers reads a model: the path or hub id and the loader options."""
@@ -215,8 +227,10 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
-    max_memory: dict[int | str, str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     load_in: str | None = None,
+    offload_folder: str | Path | None = None,
+    quantization: Any = None,
 ) -> LoadedModel:
     """Load a chat model and its tokenizer.
 
@@ -232,6 +246,10 @@ def load_model(
             "60GiB"}``).
         load_in: ``"4bit"`` or ``"8bit"``: quantize the linear layers with bitsandbytes
             (:func:`quantization_config`); the model stays on ``device`` (or the map).
+        offload_folder: Where weights that do not fit are kept when they cannot be read from
+            the checkpoint as they are (converted expert tensors, say); ``device_map`` only.
+        quantization: A transformers quantization config given as it is (e.g. the
+            ``BitsAndBytesConfig`` of QLoRA training); pass ``device_map`` with it.
 
     Raises:
         ModelLoadError: the path does not exist, holds no model, its weight files are corrupt
@@ -261,9 +279,14 @@ def load_model(
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
+        model: PreTrainedModel = auto_model_class(config).from_pretrained(
             src.source, dtype=resolve_dtype(dtype, dev), **kwargs
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:

@@ -7,7 +7,8 @@ model's own refusal openings (teacher-forced over a few tokens; :func:`refusal_o
 them once, from the unedited model's judged answers) and the first-token KL divergence on
 harmless prompts (:class:`CheapObjective`). :func:`search_model` gives the model those passes
 run on: the model itself, or a bfloat16 copy where the device computes bfloat16 natively
-(:func:`native_bf16`).
+(:func:`native_bf16`). A layer-streamed model is scored on next-token log-probabilities only
+(:func:`scoring_config` says what falls back).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from abliterate.data.chat import batches
 from abliterate.eval.judges import Judge
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.forward import greedy_tokens, in_order, model_device
-from abliterate.search.scoring import EditScorer
+from abliterate.model.layerwise import LayerwiseModel
+from abliterate.search.scoring import edit_scorer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -150,8 +152,33 @@ def refusal_openings(
     return openings
 
 
+def scoring_config(model: PreTrainedModel | LayerwiseModel, config: RunConfig) -> RunConfig:
+    """``config`` as selection and search can score on ``model``. A layer-streamed model gives
+    next-token log-probabilities only (:class:`~abliterate.search.scoring.StreamedScorer`):
+    ``--refusal-objective openings`` falls back to ``next_token`` and ``--refine-steps`` to 0
+    (the descent needs gradients through a loaded model), each with a warning; the report
+    then shows the objective actually used."""
+    if not isinstance(model, LayerwiseModel):
+        return config
+    update: dict[str, Any] = {}
+    if config.refusal_objective != "next_token":
+        log.warning(
+            "--refusal-objective %s needs the model loaded; the layer-streamed model is scored "
+            "with the next-token refusal probability instead",
+            config.refusal_objective,
+        )
+        update["refusal_objective"] = "next_token"
+    if config.refine_steps > 0:
+        log.warning(
+            "--refine-steps needs gradients through a loaded model; the layer-streamed edit "
+            "is not refined"
+        )
+        update["refine_steps"] = 0
+    return config.model_copy(update=update) if update else config
+
+
 def objective_openings(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     prompts: Sequence[str],
@@ -159,8 +186,9 @@ def objective_openings(
     config: RunConfig,
 ) -> RefusalOpenings:
     """The openings ``--refusal-objective`` asks about: none for ``next_token`` (the scorer's
-    refusal is then the next-token proxy), else :func:`refusal_openings` of ``texts``."""
-    if config.refusal_objective == "next_token":
+    refusal is then the next-token proxy) or a layer-streamed model (:func:`scoring_config`),
+    else :func:`refusal_openings` of ``texts``."""
+    if config.refusal_objective == "next_token" or isinstance(model, LayerwiseModel):
         return RefusalOpenings()
     return refusal_openings(
         model, tokenizer, texts, prompts, judge, length=config.opening_tokens,
@@ -175,6 +203,10 @@ class CheapObjective:
     proxy) and ``kl`` (first-token KL divergence).
 
     Args:
+        model: A loaded model (:class:`~abliterate.search.scoring.EditScorer`: several edits
+            per forward pass, the chat template's shared opening computed once per pass) or a
+            layer-streamed one (:class:`~abliterate.search.scoring.StreamedScorer`: next-token
+            scores only, as many edits per read of the weights as fit).
         harmful, harmless: Chat-formatted validation texts.
         refusal_ids: First tokens of common refusal openings (the next-token proxy).
         openings: The model's refusal openings (:func:`refusal_openings`).
@@ -183,7 +215,7 @@ class CheapObjective:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | LayerwiseModel,
         tokenizer: PreTrainedTokenizerBase,
         harmful: Sequence[str],
         harmless: Sequence[str],
@@ -194,7 +226,7 @@ class CheapObjective:
     ) -> None:
         # The chat template's shared opening is computed once per pass (abliterate.search.scoring).
         self.model = model
-        self.scorer = EditScorer(
+        self.scorer = edit_scorer(
             model, tokenizer, harmful, harmless, refusal_ids, openings, batch_size
         )
         self.edits_per_pass = edits_per_pass

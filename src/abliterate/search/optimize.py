@@ -25,6 +25,12 @@ The evaluation prompts are not touched here: the caller evaluates the chosen edi
 Every confirmation also yields a per-prompt calibration of the cheap objective against the
 judge (:mod:`abliterate.search.calibration`).
 
+A layer-streamed model (``--stream``) is scored by
+:class:`~abliterate.search.scoring.StreamedScorer` (next-token refusal probability and KL, as
+many trials per read of the weights as fit) and confirmed by layer-streamed generation; the
+openings objective and the refinement need the model loaded and fall back to the next-token
+objective and no refinement, with a warning (:func:`~abliterate.search.objective.scoring_config`).
+
 Reasoning models (``--thinking on``): the cheap objective reads the answer after an empty
 reasoning block (the harmful and harmless texts formatted with thinking off, passed as
 ``scoring``), because with reasoning on the next token is the block's opening tag whatever the
@@ -56,13 +62,21 @@ from abliterate.eval.text import split_answer
 from abliterate.measure.candidates import Candidates
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.forward import generate
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.calibration import Calibration
 from abliterate.search.descent import descend
-from abliterate.search.objective import CheapObjective, objective_openings, search_model
+from abliterate.search.objective import (
+    CheapObjective,
+    objective_openings,
+    scoring_config,
+    search_model,
+)
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
 from abliterate.search.precision import PrecisionCheck, compare_precisions
+from abliterate.search.scoring import EditScorer
 from abliterate.search.selection import max_candidate_layer
 from abliterate.search.space import SPACE_VERSION, EditParams, SearchSpace
+from abliterate.search.streamed import streamed_generate
 from abliterate.search.study import completed, open_study, run_trials
 
 if TYPE_CHECKING:
@@ -182,7 +196,10 @@ class _Confirmer:
     the calibration."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, search: _Search
+        self,
+        model: PreTrainedModel | LayerwiseModel,
+        tokenizer: PreTrainedTokenizerBase,
+        search: _Search,
     ) -> None:
         self.model, self.tokenizer, self.search = model, tokenizer, search
         self.verdicts: dict[int, list[bool]] = {}
@@ -191,18 +208,20 @@ class _Confirmer:
         search, c = self.search, self.search.config
         texts, prompts = search.harmful.texts, search.harmful.prompts.prompts
         budget = c.thinking_budget if c.thinking == "on" else 0
-        # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
-        # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32 prompts ×
-        # 32 tokens on the demo model), and the confirmed rates are then the model's own.
-        with edit_hooks(self.model, search.edit(record)):
-            responses = generate(
-                self.model,
-                self.tokenizer,
-                texts,
-                max_new_tokens=min(c.confirm_tokens, c.max_new_tokens) + budget,
-                batch_size=c.batch_size,
-                desc=f"Confirming trial {record.number}",
-            )
+        edit = search.edit(record)
+        tokens = min(c.confirm_tokens, c.max_new_tokens) + budget
+        desc = f"Confirming trial {record.number}"
+        if isinstance(self.model, LayerwiseModel):
+            responses = streamed_generate(self.model, self.tokenizer, texts, edit,
+                                          max_new_tokens=tokens, batch_size=c.batch_size,
+                                          desc=desc)  # fmt: skip
+        else:
+            # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
+            # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32
+            # prompts × 32 tokens on the demo model), and the confirmed rates are the model's.
+            with edit_hooks(self.model, edit):
+                responses = generate(self.model, self.tokenizer, texts, max_new_tokens=tokens,
+                                     batch_size=c.batch_size, desc=desc)  # fmt: skip
         answers = [
             split_answer(r, opens_reasoning(t)) for r, t in zip(responses, texts, strict=True)
         ]
@@ -270,7 +289,7 @@ class _Scoring:
 
 
 def _run_study(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     search: _Search,
     refusal_ids: list[int],
@@ -281,8 +300,12 @@ def _run_study(
     """Open (or resume) the study and run trials until the budget is complete."""
     c = search.config
     space = search.space()
-    scorer_model = search_model(model, c.search_dtype)
-    dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
+    if isinstance(model, LayerwiseModel):  # its compute dtype was chosen when it was opened
+        scorer_model: PreTrainedModel | LayerwiseModel = model
+        dtype = str(model.dtype).removeprefix("torch.")
+    else:
+        scorer_model = search_model(model, c.search_dtype)
+        dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
     # A resumed study must score in the same precision (KL values of two precisions differ)
     # with the same objective and bounds. The keys added since version 1 are written only when
     # not at their defaults, so studies made before them still resume.
@@ -295,7 +318,7 @@ def _run_study(
         fingerprint["mlp_peak"] = list(space.mlp_peak)
     study = open_study(storage, c.study_name, fingerprint)
 
-    def objective(m: PreTrainedModel) -> CheapObjective:
+    def objective(m: PreTrainedModel | LayerwiseModel) -> CheapObjective:
         return CheapObjective(m, tokenizer, *search.scoring, refusal_ids, openings,
                               batch_size=c.batch_size, edits_per_pass=c.edits_per_pass)  # fmt: skip
 
@@ -324,7 +347,9 @@ def _refine(
     import optuna
 
     start = search.edit(chosen)
-    result = descend(scoring.objective.scorer, start, steps=steps)
+    scorer = scoring.objective.scorer
+    assert isinstance(scorer, EditScorer), "scoring_config turns refinement off when streamed"
+    result = descend(scorer, start, steps=steps)
     if result.edit is start:
         return None, result.to_dict()
     strengths = {"attention": list(result.edit.attention), "mlp": list(result.edit.mlp)}
@@ -386,7 +411,7 @@ def _refine_choice(
 
 
 def optimize_edit(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     candidates: Candidates,
     harmful_val: ChatSet,
@@ -401,13 +426,17 @@ def optimize_edit(
 ) -> SearchResult:
     """Search the edit space on validation prompts and choose an edit (see module docstring).
 
+    ``model`` is a loaded model, or a layer-streamed one (trials scored and confirmed one
+    decoder layer at a time from its checkpoint; scored on the next-token refusal probability,
+    never refined: :func:`~abliterate.search.objective.scoring_config`).
+
     The search options (trials, study, target, confirmation, search precision, site, pruning,
     batch size, seed, ``--trial``, thinking, refinement) come from ``config``; ``storage`` is
     the study's Optuna URL and ``fingerprint`` what a resumed study must have been made for;
     ``scoring`` the harmful and harmless texts of the cheap objective (default: the sets' own
     texts).
     """
-    c = config
+    c = config = scoring_config(model, config)  # a layer-streamed model: next-token scores only
     if scoring is None:
         scoring = (harmful_val.texts, harmless_val.texts)
     search = _Search(candidates, harmful_val, harmless_val, judge, config, scoring)

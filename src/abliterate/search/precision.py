@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.calibration import spearman
 from abliterate.search.pareto import TrialRecord, pareto_front
 
@@ -61,7 +62,10 @@ def compare_precisions(
         r.rescored = {"refusal": v["refusal"], "kl": v["kl"]}
     by_kl = sorted(front, key=lambda r: r.kl)
     by_exact_kl = sorted(front, key=lambda r: r.values(True)[1])
-    model_dtype = str(next(exact.model.parameters()).dtype).removeprefix("torch.")
+    model = exact.model
+    # Only a loaded model is copied to another precision (a layer-streamed one never is).
+    assert not isinstance(model, LayerwiseModel)
+    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return PrecisionCheck(
         search_dtype=search_dtype,
         model_dtype=model_dtype,

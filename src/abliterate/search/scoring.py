@@ -21,6 +21,9 @@ follows a row). With several edits, each edit gets its own block of rows
 (:func:`~abliterate.edit.hooks.batched_edit_hooks`). The same forward runs with gradients for
 the search's descent (:meth:`EditScorer.measure` inside a context that installs differentiable
 hooks).
+
+A layer-streamed model (``--stream``) is scored by :class:`StreamedScorer` instead, on
+next-token log-probabilities only (:func:`edit_scorer` picks the scorer).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from abliterate.edit.hooks import RowBlocks, batchable, batched_edit_hooks, edit
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.forward import common_prefix_length, model_device
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.progress import progress
+from abliterate.search.streamed import streamed_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -113,6 +118,11 @@ class EditScorer:
         ]
         # Every text keeps at least one token of its own, whose logits are the answer's.
         n = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
+        if self.anatomy.anatomy.recurrent:
+            # Recurrent mixers (linear attention, state-space) cache states that cannot be
+            # repeated across a batch: every row runs whole (right padding stays exact, as the
+            # recurrence is causal), as in abliterate.model.forward.SharedPrefixScorer.
+            n = 0
         self.prefix = torch.tensor(ids[0][:n], dtype=torch.long)  # (n_prefix,)
         self.n_harmful, self.n_harmless = len(harmful), len(harmless)
         self.rows = self._rows([x[n:] for x in ids])
@@ -166,7 +176,9 @@ class EditScorer:
         if len(self.prefix):
             if blocks is not None:
                 blocks.rows = 1
-            cache = DynamicCache()
+            # Built from the config, the cache matches each layer's kind and index (sliding
+            # windows; layers without attention, whose index a bare cache would misnumber).
+            cache = DynamicCache(config=self.model.config)
             prefix = self.prefix[None].expand(n_edits, -1).to(device)
             self.anatomy.body(input_ids=prefix, past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(len(rows))
@@ -222,7 +234,8 @@ class EditScorer:
             spans.append((len(where), n))
             where.extend((j, r.first + t) for t in range(n))
         index = torch.tensor(where, device=hidden.device)  # (n_positions, 2)
-        logits = self.anatomy.lm_head(hidden[index[:, 0], index[:, 1]])  # (n_positions, vocab)
+        # The head, then the family's logit scale and soft cap.
+        logits = self.anatomy.logits(hidden[index[:, 0], index[:, 1]])  # (n_positions, vocab)
         logp = torch.log_softmax(logits.float(), -1)
         refusal_ids = self.refusal_ids.to(logp.device)
         out: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -274,3 +287,91 @@ class EditScorer:
         """Scores of the model as ``context`` changes it, with gradients when enabled (the
         search's descent installs differentiable hooks; nothing is detached)."""
         return self._scores(self._measure(context, 1)[0])
+
+
+class StreamedScorer:
+    """:class:`EditScorer`'s scores on a layer-streamed model
+    (:class:`~abliterate.model.layerwise.LayerwiseModel`), from its next-token log-probabilities
+    (:func:`~abliterate.search.streamed.streamed_logprobs`: as many edits per read of the
+    weights as its stream memory allows).
+
+    Teacher-forced openings and the descent's gradients need the model loaded, so here
+    ``refusal`` is the next-token proxy (``openings`` is always empty) and :meth:`measure` does
+    not exist: callers fall back to the ``next_token`` objective and skip the refinement
+    (:func:`abliterate.search.objective.scoring_config`).
+    """
+
+    def __init__(
+        self,
+        model: LayerwiseModel,
+        tokenizer: PreTrainedTokenizerBase,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        refusal_ids: Sequence[int],
+        batch_size: int = 32,
+    ) -> None:
+        if not harmful or not harmless:
+            raise ValueError("the scorer needs harmful and harmless texts")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.harmful, self.harmless = list(harmful), list(harmless)
+        self.n_harmful, self.n_harmless = len(harmful), len(harmless)
+        self.refusal_ids = sorted(set(refusal_ids))
+        self.openings = RefusalOpenings()
+        ((base_harmful, self.base_harmless),) = self._logprobs([None], "Unedited model")
+        self._baseline = self._scores(base_harmful, self.base_harmless)
+
+    def _logprobs(self, edits: Sequence[Edit | None], desc: str) -> list[list[torch.Tensor]]:
+        sets = (self.harmful, self.harmless)
+        return streamed_logprobs(
+            self.model, self.tokenizer, sets, edits, batch_size=self.batch_size, desc=desc
+        )
+
+    def _scores(self, harmful: torch.Tensor, harmless: torch.Tensor) -> EditScores:
+        first = harmful[:, self.refusal_ids].logsumexp(-1).exp()  # (n_harmful,)
+        kl = kl_divergence(self.base_harmless, harmless)  # (n_harmless,)
+        return EditScores(refusal=first, first_token=first, kl=kl)
+
+    def subset(self, n_harmful: int, n_harmless: int) -> StreamedScorer:
+        """The same scorer on the first ``n_harmful`` and ``n_harmless`` prompts (the unedited
+        distributions are shared)."""
+        clone = object.__new__(StreamedScorer)
+        clone.__dict__.update(self.__dict__)
+        clone.harmful, clone.harmless = self.harmful[:n_harmful], self.harmless[:n_harmless]
+        clone.n_harmful, clone.n_harmless = len(clone.harmful), len(clone.harmless)
+        clone.base_harmless = self.base_harmless[: clone.n_harmless]
+        return clone
+
+    @torch.inference_mode()
+    def score(
+        self, edits: Sequence[Edit], edits_per_pass: int = 4, desc: str | None = None
+    ) -> list[EditScores]:
+        """Scores of each edit; the passes hold as many edits as the stream memory allows
+        (``edits_per_pass`` does not apply)."""
+        del edits_per_pass
+        scored = self._logprobs(list(edits), desc or "Scoring")
+        return [self._scores(harmful, harmless) for harmful, harmless in scored]
+
+    def baseline(self) -> EditScores:
+        """Scores of the unedited model (its KL is 0)."""
+        return self._baseline
+
+
+Scorer = EditScorer | StreamedScorer
+"""Either scorer: selection and search use only what the two share."""
+
+
+def edit_scorer(
+    model: PreTrainedModel | LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int],
+    openings: RefusalOpenings,
+    batch_size: int = 32,
+) -> Scorer:
+    """:class:`EditScorer` on a loaded model, :class:`StreamedScorer` on a layer-streamed one
+    (which cannot use ``openings``: the caller has fallen back to the next-token objective)."""
+    if isinstance(model, LayerwiseModel):
+        assert not openings.tokens, "layer-streamed scoring has no teacher-forced openings"
+        return StreamedScorer(model, tokenizer, harmful, harmless, refusal_ids, batch_size)
+    return EditScorer(model, tokenizer, harmful, harmless, refusal_ids, openings, batch_size)

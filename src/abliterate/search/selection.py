@@ -49,8 +49,10 @@ from abliterate.core.directions import Direction
 from abliterate.errors import ConfigError
 from abliterate.measure.candidates import Candidates
 from abliterate.measure.refusal import RefusalOpenings
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.descent import descend
-from abliterate.search.scoring import EditScorer, EditScores
+from abliterate.search.objective import scoring_config
+from abliterate.search.scoring import EditScorer, EditScores, Scorer, edit_scorer
 from abliterate.types import RefusalObjective, Site
 
 if TYPE_CHECKING:
@@ -195,7 +197,7 @@ def _distinct(
 
 
 def _screen(
-    scorer: EditScorer,
+    scorer: Scorer,
     distinct: list[tuple[int, Site, Direction]],
     n_layers: int,
     config: RunConfig,
@@ -281,7 +283,7 @@ def _refine(
 
 
 def select_direction(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     candidates: Candidates,
     harmful_val: Sequence[str],
@@ -294,6 +296,10 @@ def select_direction(
     """Score every candidate direction and choose one (see the module docstring).
 
     Args:
+        model: A loaded model (edits scored under hooks, ``edits_per_pass`` per forward) or a
+            layer-streamed one (as many candidates per read of the weights as fit; next-token
+            scores only, so ``openings`` must be empty and no refinement runs:
+            :func:`~abliterate.search.objective.scoring_config`).
         harmful_val, harmless_val: Chat-formatted validation texts.
         refusal_ids: First tokens of common refusal openings (the next-token proxy, reported).
         openings: The model's own refusal openings (``--refusal-objective openings``; empty
@@ -304,16 +310,16 @@ def select_direction(
         scoring_model: The model screening and refinement run on (a lower-precision copy of
             ``model``); default ``model``.
     """
-    c = config
+    c = scoring_config(model, config)  # a layer-streamed model: next-token scores only
     n_layers = candidates.n_layers
     max_layer = max_candidate_layer(n_layers, c.prune_last_layers)
     fast_model = scoring_model if scoring_model is not None else model
-    fast = EditScorer(fast_model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
-                      c.batch_size)  # fmt: skip
+    fast = edit_scorer(fast_model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
+                       c.batch_size)  # fmt: skip
     exact = fast
     if fast_model is not model:
-        exact = EditScorer(model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
-                           c.batch_size)  # fmt: skip
+        exact = edit_scorer(model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
+                            c.batch_size)  # fmt: skip
     baseline_refusal = _values(exact.baseline(), c.refusal_objective)[0]
     distinct, twins = _distinct(candidates, max_layer)
     by_key = {f"{layer}/{site}": d for layer, site, d in distinct}
@@ -332,9 +338,9 @@ def select_direction(
     details: dict[str, Any] = {}
     if c.refusal_objective == "openings":
         details["openings"] = openings.to_dict(tokenizer)
-    if exact is not fast:
-        details["screening_dtype"] = str(next(fast_model.parameters()).dtype).removeprefix("torch.")
-    if exact is not fast:
+    if scoring_model is not None and exact is not fast:
+        dtype = next(scoring_model.parameters()).dtype
+        details["screening_dtype"] = str(dtype).removeprefix("torch.")
         # The finalists on the whole split in the screening precision too: does it rank them
         # as the model's precision does, and would it choose the same?
         fast_values = [_values(s, c.refusal_objective) for s in fast.score(edits, c.edits_per_pass)]
@@ -354,6 +360,8 @@ def select_direction(
     start = Ablation.uniform(by_key[best.key], n_layers, c.strength)
     edit = start
     if c.refine_steps > 0:
+        # scoring_config set refine_steps to 0 for a layer-streamed model.
+        assert isinstance(fast, EditScorer) and isinstance(exact, EditScorer)
         edit, details["refinement"] = _refine(fast, exact, start, c.refine_steps)
     return Selection(
         layer=best.layer, site=best.site, direction=by_key[best.key],
