@@ -63,7 +63,7 @@ def _measure(model: Any, tokenizer: Any, work: Path, *, n_train: int, n_val: int
     from abliterate.data.chat import format_chat
     from abliterate.measure.activations import collect_activations
     from abliterate.measure.candidates import Candidates
-    from abliterate.measure.refusal import refusal_token_ids
+    from abliterate.measure.refusal import RefusalOpenings, refusal_token_ids
     from abliterate.measure.streamed import collect_activations_streamed
     from abliterate.model.layerwise import LayerwiseModel
     from abliterate.progress import Stages
@@ -84,7 +84,7 @@ def _measure(model: Any, tokenizer: Any, work: Path, *, n_train: int, n_val: int
     with stages.stage("selection"):
         selection = select_direction(
             model, tokenizer, candidates, chats["val_harmful"], chats["val_harmless"],
-            refusal_token_ids(tokenizer), config,
+            refusal_token_ids(tokenizer), RefusalOpenings(), config,
         )  # fmt: skip
     selection.direction.save(work / "direction")
     (work / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2))

@@ -31,10 +31,12 @@ from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
 from abliterate.errors import UnsupportedArchitectureError
 from abliterate.measure.activations import collect_activations
+from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model import families
 from abliterate.model.anatomy import Anatomy, BoundAnatomy, anatomy_of, supported_model_types
 from abliterate.model.forward import SharedPrefixScorer, greedy_new_tokens
 from abliterate.model.verify import verify_anatomy
+from abliterate.search.scoring import EditScorer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -175,6 +177,11 @@ def test_scoring_and_activations_equal_whole_prompt_forwards(
         rows = [last[i * per_layer : (i + 1) * per_layer + 1] for i in range(arch.n_layers)]
         expected_acts.append(torch.stack(rows))  # (n_layers, sites, d_model)
     assert torch.allclose(scored, torch.stack(expected_lp), atol=1e-4)
+    # The search's scorer takes the same shortcuts (and the family's logit scale and cap).
+    refusal_ids = [5, 6, 7]
+    scorer = EditScorer(model, tokenizer, prompts, prompts, refusal_ids, RefusalOpenings(), 3)
+    want = torch.stack(expected_lp)[:, refusal_ids].logsumexp(-1).exp()
+    assert torch.allclose(scorer.baseline().first_token, want, rtol=1e-3, atol=1e-7)
     expected = torch.stack(expected_acts).mean(0)
     assert torch.allclose(means, expected, atol=1e-4 * float(expected.abs().max()))
 

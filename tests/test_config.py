@@ -61,10 +61,17 @@ PLACEMENT = {"device_map": None, "max_memory": None, "load_in": None}
 THINKING = {"thinking": "off", "thinking_budget": 512}
 # Issue 14: answers of 128 tokens (late refusals), the unedited model's evaluation cached.
 EVALUATION = {"max_new_tokens": 128, "baseline_cache": True}
+# Issue 14: the sharper objective, batched screening, pruning, descent; only edits_per_pass (the
+# same scores, several edits per forward pass) acts by default.
+SPEED = {
+    "refusal_objective": "next_token", "refusal_openings": 2, "opening_tokens": 4,
+    "edits_per_pass": 4, "screen_halving": False, "refine_steps": 0,
+}  # fmt: skip
+SEARCH_SPEED = {"trials_per_pass": 1, "mlp_peak_min": 0.2}
 
 
 def test_defaults_and_record_keys_are_unchanged() -> None:
-    run = {**RUN_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION}
+    run = {**RUN_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION, **SPEED, **SEARCH_SPEED}
     assert to_dict(RunConfig()) == run
     assert to_dict(OptimizeConfig()) == {**run, "optimize": True}
     assert to_dict(EvaluateConfig()) == {**EVALUATE_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION}

@@ -25,6 +25,7 @@ from abliterate.core.directions import Direction
 from abliterate.edit.hooks import edit_hooks
 from abliterate.measure.activations import collect_activations
 from abliterate.measure.candidates import Candidates
+from abliterate.measure.refusal import RefusalOpenings
 from abliterate.measure.streamed import collect_activations_streamed
 from abliterate.model.forward import next_token_logprobs
 from abliterate.model.layerwise import LayerwiseModel
@@ -100,8 +101,9 @@ def test_selection_scores_equal_the_loaded_model(
     )
     config = RunConfig(n_screen=2, n_finalists=3, batch_size=2, prune_last_layers=0.25)
     refusal_ids = [5, 6, 7]
-    want = select_direction(model, tokenizer, candidates, harmful, harmless, refusal_ids, config)
-    got = select_direction(streamed, tokenizer, candidates, harmful, harmless, refusal_ids, config)
+    args = (candidates, harmful, harmless, refusal_ids, RefusalOpenings(), config)
+    want = select_direction(model, tokenizer, *args)
+    got = select_direction(streamed, tokenizer, *args)
     assert (got.layer, got.site) == (want.layer, want.site)
     assert got.baseline_refusal == pytest.approx(want.baseline_refusal, rel=1e-4, abs=ATOL)
     assert len(got.scores) == len(want.scores) == 8  # layers 0-2 × 3 sites, less 0/pre
@@ -113,6 +115,35 @@ def test_selection_scores_equal_the_loaded_model(
             assert a is None or a == pytest.approx(b, rel=1e-4, abs=ATOL)
 
 
+def test_streamed_selection_falls_back_to_next_token_scores(
+    make_model: Callable[[str], Any],
+    tokenizer: Any,
+    texts: list[str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Teacher-forced openings and the descent need the model loaded: a layer-streamed model is
+    # screened on the next-token proxy, unrefined, and the selection says which measure it used.
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    streamed = LayerwiseModel(tmp_path / "m")
+    harmful, harmless = texts[2:4] + texts[5:], texts[:2] + texts[4:5]
+    candidates = Candidates(
+        harmful_mean=collect_activations_streamed(streamed, tokenizer, harmful)[0],
+        harmless_mean=collect_activations_streamed(streamed, tokenizer, harmless)[0],
+    )
+    config = RunConfig(n_screen=2, n_finalists=2, batch_size=2, refusal_objective="openings",
+                       refine_steps=2, screen_halving=True)  # fmt: skip
+    plain = RunConfig(n_screen=2, n_finalists=2, batch_size=2, screen_halving=True)
+    args = (candidates, harmful, harmless, [5, 6, 7], RefusalOpenings())
+    got = select_direction(streamed, tokenizer, *args, config)
+    want = select_direction(streamed, tokenizer, *args, plain)
+    assert got.objective == "next_token" and "refinement" not in got.details
+    assert got.to_dict() == want.to_dict()
+    assert "--refusal-objective openings needs the model loaded" in caplog.text
+    assert "--refine-steps needs gradients" in caplog.text
+
+
 @pytest.mark.parametrize("family", ["qwen2", "mixtral"])
 def test_search_objective_equals_the_loaded_model(
     family: str, make_model: Callable[[str], Any], tokenizer: Any, texts: list[str], tmp_path: Path
@@ -120,7 +151,7 @@ def test_search_objective_equals_the_loaded_model(
     model = make_moe(family, len(tokenizer)) if family in MOE_TYPES else make_model(family)
     model.save_pretrained(tmp_path / family)
     streamed = LayerwiseModel(tmp_path / family)
-    args = (texts[2:4], texts[:2], [5, 6, 7])
+    args = (texts[2:4], texts[:2], [5, 6, 7], RefusalOpenings())
     want = CheapObjective(model, tokenizer, *args)
     got = CheapObjective(streamed, tokenizer, *args)
     assert got.baseline == pytest.approx(want.baseline, rel=1e-4, abs=ATOL)

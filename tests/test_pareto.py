@@ -26,11 +26,7 @@ def _records(points: list[tuple[float, float]]) -> list[TrialRecord]:
 
 
 def _dominates(a: TrialRecord, b: TrialRecord) -> bool:
-    return (
-        a.refusal_score <= b.refusal_score
-        and a.kl <= b.kl
-        and (a.refusal_score < b.refusal_score or a.kl < b.kl)
-    )
+    return a.refusal <= b.refusal and a.kl <= b.kl and (a.refusal < b.refusal or a.kl < b.kl)
 
 
 def test_pareto_front_keeps_only_non_dominated_sorted_by_kl() -> None:
@@ -39,7 +35,7 @@ def test_pareto_front_keeps_only_non_dominated_sorted_by_kl() -> None:
     assert [r.number for r in front] == [0, 1, 3, 5]
     for r in recs:
         if r not in front:  # every excluded record is dominated by a front member
-            assert any(f.refusal_score <= r.refusal_score and f.kl <= r.kl for f in front)
+            assert any(f.refusal <= r.refusal and f.kl <= r.kl for f in front)
 
 
 def test_choose_finds_lowest_kl_trial_meeting_target_by_bisection() -> None:
@@ -70,7 +66,7 @@ def test_choose_refuses_an_empty_front_and_reports_only_confirmed_rates() -> Non
     with pytest.raises(ValueError, match="no completed trials"):
         choose([], lambda r: 0.0, 0.05, 3)
     record = TrialRecord(3, 0.2, 0.1, {"a": 1}, pareto=True)
-    assert record.to_dict() == {"number": 3, "refusal_score": 0.2, "kl": 0.1,
+    assert record.to_dict() == {"number": 3, "refusal": 0.2, "kl": 0.1,
                                 "params": {"a": 1}, "pareto": True}  # fmt: skip
     record.confirmed_refusal_rate = 0.25
     assert record.to_dict()["confirmed_refusal_rate"] == 0.25
@@ -101,14 +97,14 @@ def test_the_front_is_exactly_the_undominated_records_sorted_by_kl(
             assert any(_dominates(f, r) for f in front), r
     # Sorted by KL; along the front refusals strictly fall as KL rises (equal points tie).
     for a, b in itertools.pairwise(front):
-        assert (a.kl, a.refusal_score) <= (b.kl, b.refusal_score)
+        assert (a.kl, a.refusal) <= (b.kl, b.refusal)
         if a.kl < b.kl:
-            assert a.refusal_score > b.refusal_score
+            assert a.refusal > b.refusal
         else:
-            assert a.refusal_score == b.refusal_score
+            assert a.refusal == b.refusal
     # The extremes are on it: the lowest KL (best score among those) and the lowest score.
     assert front[0].kl == min(r.kl for r in records)
-    assert min(f.refusal_score for f in front) == min(r.refusal_score for r in records)
+    assert min(f.refusal for f in front) == min(r.refusal for r in records)
 
 
 @st.composite

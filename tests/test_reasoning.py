@@ -295,10 +295,12 @@ def test_search_confirmation_counts_unfinished_against_the_trial(
     config = RunConfig(thinking="on", thinking_budget=50, confirm_tokens=8, optimize=True)
     search = optimize._Search(None, harmful, harmful, MarkerJudge(), config, ((), ()))  # type: ignore[arg-type]
     monkeypatch.setattr(optimize._Search, "edit", lambda self, params: None)
-    rate = optimize._confirmer(make_model("qwen2"), tok, search)(TrialRecord(0, 0.1, 0.1, {}))
+    confirm = optimize._Confirmer(make_model("qwen2"), tok, search)
+    rate = confirm(TrialRecord(0, 0.1, 0.1, {}))
     assert calls == [58]
     # 1 refusal + 2 unfinished out of 4: an edit cannot meet the target by never answering.
     assert rate == 0.75
+    assert sum(confirm.verdicts[0]) == 3  # the per-prompt verdicts the calibration reads
 
 
 def _null() -> Any:

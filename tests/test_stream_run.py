@@ -93,13 +93,17 @@ def test_streamed_run_agrees_with_the_in_memory_run(
 def test_streamed_optimize_scores_and_confirms_layer_by_layer(
     tiny_model_dir: Path, tmp_path: Path, small_memory: list[dict[str, str]]
 ) -> None:
-    options = dict(stream="on", optimize=True, trials=3, max_confirm=1, confirm_tokens=3)
+    # The openings objective and the refinement need the model loaded: both fall back.
+    options = dict(stream="on", optimize=True, trials=3, max_confirm=1, confirm_tokens=3,
+                   refusal_objective="openings", refine_steps=1)  # fmt: skip
     config = RunConfig(model=str(tiny_model_dir), out=tmp_path / "o", save_model=False,
                        **options, **TINY)  # type: ignore[arg-type]  # fmt: skip
     report = run(config)
     optimization = report["optimization"]
     assert len(optimization["trials"]) == 3
     assert optimization["search_dtype"] == "float32"
+    assert optimization["objectives"][0].startswith("refusal (harmful val, next-token")
+    assert "refinement" not in optimization and "openings" not in optimization
     assert optimization["chosen"]["confirmed_refusal_rate"] is not None
     assert not (tmp_path / "o" / "model").exists()
     assert torch.isfinite(torch.tensor(report["edited"]["kl_divergence"]))

@@ -83,7 +83,8 @@ def test_sqlite_path() -> None:
     assert sqlite_path("sqlite:///") is None and sqlite_path("postgresql://h/db") is None
 
 
-def test_ctrl_c_in_a_trial_shows_no_optuna_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ctrl_c_in_a_trial_shows_no_optuna_traceback(tmp_path: Path, batch: int) -> None:
     class Space:
         def seed_params(self) -> list[dict[str, Any]]:
             return []
@@ -94,28 +95,31 @@ def test_ctrl_c_in_a_trial_shows_no_optuna_traceback(tmp_path: Path) -> None:
 
     calls = []
 
-    def evaluate(_params: EditParams) -> dict[str, float]:
+    def evaluate(points: list[EditParams]) -> list[dict[str, float]]:
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return {"refusal_prob": 0.5, "kl": 0.1}
+        return [{"refusal": 0.5, "kl": 0.1} for _ in points]
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     optuna_root = logging.getLogger("optuna")
     optuna_root.addHandler(handler)
+    ours = logging.getLogger("abliterate.search.study")
+    ours.addHandler(handler)
     try:
         study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "s", {"model": "tiny"})
         with pytest.raises(KeyboardInterrupt):
-            run_trials(study, Space(), evaluate, 10)  # type: ignore[arg-type]
+            run_trials(study, Space(), evaluate, 10, batch=batch)  # type: ignore[arg-type]
         failed = [r for r in records if "failed" in r.getMessage() or r.exc_info]
         assert failed == [], [r.getMessage() for r in failed]
-        assert len(completed(study)) == 2  # the finished trials are kept
-        # Other failures are still reported by Optuna.
+        assert len(completed(study)) == 2 * batch  # the finished trials are kept
+        # Other failures are still reported.
         calls.clear()
         with pytest.raises(ZeroDivisionError):
-            run_trials(study, Space(), lambda p: {"kl": 1 / 0}, 10)  # type: ignore[arg-type]
+            run_trials(study, Space(), lambda ps: [{"kl": 1 / 0}], 10, batch=batch)  # type: ignore[arg-type]
         assert any("failed" in r.getMessage() for r in records)
     finally:
         optuna_root.removeHandler(handler)
+        ours.removeHandler(handler)

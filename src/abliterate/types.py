@@ -11,6 +11,7 @@ SITES: tuple[Site, ...] = ("pre", "mid", "post")
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SearchDType = Literal["auto", "model", "float32", "bfloat16", "float16"]
+RefusalObjective = Literal["next_token", "openings"]
 
 Thinking = Literal["off", "on"]
 """Whether a reasoning model reasons before answering (the chat template's thinking switch)."""

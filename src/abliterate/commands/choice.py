@@ -23,6 +23,7 @@ from abliterate.measure.streamed import collect_activations_streamed
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.layerwise import LayerwiseModel
 from abliterate.progress import Stages
+from abliterate.search.objective import objective_openings, search_model
 from abliterate.search.optimize import optimize_edit
 from abliterate.search.selection import select_direction
 from abliterate.search.study import default_storage
@@ -158,13 +159,22 @@ def choose_edit(
         write_json(tmp / "optimization.json", search.to_dict())
         return EditChoice(search.edit, search=search)
     with stages.stage("selection"):
+        harmful = chats[SCORED["val_harmful"]]
+        openings = objective_openings(
+            model, tok, harmful.texts, chats["val_harmful"].prompts.prompts, judge, config
+        )
+        # Screening in another precision only when the user names one ('auto' would make the
+        # screened candidates depend on the CPU); a layer-streamed model keeps the compute
+        # dtype it was opened with.
+        screening = None
+        if config.search_dtype != "auto" and not isinstance(model, LayerwiseModel):
+            screening = search_model(model, config.search_dtype)
         selection = select_direction(
-            model, tok, candidates, chats[SCORED["val_harmful"]].texts,
-            chats[SCORED["val_harmless"]].texts, refusal_ids, config,
+            model, tok, candidates, harmful.texts, chats[SCORED["val_harmless"]].texts,
+            refusal_ids, openings, config, screening,
         )  # fmt: skip
     write_json(tmp / "scores.json", selection.to_dict())
-    edit = Ablation.uniform(selection.direction, n_layers, config.strength)
-    return EditChoice(edit, selection=selection)
+    return EditChoice(selection.edit, selection=selection)
 
 
 def _optimize(

@@ -27,7 +27,7 @@ from abliterate.config.values import (
     problem,
 )
 from abliterate.errors import ConfigError
-from abliterate.types import SITES, DType, LoadIn, SearchDType, Site, Thinking
+from abliterate.types import SITES, DType, LoadIn, RefusalObjective, SearchDType, Site, Thinking
 
 S = TypeVar("S", bound="Options")
 
@@ -229,6 +229,41 @@ class SelectionOptions(Options):
     strength: FiniteFloat = Field(
         1.0, description="Ablation strength: 1 removes the direction, 0 leaves the model untouched."
     )
+    refusal_objective: RefusalObjective = Field(
+        "next_token",
+        description="What selection and search measure refusal by. 'next_token': the next-token "
+        "probability of the first tokens of common refusal openings. 'openings': the probability "
+        "that the answer opens with one of the model's own refusal openings (the most frequent "
+        "openings of its judged refusals on the harmful validation prompts, teacher-forced over "
+        "--opening-tokens tokens; finding them costs one short generation).",
+    )
+    refusal_openings: Count = Field(
+        2,
+        description="With --refusal-objective openings: how many of the model's own refusal "
+        "openings the objective asks about.",
+    )
+    opening_tokens: Count = Field(
+        4,
+        description="Tokens of each refusal opening (teacher-forced after each harmful prompt).",
+    )
+    edits_per_pass: Count = Field(
+        4,
+        description="Candidate edits scored together in one forward pass (each on its own rows "
+        "of the batch) by selection and search; 1 scores them one at a time.",
+    )
+    screen_halving: bool = Field(
+        False,
+        description="Screen candidates by successive halving: after each round on n prompts of "
+        "each kind (from --n-screen) only the better half goes on to 2n prompts, until "
+        "--n-finalists remain. Off: one round on --n-screen prompts.",
+    )
+    refine_steps: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Steps of descent on the per-layer attention and MLP strengths of the chosen "
+        "edit (lower KL at the same refusal likelihood on validation prompts): of the selected "
+        "direction's edit in run, of the chosen trial in --optimize. 0: no refinement (run: the "
+        "direction removed at --strength from every writer).",
+    )
 
     @model_validator(mode="after")
     def _one_source_of_direction(self) -> SelectionOptions:
@@ -274,12 +309,14 @@ class SearchOptions(Options):
     )
     search_dtype: SearchDType = Field(
         "auto",
-        description="Precision the search scores trials in (its forward passes; confirmation "
-        "generates with the model itself). 'auto': bfloat16 when the model is float32 and the "
-        "device computes bfloat16 natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX: about "
-        "4x faster on the demo model), on a bfloat16 copy of the model; else the model's own "
-        "dtype. 'model': never copy. The final evaluation and the exported model always use the "
-        "model's dtype.",
+        description="Precision the search scores trials in (their forward passes; "
+        "confirmation generates with the model itself, and the Pareto-front trials are scored "
+        "again in the model's precision before the choice). Selection screens candidates in it "
+        "only when it is named (not 'auto'), and scores the finalists in the model's precision. "
+        "'auto': bfloat16 when the model is float32 and the device computes bfloat16 natively "
+        "(CUDA with bf16, a CPU with AVX512-BF16 or AMX: about 4x faster on the demo model), on "
+        "a bfloat16 copy of the model; else the model's own dtype. 'model': never copy. The "
+        "final evaluation and the exported model always use the model's dtype.",
     )
     confirm_tokens: Count = Field(
         32,
@@ -293,6 +330,19 @@ class SearchOptions(Options):
         "difference plus the top singular vectors of the per-prompt differences (each harmful "
         "prompt's activation minus the harmless mean) orthogonal to it. 1: the mean difference "
         "only.",
+    )
+    trials_per_pass: Count = Field(
+        1,
+        description="Trials the search asks TPE for together and scores in one forward pass "
+        "(pending trials are kept apart by TPE's constant liar): faster, but each trial is "
+        "sampled without the results of the others in its group. Capped by --edits-per-pass.",
+    )
+    mlp_peak_min: FiniteFloat = Field(
+        0.2,
+        ge=0,
+        le=1.5,
+        description="Lowest MLP peak strength the search samples (0 lets it leave the MLPs "
+        "untouched; some models are damaged most there).",
     )
     trial: Index | None = Field(
         None, description="Skip the automatic choice and use this trial number of the study."

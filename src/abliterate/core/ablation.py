@@ -22,7 +22,18 @@ Refinements that are part of the edit:
   constant offset, not a family of write vectors whose relative sizes matter);
 * *post-norm writers* (Gemma 2/3, OLMo 2): the write is ``g ⊙ y / rms(y)``, whose component
   along ``v`` is ``(y · (g ⊙ v)) / rms(y)``; removing the normalised ``g ⊙ v`` from ``y`` makes
-  it exactly zero.
+  it exactly zero;
+* *affine* mode (affine concept editing, Marshall et al. 2024): each attention and MLP writer
+  removes the direction around its own mean write ``μ`` on harmless prompts instead of through
+  the origin: ``y - s ((y - μ) · d) d = (W - s d dᵀ W) x + (b - s d dᵀ b) + s (μ · d) d``. At
+  full strength every write's component along ``d`` is the harmless mean's, so the stream's is
+  too (the stream is the sum of the writes): harmful prompts are moved to where harmless ones
+  sit along ``d``, not to 0, which harmless prompts never visit. The weight form adds a
+  constant to the writer's bias, so it needs writers that have one
+  (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`). The embedding (whose mean at the
+  last prompt token is one fixed template token) is projected through the origin as in plain
+  mode; post-norm writers and experts (whose writes are normalised or gated, so a constant
+  added to them is not a constant in the stream) are refused.
 
 Which strength applies to which writer: the embedding takes ``embedding``; attention outputs
 and other token mixers take ``attention[layer]``; MLP outputs, routed experts and shared
@@ -49,8 +60,8 @@ from abliterate.core.linalg import (
     remove_span,
 )
 
-EditMode = Literal["plain", "norm_preserving"]
-EDIT_MODES: tuple[EditMode, ...] = ("plain", "norm_preserving")
+EditMode = Literal["plain", "norm_preserving", "affine"]
+EDIT_MODES: tuple[EditMode, ...] = ("plain", "norm_preserving", "affine")
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,12 +73,23 @@ class ProjectionEdit(WriterEdit):
         strength: 1 removes the span, 0 leaves the writer alone.
         norm_preserving: Rescale every edited write vector to its original norm.
         embedding: The writer is the token embedding (its outputs are its write vectors).
+        offset: ``(d_model,)`` constant added to the projected output (affine mode:
+            ``s B Bᵀ μ``), held by the bias in the weight form; None adds nothing.
     """
 
     basis: torch.Tensor
     strength: float
     norm_preserving: bool
     embedding: bool
+    offset: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.offset is not None and (self.embedding or self.norm_preserving):
+            raise ValueError("only plain linear writers take an affine offset")
+
+    @property
+    def needs_bias(self) -> bool:
+        return self.offset is not None
 
     def input_scale(self, weight: torch.Tensor) -> torch.Tensor | None:
         if not self.norm_preserving or self.embedding:
@@ -85,7 +107,10 @@ class ProjectionEdit(WriterEdit):
             )
         # Norm-preserving linear writers: the input was rescaled (input_scale), so projecting the
         # output gives (W - s B Bᵀ W) diag(r) x + (b - s B Bᵀ b), the edited weight's output.
-        return project_out(y, self.basis, self.strength)
+        if self.offset is None:
+            return project_out(y, self.basis, self.strength)
+        projected = remove_span(y.float(), as_basis(self.basis, y), self.strength)
+        return (projected + self.offset.to(y.device)).to(y.dtype)
 
     def columns(self, w: torch.Tensor, start: int) -> torch.Tensor:
         if self.embedding or self.norm_preserving:
@@ -95,7 +120,10 @@ class ProjectionEdit(WriterEdit):
         return wf - self.strength * basis.T @ (basis @ wf)
 
     def bias(self, b: torch.Tensor) -> torch.Tensor:
-        return project_out(b, self.basis, self.strength)
+        if self.offset is None:
+            return project_out(b, self.basis, self.strength)
+        projected = remove_span(b.float(), as_basis(self.basis, b), self.strength)
+        return (projected + self.offset.to(b.device)).to(b.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,8 +137,12 @@ class Ablation(Edit):
         attention: Per-layer strength for attention outputs (and other token mixers).
         mlp: Per-layer strength for MLP outputs (and every routed and shared expert).
         layer_directions: Optional unit direction per layer, removed from that layer's writers.
-        mode: ``"plain"`` projection, or ``"norm_preserving"`` (see the module docstring).
+        mode: ``"plain"`` projection, ``"norm_preserving"`` or ``"affine"`` (see the module
+            docstring).
         extra_directions: Further directions removed together with each writer's direction.
+        harmless_means: Affine mode only: ``(2, n_layers, d_model)`` mean write of each
+            attention (row 0) and MLP (row 1) writer on harmless prompts
+            (:meth:`~abliterate.measure.candidates.Candidates.writer_means`).
     """
 
     direction: Direction
@@ -120,6 +152,7 @@ class Ablation(Edit):
     layer_directions: tuple[Direction, ...] | None = None
     mode: EditMode = "plain"
     extra_directions: tuple[Direction, ...] = ()
+    harmless_means: torch.Tensor | None = None
     kind: ClassVar[str] = "directional_ablation"
 
     def __post_init__(self) -> None:
@@ -135,9 +168,23 @@ class Ablation(Edit):
             )
         if self.mode not in EDIT_MODES:
             raise ValueError(f"mode must be one of {EDIT_MODES}, got {self.mode!r}")
+        self._check_means()
         for d in self._all_directions():
             if not bool(torch.isfinite(d.vector).all()):
                 raise ValueError("an ablation's directions must be finite")
+
+    def _check_means(self) -> None:
+        means = self.harmless_means
+        if (self.mode == "affine") != (means is not None):
+            raise ValueError("harmless_means are needed in affine mode, and only there")
+        if means is None:
+            return
+        if tuple(means.shape[:2]) != (2, self.n_layers) or means.ndim != 3:
+            raise ValueError(
+                f"harmless_means must be (2, {self.n_layers}, d_model), got {tuple(means.shape)}"
+            )
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("an ablation's harmless means must be finite")
 
     @classmethod
     def uniform(cls, direction: Direction, n_layers: int, strength: float = 1.0) -> Ablation:
@@ -195,7 +242,24 @@ class Ablation(Edit):
             strength=strength,
             norm_preserving=self.mode == "norm_preserving",
             embedding=writer.role == "embedding",
+            offset=self._offset(writer, basis, strength),
         )
+
+    def _offset(
+        self, writer: WriterInfo, basis: torch.Tensor, strength: float
+    ) -> torch.Tensor | None:
+        """Affine mode: ``s B Bᵀ μ`` for an attention or MLP writer (module docstring)."""
+        if self.harmless_means is None or writer.role == "embedding" or writer.layer is None:
+            return None
+        if writer.norm_gain is not None or writer.role not in ("attention", "mlp"):
+            what = "a post-norm writer" if writer.norm_gain is not None else f"a {writer.role}"
+            raise ValueError(
+                f"affine mode cannot edit {writer.name}, {what}: its write is normalised or "
+                "gated, so a constant added to it is not a constant in the residual stream"
+            )
+        mean = self.harmless_means[0 if writer.role == "attention" else 1, writer.layer].float()
+        rows = basis[None] if basis.ndim == 1 else basis  # (k, d_model) orthonormal
+        return strength * (rows.T @ (rows @ mean))
 
     def _all_directions(self) -> list[Direction]:
         return [self.direction, *(self.layer_directions or ()), *self.extra_directions]
@@ -225,6 +289,8 @@ class Ablation(Edit):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"direction": self.direction.vector}
+        if self.harmless_means is not None:
+            out["harmless_means"] = self.harmless_means
         if self.layer_directions is not None:
             out["layer_directions"] = torch.stack([d.vector for d in self.layer_directions])
         if self.extra_directions:
@@ -249,6 +315,7 @@ class Ablation(Edit):
             layer_directions=stacked("layer_directions"),
             mode=data.get("mode", "plain"),
             extra_directions=stacked("extra_directions") or (),
+            harmless_means=tensors.get("harmless_means"),
         )
 
     def save(self, directory: str | Path) -> None:

@@ -103,6 +103,14 @@ class WriterEdit(ABC):
         """The edited bias (``(d_model,)``) of a writer that has one."""
         return b
 
+    @property
+    def needs_bias(self) -> bool:
+        """Whether the weight form of a linear writer must change its bias even where the hook
+        adds nothing to a zero bias: the edit adds a constant to the writer's output, which
+        only a bias can hold (:func:`abliterate.edit.weights.apply_edit` refuses writers without
+        one, so hooks and weights never disagree silently)."""
+        return False
+
 
 class Edit(ABC):
     """A change of a model's residual writers (see the module docstring)."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from abliterate.core.edits import Edit, WriterEdit
 from abliterate.edit.lora import CHUNK, LowRank, apply_writer_edits, low_rank_delta, read_peft
-from abliterate.edit.weights import writer_info
+from abliterate.edit.weights import planned_edits
 from abliterate.errors import ExportError
 from abliterate.model.anatomy import Anatomy, canonical
 from abliterate.model.gguf_store import (
@@ -126,14 +126,14 @@ def apply_gguf(edit: Edit, src: Path, out: Path, row_chunk: int = ROW_CHUNK) -> 
     Raises:
         ExportError: an edit that must go into the adapter is not low-rank; ``out`` is ``src``.
         ValueError: the edit does not fit the model's shape.
+        UnsupportedArchitectureError: the edit adds a constant to a writer without a bias.
     """
     store = GGUFStore(src)
     anatomy = store.anatomy()
     edit.check(anatomy.d_model, anatomy.n_layers)
     result = GGUFEdit(out=out)
     deltas: dict[str, LowRank] = {}
-    for writer in progress(anatomy.writers, desc="Editing GGUF"):
-        edits = edit.writer_edits(writer_info(writer, store, anatomy))
+    for writer, edits in progress(planned_edits(edit, store, anatomy), desc="Editing GGUF"):
         if not edits:
             continue
         name = store.gguf_name(writer.tensor)

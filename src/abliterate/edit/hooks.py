@@ -19,6 +19,10 @@ weight that norm-preserving edits rescale inputs by is read onloaded and dequant
 (:func:`~abliterate.model.devices.dense_weight`). A fused expert tensor that is offloaded or
 quantized cannot be swapped in place and is refused.
 
+:func:`batched_edit_hooks` applies several edits at once, each to its own block of rows of
+every batch (the same writer hooks, run on slices of the batch), so that one forward pass
+scores several candidate edits: what selection and search screen with.
+
 Composition follows :mod:`abliterate.core.edits`: with writer edits ``e_1 … e_n`` and input
 scales ``D_k``, the module sees ``D_1 ⋯ D_n x`` and ``e_k`` receives ``D_{k+1} ⋯ D_n x``, which
 makes the hooks equal the weights edited by ``e_1`` then ``e_2`` … for every affine writer edit.
@@ -26,7 +30,7 @@ makes the hooks equal the weights edited by ``e_1`` then ``e_2`` … for every a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -180,3 +184,102 @@ def edit_hooks(
         for group in fused.values():
             _fused_hooks(stack, group)
         yield
+
+
+class RowBlocks:
+    """Which rows of the next forward pass each edit of :func:`batched_edit_hooks` applies to:
+    consecutive blocks, edit ``k`` on the ``k``-th, ``rows`` rows each."""
+
+    def __init__(self, n_edits: int) -> None:
+        self.n_edits = n_edits
+        self.rows = 1
+
+    def slices(self, batch: int) -> list[slice]:
+        """The row slice of each edit in a batch of ``batch`` rows."""
+        if batch != self.n_edits * self.rows:
+            raise ValueError(
+                f"a batch of {batch} rows does not hold {self.n_edits} edits x {self.rows} rows"
+            )
+        return [slice(k * self.rows, (k + 1) * self.rows) for k in range(self.n_edits)]
+
+
+class _BatchedHooks:
+    """One writer's hooks for several edits, each on its own rows (:class:`RowBlocks`)."""
+
+    def __init__(self, per_edit: list[_WriterHooks | None], blocks: RowBlocks) -> None:
+        self.per_edit, self.blocks = per_edit, blocks
+
+    @property
+    def needs_pre(self) -> bool:
+        return any(h is not None and h.needs_pre for h in self.per_edit)
+
+    def pre(self, module: Any, inputs: Any) -> Any:
+        x = inputs[0]  # (batch, pos, d_in)
+        pieces = []
+        for h, rows in zip(self.per_edit, self.blocks.slices(x.shape[0]), strict=True):
+            part = x[rows]
+            if h is not None and h.needs_pre:
+                part = h.pre(module, (part,))[0]
+            pieces.append(part)
+        return (torch.cat(pieces), *inputs[1:])
+
+    def post(self, module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        pieces = []
+        for h, rows in zip(self.per_edit, self.blocks.slices(output.shape[0]), strict=True):
+            part = output[rows]
+            if h is not None:
+                part = h.post(module, (inputs[0][rows],), part)
+            pieces.append(part)
+        return torch.cat(pieces)
+
+
+def batchable(model: torch.nn.Module, anatomy: BoundAnatomy | None = None) -> bool:
+    """Whether :func:`batched_edit_hooks` can edit this model: every writer sees whole batch
+    rows (routed experts see tokens gathered across rows; fused expert tensors are swapped
+    in place, one edit at a time)."""
+    bound = anatomy or anatomy_of(model)
+    return all(
+        w.writer.layout not in ("fused", "fused_t")
+        and w.writer.role not in ("expert", "shared_expert")
+        for w in bound.writers
+    )
+
+
+@contextmanager
+def batched_edit_hooks(
+    model: torch.nn.Module, edits: Sequence[Edit], anatomy: BoundAnatomy | None = None
+) -> Iterator[RowBlocks]:
+    """Apply ``edits[k]`` to the ``k``-th block of rows of every forward pass while active.
+
+    Yields the :class:`RowBlocks` to set before each pass (``blocks.rows``: rows per edit).
+    Each block computes exactly what :func:`edit_hooks` of its edit computes on those rows.
+
+    Raises:
+        ValueError: an edit does not fit the model's shape.
+        UnsupportedArchitectureError: the model has writers that see tokens rather than rows
+            (see :func:`batchable`).
+    """
+    bound = anatomy or anatomy_of(model)
+    if not batchable(model, bound):
+        raise UnsupportedArchitectureError(
+            "this model has expert writers, which see tokens gathered across batch rows: "
+            "score its edits one at a time"
+        )
+    for edit in edits:
+        edit.check(bound.d_model, bound.n_layers)
+    blocks = RowBlocks(len(edits))
+    with ExitStack() as stack:
+        for writer in bound.writers:
+            info = bound.writer_info(writer)
+            lists = [edit.writer_edits(info) for edit in edits]
+            if not any(lists):
+                continue
+            embedding = writer.writer.role == "embedding"
+            weight = writer.weight() if embedding else dense_weight(writer)
+            hooks = _BatchedHooks(
+                [_WriterHooks(e, weight, embedding) if e else None for e in lists], blocks
+            )
+            if hooks.needs_pre:
+                stack.callback(writer.module.register_forward_pre_hook(hooks.pre).remove)
+            stack.callback(writer.module.register_forward_hook(hooks.post).remove)
+        yield blocks

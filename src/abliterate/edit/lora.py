@@ -35,7 +35,7 @@ import torch
 from abliterate.core.ablation import ProjectionEdit
 from abliterate.core.edits import Edit, WriterEdit
 from abliterate.core.linalg import as_basis, orthonormal_rows
-from abliterate.edit.weights import writer_info
+from abliterate.edit.weights import planned_edits
 from abliterate.errors import ExportError
 from abliterate.model.anatomy import Anatomy, Layout, Writer, canonical
 from abliterate.model.stores import ModuleStore, WeightStore
@@ -159,11 +159,11 @@ def lora_from_edit(
     Raises:
         ExportError: the edit is not low-rank.
         ValueError: the edit does not fit the model's shape.
+        UnsupportedArchitectureError: the edit adds a constant to a writer without a bias.
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
     adapter = LoraAdapter(base_model=base_model, revision=revision)
-    for writer in progress(anatomy.writers, desc="LoRA factors"):
-        edits = edit.writer_edits(writer_info(writer, store, anatomy))
+    for writer, edits in progress(planned_edits(edit, store, anatomy), desc="LoRA factors"):
         if not edits:
             continue
         w = canonical(store.read(writer.tensor), writer.layout, writer.expert)

@@ -71,6 +71,28 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def planned_edits(
+    edit: Edit, store: WeightStore, anatomy: Anatomy
+) -> list[tuple[Writer, list[WriterEdit]]]:
+    """Every writer of ``anatomy`` with its :class:`~abliterate.core.edits.WriterEdit` list
+    (empty: unchanged), checked before any is written, so that a refused edit changes nothing.
+
+    Raises:
+        UnsupportedArchitectureError: the edit adds a constant to a writer that has no bias
+            (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`).
+    """
+    planned = [(w, edit.writer_edits(writer_info(w, store, anatomy))) for w in anatomy.writers]
+    for writer, edits in planned:
+        bias = store.locate(writer).bias
+        has_bias = bias is not None and store.has(bias)
+        if not has_bias and writer.role != "embedding" and any(e.needs_bias for e in edits):
+            raise UnsupportedArchitectureError(
+                f"the edit adds a constant to the output of {writer.tensor}, which has no bias "
+                "to hold it (affine mode needs writers with biases); use another edit mode."
+            )
+    return planned
+
+
 def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     """Permanently apply ``edit`` to every writer of ``anatomy`` held in ``store``.
 
@@ -82,13 +104,15 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     Raises:
         ValueError: the edit does not fit the model's shape.
         NonFiniteError: the edit produced NaN or infinite values in a tensor (named).
+        UnsupportedArchitectureError: the edit adds a constant to a writer that has no bias
+            (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`); nothing is changed.
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
+    planned = planned_edits(edit, store, anatomy)
     summary = EditSummary()
     weights: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
     biases: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
-    for writer in anatomy.writers:
-        edits = edit.writer_edits(writer_info(writer, store, anatomy))
+    for writer, edits in planned:
         if not edits:
             continue
         stored = store.locate(writer)

@@ -151,6 +151,26 @@ class Candidates:
         vec = _without_component(mixed.vector.double(), harmless)
         return replace(mixed, vector=(vec / vec.norm()).float(), projected=True)
 
+    def writer_means(self) -> torch.Tensor:
+        """``(2, n_layers, d_model)`` float32 mean write of each layer's attention (row 0) and
+        MLP (row 1) on the harmless prompts, at the last prompt token: the stream's change
+        across each writer (``mid - pre`` and ``post - mid``), since the stream is the sum of
+        the writes. What affine edits remove a direction around
+        (:class:`~abliterate.core.ablation.Ablation` ``harmless_means``).
+
+        Raises:
+            ValueError: the sites pre, mid and post were not all collected.
+        """
+        missing = [s for s in ("pre", "mid", "post") if s not in self.sites]
+        if missing:
+            raise ValueError(
+                f"writer means need the sites pre, mid and post; missing: {', '.join(missing)}"
+            )
+        pre, mid, post = (
+            self.harmless_mean[:, self.sites.index(s)] for s in ("pre", "mid", "post")
+        )
+        return torch.stack([mid - pre, post - mid]).float()
+
     def extra_directions(
         self, main: Direction, layer: int, site: Site, count: int
     ) -> tuple[Direction, ...]:

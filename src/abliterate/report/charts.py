@@ -403,7 +403,7 @@ def pareto_figure(report: Report) -> Figure | None:
     with _canvas("pareto", 4.0) as (fig, ax):
         ax.scatter(
             [t.kl for t in rest],
-            [t.refusal_prob for t in rest],
+            [t.objective_refusal for t in rest],
             s=16,
             color=MUTED_COLOR,
             label="trial",
@@ -412,22 +412,22 @@ def pareto_figure(report: Report) -> Figure | None:
         )
         ax.plot(
             [t.kl for t in front],
-            [t.refusal_prob for t in front],
+            [t.objective_refusal for t in front],
             color=PALETTE[0],
             linewidth=1.4,
             zorder=3,
         )
         ax.scatter(
             [t.kl for t in front],
-            [t.refusal_prob for t in front],
+            [t.objective_refusal for t in front],
             s=24,
             color=PALETTE[0],
             label="Pareto front",
             gid="pareto-front",
             zorder=4,
         )
-        _ring(ax, opt.chosen.kl, opt.chosen.refusal_prob, f"chosen: trial {opt.chosen.number}")
-        _reference(ax, opt.baseline.refusal_prob, "unedited model")
+        _ring(ax, opt.chosen.kl, opt.chosen.objective_refusal, f"chosen: trial {opt.chosen.number}")
+        _reference(ax, opt.baseline.objective_refusal, "unedited model")
         _legend_above(ax)
         log_x = all(t.kl > 0 for t in opt.trials)
         if log_x:

@@ -29,7 +29,7 @@ from abliterate.report.charts import all_figures
 from abliterate.report.files import write_figures
 from abliterate.report.format import MISSING, fixed, pct, sci, side_labels
 from abliterate.report.html import kl_meaning, render_html, training_facts
-from abliterate.report.optimization import describe_edit, front_plot, pareto_table
+from abliterate.report.optimization import describe_edit, front_plot, pareto_table, search_notes
 from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
 
 
@@ -331,6 +331,8 @@ def _edit_lines(report: Report) -> list[str]:
             front_plot(opt),
             "```",
         ]
+        notes = search_notes(opt)
+        lines += ["", *notes] if notes else []
     elif isinstance(edit, AblationEdit):
         lines.append(
             f"Direction from layer {edit.direction.layer}, site `{edit.direction.site}`, removed "
@@ -341,6 +343,13 @@ def _edit_lines(report: Report) -> list[str]:
         lines.append(f"Edit of kind {code(edit.kind)}; see report.json for its parameters.")
     if report.selection is not None:
         lines += ["", f"Selection rule: {text(report.selection.rule)}."]
+        refinement = report.selection.refinement
+        if refinement is not None:
+            kept = "kept" if refinement.kept else "not kept"
+            lines.append(
+                f"Per-layer strengths refined by descent: validation KL "
+                f"{refinement.start['kl']:.4f} → {refinement.best['kl']:.4f}; {kept}."
+            )
     return lines
 
 

@@ -39,7 +39,7 @@ def pareto_table(optimization: Optimization) -> str:
     for t in pareto_front(optimization):
         rate = "" if t.confirmed_refusal_rate is None else pct(t.confirmed_refusal_rate)
         lines.append(
-            f"| {t.number} | {t.refusal_prob:.3f} | {t.kl:.4f} | {rate} | "
+            f"| {t.number} | {t.objective_refusal:.3f} | {t.kl:.4f} | {rate} | "
             f"{_param_cells(t.params)} | {'◀ chosen' if t.number == chosen else ''} |"
         )
     return "\n".join(lines)
@@ -58,7 +58,7 @@ def front_plot(optimization: Optimization, width: int = 60, height: int = 16) ->
     # Front trials are drawn last so that they stay visible where points overlap.
     for t, kl in sorted(zip(trials, kls, strict=True), key=lambda p: p[0].pareto):
         x = round((math.log10(kl) - lo) / span * (width - 1))
-        y = round((1.0 - t.refusal_prob) * (height - 1))
+        y = round((1.0 - t.objective_refusal) * (height - 1))
         mark = "o" if t.pareto else "·"
         if t.number == optimization.chosen.number:
             mark = "*"
@@ -89,3 +89,43 @@ def describe_edit(edit: AblationEdit) -> str:
         f"attention strength {max(edit.attention, default=0.0):.2f}, peak MLP strength "
         f"{max(edit.mlp, default=0.0):.2f}, embedding {edit.embedding:g}."
     )
+
+
+def _corr(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def search_notes(optimization: Optimization) -> list[str]:
+    """Markdown bullet lines on the opt-in parts of a search, where present: the refusal
+    openings, the precision check, the refinement and the calibration of the cheap objective
+    against the judge."""
+    o, lines = optimization, []
+    if o.openings is not None:
+        shown = ", ".join(repr(op.text) for op in o.openings.openings) or "none"
+        lines.append(
+            f"- refusal openings (the objective asks about them): {shown}; they cover "
+            f"{pct(o.openings.coverage)} of the {o.openings.n_refused} judged refusals"
+        )
+    if o.precision is not None:
+        p = o.precision
+        lines.append(
+            f"- front re-scored in {p.model_dtype} ({p.n_rescored} trials, searched in "
+            f"{p.search_dtype}): same KL order {_yes(p.same_order)}, same front "
+            f"{_yes(p.same_front)}, largest KL difference {p.max_kl_difference:.2g}; the choice "
+            f"used the {p.model_dtype} values"
+        )
+    if o.refinement is not None:
+        r = o.refinement
+        lines.append(
+            f"- descent on the chosen trial's per-layer strengths: KL {r.start['kl']:.4f} → "
+            f"{r.best['kl']:.4f} at refusal ≤ {r.cap:.4f}; kept: {_yes(r.kept)}"
+        )
+    if o.calibration is not None:
+        c = o.calibration
+        lines.append(
+            f"- calibration against the judge ({len(c.trials)} confirmed trials, {c.n_prompts} "
+            f"answers): Spearman across trials {_corr(c.spearman)} (next-token proxy "
+            f"{_corr(c.spearman_next_token)}), per-answer AUC {_corr(c.auc)} (proxy "
+            f"{_corr(c.auc_next_token)})"
+        )
+    return lines

@@ -1,11 +1,14 @@
 """The search's cheap objective: what one trial costs, and the precision it is scored in.
 
-A trial never generates text. It costs one forward pass (last position only, the chat
-template's shared prefix computed once per batch) over the harmful and harmless *validation*
-prompts: the objectives are the mean next-token refusal probability on harmful prompts and the
-first-token KL divergence on harmless prompts (:class:`CheapObjective`). :func:`search_model`
-gives the model those passes run on: the model itself, or a bfloat16 copy where the device
-computes bfloat16 natively (:func:`native_bf16`).
+A trial never generates text. It costs one forward pass over the harmful and harmless
+*validation* prompts, several trials per pass (:mod:`abliterate.search.scoring`): the
+objectives are the mean probability that the answer to a harmful prompt opens with one of the
+model's own refusal openings (teacher-forced over a few tokens; :func:`refusal_openings` finds
+them once, from the unedited model's judged answers) and the first-token KL divergence on
+harmless prompts (:class:`CheapObjective`). :func:`search_model` gives the model those passes
+run on: the model itself, or a bfloat16 copy where the device computes bfloat16 natively
+(:func:`native_bf16`). A layer-streamed model is scored on next-token log-probabilities only
+(:func:`scoring_config` says what falls back).
 """
 
 from __future__ import annotations
@@ -13,21 +16,22 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from abliterate.core.edits import Edit
-from abliterate.core.stats import kl_divergence, refusal_scores
-from abliterate.edit.hooks import edit_hooks
-from abliterate.model.forward import SharedPrefixScorer
+from abliterate.eval.judges import Judge
+from abliterate.measure.refusal import RefusalOpenings
+from abliterate.model.forward import greedy_new_tokens
 from abliterate.model.layerwise import LayerwiseModel
-from abliterate.search.streamed import streamed_logprobs
+from abliterate.search.scoring import edit_scorer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from abliterate.config.options import RunConfig
 
 
 log = logging.getLogger(__name__)
@@ -88,15 +92,117 @@ def search_model(model: PreTrainedModel, search_dtype: str) -> PreTrainedModel:
     return clone.to(target)  # type: ignore[arg-type]  # buffers too; parameters are done
 
 
+def judged_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    tokens: int = 16,
+    batch_size: int = 32,
+) -> tuple[list[list[int]], list[bool]]:
+    """The model's greedy answers to ``texts`` (token ids, up to and including the first
+    end-of-text token, at most ``tokens``) and the judge's verdicts on them (the judge reads
+    ``prompts``, the raw instructions)."""
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    rows = greedy_new_tokens(
+        model, tokenizer, texts, max_new_tokens=tokens, batch_size=batch_size
+    )  # (n_texts, <= tokens)
+    answers = [
+        row[: next((j + 1 for j, t in enumerate(row) if t in stop), len(row))] for row in rows
+    ]
+    decoded = [str(tokenizer.decode(a, skip_special_tokens=True)).strip() for a in answers]
+    return answers, judge(list(prompts), decoded)
+
+
+def refusal_openings(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    length: int,
+    top: int,
+    tokens: int = 16,
+    batch_size: int = 32,
+) -> RefusalOpenings:
+    """The unedited model's own refusal openings on ``texts`` (harmful validation prompts):
+    the ``top`` most frequent first ``length`` tokens of its judged refusals among
+    :func:`judged_answers` of ``tokens`` tokens. A short generation suffices: a refusal shows
+    in its first words, and only its opening is kept."""
+    answers, refused = judged_answers(
+        model, tokenizer, texts, prompts, judge, tokens=tokens, batch_size=batch_size
+    )
+    openings = RefusalOpenings.from_answers(answers, refused, length, top)
+    log.info(
+        "refusal openings: %s (%d of %d answers refused; the openings cover %.0f%% of them)",
+        [tokenizer.decode(list(t)) for t in openings.tokens], sum(refused), len(refused),
+        100 * openings.coverage,
+    )  # fmt: skip
+    return openings
+
+
+def scoring_config(model: PreTrainedModel | LayerwiseModel, config: RunConfig) -> RunConfig:
+    """``config`` as selection and search can score on ``model``. A layer-streamed model gives
+    next-token log-probabilities only (:class:`~abliterate.search.scoring.StreamedScorer`):
+    ``--refusal-objective openings`` falls back to ``next_token`` and ``--refine-steps`` to 0
+    (the descent needs gradients through a loaded model), each with a warning; the report
+    then shows the objective actually used."""
+    if not isinstance(model, LayerwiseModel):
+        return config
+    update: dict[str, Any] = {}
+    if config.refusal_objective != "next_token":
+        log.warning(
+            "--refusal-objective %s needs the model loaded; the layer-streamed model is scored "
+            "with the next-token refusal probability instead",
+            config.refusal_objective,
+        )
+        update["refusal_objective"] = "next_token"
+    if config.refine_steps > 0:
+        log.warning(
+            "--refine-steps needs gradients through a loaded model; the layer-streamed edit "
+            "is not refined"
+        )
+        update["refine_steps"] = 0
+    return config.model_copy(update=update) if update else config
+
+
+def objective_openings(
+    model: PreTrainedModel | LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    judge: Judge,
+    config: RunConfig,
+) -> RefusalOpenings:
+    """The openings ``--refusal-objective`` asks about: none for ``next_token`` (the scorer's
+    refusal is then the next-token proxy) or a layer-streamed model (:func:`scoring_config`),
+    else :func:`refusal_openings` of ``texts``."""
+    if config.refusal_objective == "next_token" or isinstance(model, LayerwiseModel):
+        return RefusalOpenings()
+    return refusal_openings(
+        model, tokenizer, texts, prompts, judge, length=config.opening_tokens,
+        top=config.refusal_openings, batch_size=config.batch_size,
+    )  # fmt: skip
+
+
 class CheapObjective:
-    """The generation-free objectives of one edit: refusal probability and first-token KL.
+    """The generation-free objectives of edits on the validation prompts
+    (:class:`~abliterate.search.scoring.EditScorer`): ``refusal`` (the probability of opening
+    the answer with one of the model's refusal openings), ``refusal_prob`` (the next-token
+    proxy) and ``kl`` (first-token KL divergence).
 
     Args:
-        model: A loaded model (scored under the edit's hooks, the chat template's shared
-            opening computed once per batch) or a layer-streamed one (one pass over the weights
-            per edit, harmful and harmless prompts together).
+        model: A loaded model (:class:`~abliterate.search.scoring.EditScorer`: several edits
+            per forward pass, the chat template's shared opening computed once per pass) or a
+            layer-streamed one (:class:`~abliterate.search.scoring.StreamedScorer`: next-token
+            scores only, as many edits per read of the weights as fit).
         harmful, harmless: Chat-formatted validation texts.
-        refusal_ids: Token ids whose probability makes up the refusal probability.
+        refusal_ids: First tokens of common refusal openings (the next-token proxy).
+        openings: The model's refusal openings (:func:`refusal_openings`).
+        edits_per_pass: Edits scored together in one forward pass (:meth:`many`).
     """
 
     def __init__(
@@ -106,42 +212,28 @@ class CheapObjective:
         harmful: Sequence[str],
         harmless: Sequence[str],
         refusal_ids: Sequence[int],
+        openings: RefusalOpenings,
         batch_size: int = 32,
+        edits_per_pass: int = 4,
     ) -> None:
+        # The chat template's shared opening is computed once per pass (abliterate.search.scoring).
         self.model = model
-        self.refusal_ids = list(refusal_ids)
-        if isinstance(model, LayerwiseModel):
-            streamed = model
-
-            def logprobs(edit: Edit | None) -> tuple[torch.Tensor, torch.Tensor]:
-                sets = (harmful, harmless)
-                (lp,) = streamed_logprobs(streamed, tokenizer, sets, [edit], batch_size=batch_size)
-                return lp[0], lp[1]
-
-        else:
-            loaded = model
-            harmful_scorer = SharedPrefixScorer(loaded, tokenizer, harmful, batch_size)
-            harmless_scorer = SharedPrefixScorer(loaded, tokenizer, harmless, batch_size)
-
-            def logprobs(edit: Edit | None) -> tuple[torch.Tensor, torch.Tensor]:
-                with nullcontext() if edit is None else edit_hooks(loaded, edit):
-                    return harmful_scorer.logprobs(), harmless_scorer.logprobs()
-
-        self._logprobs = logprobs
-        base_harmful, self.base_harmless = logprobs(None)
-        self.baseline = self._refusal(base_harmful)
-
-    def _refusal(self, logprobs: torch.Tensor) -> dict[str, float]:
-        # Mean probability that the answer opens like a refusal: bounded and close in meaning
-        # to a refusal *rate*, unlike the mean log-odds, which a few prompts can dominate.
-        prob = torch.logsumexp(logprobs[:, self.refusal_ids], dim=-1).exp()
-        return {
-            "refusal_prob": float(prob.mean()),
-            "refusal_score": float(refusal_scores(logprobs, self.refusal_ids).mean()),
+        self.scorer = edit_scorer(
+            model, tokenizer, harmful, harmless, refusal_ids, openings, batch_size
+        )
+        self.edits_per_pass = edits_per_pass
+        base = self.scorer.baseline()
+        prob = base.refusal.mean().clamp(1e-7, 1 - 1e-7)
+        self.baseline = {
+            **base.summary(),
+            "refusal_score": float(torch.log(prob) - torch.log1p(-prob)),
         }
+        del self.baseline["kl"]
 
     def __call__(self, edit: Edit) -> dict[str, float]:
-        """``{"refusal_prob", "refusal_score", "kl"}`` of ``edit`` on the validation prompts."""
-        harmful, harmless = self._logprobs(edit)
-        kl = float(kl_divergence(self.base_harmless, harmless).mean())
-        return {**self._refusal(harmful), "kl": kl}
+        """``{"refusal", "refusal_prob", "kl"}`` of ``edit`` on the validation prompts."""
+        return self.many([edit])[0]
+
+    def many(self, edits: Sequence[Edit]) -> list[dict[str, float]]:
+        """:meth:`__call__` of several edits, scored ``edits_per_pass`` at a time."""
+        return [s.summary() for s in self.scorer.score(edits, self.edits_per_pass)]

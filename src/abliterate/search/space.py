@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     import optuna
 
 # Bump when the meaning of a stored parameter changes, so an old study is not resumed by
-# mistake (its trials would describe different edits).
+# mistake (its trials would describe different edits). Options that change the objective or the
+# bounds are in the study's fingerprint instead (abliterate.search.optimize).
 SPACE_VERSION = 1
 COMPONENTS = ("attention", "mlp")
 
@@ -168,16 +169,19 @@ class SearchSpace:
 
     The direction may come from ``min_layer`` to ``max_layer`` (the last layers are pruned as in
     selection: they encode output tokens rather than the concept); peaks may sit anywhere.
-    Peak strengths start above 0 because a zero peak is the unedited model, which the search
-    need not rediscover, and stop at 1.5 because overshooting a little can cancel what the
-    other layers' writers add back. With ``max_directions > 1`` the number of directions
-    removed at once is searched too (1 to ``max_directions``).
+    Peaks start above 0 by default because a zero peak leaves those writers alone and the
+    search need not rediscover the unedited model; ``mlp_peak`` may start at 0
+    (``--mlp-peak-min 0``: the MLPs left untouched, which some models need because they are
+    damaged most there). Peaks stop at 1.5 because overshooting a little can cancel what the
+    other layers' writers add back. With ``max_directions > 1`` the number
+    of directions removed at once is searched too (1 to ``max_directions``).
     """
 
     n_layers: int
     min_layer: float
     max_layer: float
     peak: tuple[float, float] = (0.2, 1.5)
+    mlp_peak: tuple[float, float] = (0.2, 1.5)
     max_directions: int = 1
 
     def suggest(self, trial: optuna.Trial) -> EditParams:
@@ -189,8 +193,9 @@ class SearchSpace:
         norm_preserving = trial.suggest_categorical("norm_preserving", [False, True])
         profiles = {}
         for c in COMPONENTS:
+            bounds = self.peak if c == "attention" else self.mlp_peak
             profiles[c] = Profile(
-                peak=trial.suggest_float(f"{c}_peak", *self.peak),
+                peak=trial.suggest_float(f"{c}_peak", *bounds),
                 position=trial.suggest_float(f"{c}_position", 0.0, last),
                 width=trial.suggest_float(f"{c}_width", 1.0, float(self.n_layers)),
                 edge=trial.suggest_float(f"{c}_edge", 0.0, 1.0),
