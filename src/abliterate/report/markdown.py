@@ -6,7 +6,8 @@ examples side by side, the candidates' scores, stage times and the charts from `
 ``evaluate`` reports get their own variant (judges, over-refusal, fluency, benchmarks).
 
 Prompts and responses are model input and output: they are HTML-escaped, so that markup in
-them stays text in any Markdown viewer, and their pipes cannot split a table row.
+them stays text in any Markdown viewer, and their pipes cannot split a table row (the cells and
+the breakdown tables: :mod:`abliterate.report.tables`).
 
 :func:`write_reports` writes every file of a report (``report.json``, ``report.md``,
 ``report.html``, ``plots/*.svg``).
@@ -15,35 +16,17 @@ them stays text in any Markdown viewer, and their pipes cannot split a table row
 from __future__ import annotations
 
 from collections.abc import Sequence
-from html import escape
 from pathlib import Path
 
 from abliterate.files import write_text
-from abliterate.report.breakdown import (
-    CategoryRefusals,
-    pair_completions,
-    pick_examples,
-    refusal_by_category,
-)
+from abliterate.report.breakdown import pair_completions, pick_examples, refusal_by_category
 from abliterate.report.charts import all_figures
 from abliterate.report.files import write_figures
 from abliterate.report.format import MISSING, fixed, pct, sci, side_labels
 from abliterate.report.html import kl_meaning, render_html, training_facts
 from abliterate.report.optimization import describe_edit, front_plot, pareto_table, search_notes
 from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
-
-
-def text(value: object) -> str:
-    """Untrusted text for a Markdown table cell: HTML-escaped, pipes as entities (an escaped
-    ``\\|`` can still split a row in some renderers), line breaks as ``<br>``."""
-    escaped = escape(str(value), quote=False).replace("|", "&#124;")
-    return "<br>".join(escaped.splitlines())
-
-
-def code(value: object) -> str:
-    """Untrusted text in code style: an HTML ``<code>`` element around escaped text (a
-    Markdown code span would show entities literally and could be closed by a backtick)."""
-    return f"<code>{text(value)}</code>"
+from abliterate.report.tables import category_table, code, kl_category_table, scores_table, text
 
 
 def _quote(response: str) -> str:
@@ -125,72 +108,6 @@ def _evaluation_summary(report: Report) -> str:
             )
         )
     return _table(rows)
-
-
-def scores_table(scores: SelectionScores) -> str:
-    """A Markdown table of every candidate with a bar for its screening refusal score."""
-    rows = scores.scores
-    lo = min(s.screen_refusal for s in rows)
-    hi = max(s.screen_refusal for s in rows)
-    span = (hi - lo) or 1.0
-    lines = [
-        "| layer | site | refusal (screen) | KL (screen) | refusal (val) | KL (val) | |",
-        "|---:|:---|---:|---:|---:|---:|:---|",
-    ]
-    for s in rows:
-        bar = "█" * max(1, round(12 * (s.screen_refusal - lo) / span))
-        chosen = " ◀ chosen" if (s.layer, s.site) == (scores.layer, scores.site) else ""
-        val_r = f"{s.refusal:.2f}" if s.refusal is not None else ""
-        val_k = f"{s.kl:.3f}" if s.kl is not None else ""
-        lines.append(
-            f"| {s.layer} | {s.site} | {s.screen_refusal:.2f} | {s.screen_kl:.3f} | {val_r} | "
-            f"{val_k} | `{bar}`{chosen} |"
-        )
-    return "\n".join(lines)
-
-
-def category_table(
-    rows: list[CategoryRefusals], labels: tuple[str, str] = ("baseline", "abliterated")
-) -> str:
-    """A Markdown table of per-category refusal rates (baseline, edited, change)."""
-
-    def cell(count: int | None, n: int) -> str:
-        return MISSING if count is None else f"{100 * count / n:.0f}% ({count}/{n})"
-
-    lines = [
-        f"| category | prompts | {labels[0]} refused | {labels[1]} refused | change |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        change = "" if r.baseline is None else f"{100 * (r.edited - r.baseline) / r.n:+.0f} pp"
-        lines.append(
-            f"| {text(r.category)} | {r.n} | {cell(r.baseline, r.n)} | {cell(r.edited, r.n)} "
-            f"| {change} |"
-        )
-    return "\n".join(lines)
-
-
-def kl_category_table(report: Report) -> list[str]:
-    """The KL divergences per category of the harmless prompts (nothing when not measured)."""
-    by_category = report.edited.kl_by_category
-    if not by_category:
-        return []
-    lines = [
-        "",
-        "## KL divergence by kind of request",
-        "",
-        f"{kl_meaning(report)} on the harmless evaluation prompts of each category: where the "
-        "model moved on requests it should answer as before.",
-        "",
-        "| category | prompts | first-token KL | multi-token KL |",
-        "|---|---:|---:|---:|",
-    ]
-    for cat, kl in by_category.items():
-        lines.append(
-            f"| {text(cat)} | {kl.n} | {fixed(kl.kl_divergence)} | "
-            f"{fixed(kl.kl_divergence_multi_token)} |"
-        )
-    return lines
 
 
 def _late_lines(report: Report) -> list[str]:
