@@ -410,6 +410,24 @@ def _refine_choice(
     return chosen, met, rule, refinement
 
 
+def _front(
+    records: Sequence[TrialRecord], run: _Scoring, search: _Search
+) -> tuple[list[TrialRecord], PrecisionCheck | None, float]:
+    """The Pareto front of ``records`` (marked), sorted by KL; when the search scored in
+    another precision than the model's, re-scored in the model's and taken again from those
+    values, with how the two precisions compare; and the seconds that took."""
+    started = time.perf_counter()
+    front = pareto_front(records)  # in the search's precision, sorted by KL
+    precision = None
+    if run.exact is not None:
+        precision = compare_precisions(front, run.exact, search.edit, run.dtype)
+        front = pareto_front(front, rescored=True)
+    seconds = time.perf_counter() - started
+    for r in front:
+        r.pareto = True
+    return front, precision, seconds
+
+
 def optimize_edit(
     model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -447,15 +465,7 @@ def optimize_edit(
     records = _records(run.study)
     if not records:
         raise ConfigError(f"study '{config.study_name}' has no completed trials; raise --trials.")
-    started = time.perf_counter()
-    front = pareto_front(records)  # in the search's precision, sorted by KL
-    precision = None
-    if run.exact is not None:
-        precision = compare_precisions(front, run.exact, search.edit, run.dtype)
-        front = pareto_front(front, rescored=True)
-    rescore_seconds = time.perf_counter() - started
-    for r in front:
-        r.pareto = True
+    front, precision, rescore_seconds = _front(records, run, search)
     started = time.perf_counter()
     confirm = _Confirmer(model, tokenizer, search)
     chosen, met, rule = _choose_trial(records, front, confirm, config, run.exact is not None)

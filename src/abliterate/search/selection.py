@@ -345,17 +345,7 @@ def select_direction(
         # as the model's precision does, and would it choose the same?
         fast_values = [_values(s, c.refusal_objective) for s in fast.score(edits, c.edits_per_pass)]
         details["precision"] = _agreement(finalists, fast_values, baseline_refusal, c)
-    scores = []
-    for layer in range(max_layer + 1):
-        for site in candidates.sites:
-            key = f"{layer}/{site}"
-            if key in screened:
-                scores.append(screened[key])
-            elif (layer, site) in twins:
-                twin = screened[twins[layer, site]]
-                scores.append(CandidateScore(layer, site, twin.screen_refusal, twin.screen_kl,
-                                             twin.refusal, twin.kl, twin.key,
-                                             twin.screen_prompts))  # fmt: skip
+    scores = _all_scores(candidates.sites, max_layer, screened, twins)
     best, met, rule = _choose(finalists, baseline_refusal, c.kl_threshold)
     start = Ablation.uniform(by_key[best.key], n_layers, c.strength)
     edit = start
@@ -369,6 +359,28 @@ def select_direction(
         kl_threshold=c.kl_threshold, max_layer=max_layer, edit=edit,
         objective=c.refusal_objective, scores=scores, details=details,
     )  # fmt: skip
+
+
+def _all_scores(
+    sites: Sequence[Site],
+    max_layer: int,
+    screened: dict[str, CandidateScore],
+    twins: dict[tuple[int, Site], str],
+) -> list[CandidateScore]:
+    """Every candidate's scores in layer and site order; a twin (a direction equal to one
+    screened) carries the scores of the one it equals, under its own layer and site."""
+    scores = []
+    for layer in range(max_layer + 1):
+        for site in sites:
+            key = f"{layer}/{site}"
+            if key in screened:
+                scores.append(screened[key])
+            elif (layer, site) in twins:
+                twin = screened[twins[layer, site]]
+                scores.append(CandidateScore(layer, site, twin.screen_refusal, twin.screen_kl,
+                                             twin.refusal, twin.kl, twin.key,
+                                             twin.screen_prompts))  # fmt: skip
+    return scores
 
 
 def _agreement(
