@@ -50,3 +50,8 @@ class BenchmarkError(AbliterateError):
 
 class ReportError(AbliterateError):
     """A ``report.json`` or ``scores.json`` is missing, malformed, or of an unknown version."""
+
+
+class EditError(AbliterateError):
+    """An edit cannot be applied, baked or exported as asked (the message says why and what
+    works instead)."""

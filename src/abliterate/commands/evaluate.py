@@ -4,7 +4,9 @@ For MODEL (reported under ``"edited"``) and, when given, BASE (under ``"baseline
 evaluator (:mod:`abliterate.eval.evaluator`) measures refusal and over-refusal rates by every
 requested judge with their agreement, the cross-entropy of reference answers, n-gram fluency,
 lm-evaluation-harness benchmarks, and with a baseline, first-token and multi-token
-``KL(baseline ‖ model)`` on harmless prompts.
+``KL(baseline ‖ model)`` on harmless prompts. With ``--steer FILE --strength S`` MODEL is
+measured under that steering (hooks: its weights stay as they are); ``--baseline`` naming the
+same model then reuses the loaded one, unsteered.
 
 The run directory is written atomically (:func:`~abliterate.commands.rundir.run_directory`)
 and holds ``config.json``, ``environment.json``, ``report.json``, ``report.md`` and
@@ -15,24 +17,31 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Protocol
 
 from abliterate import __version__
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import EvaluateConfig, to_dict
 from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
+from abliterate.edit.hooks import edit_hooks
+from abliterate.edit.steering import read_directions, require_targets
 from abliterate.errors import ConfigError
 from abliterate.eval.benchmarks import check_task_names
 from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges
 from abliterate.eval.metrics import reference_answers
+from abliterate.model.anatomy import anatomy_of
 from abliterate.model.loading import load_model
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from abliterate.core.steering import Steering
     from abliterate.data.prompts import PromptSet
     from abliterate.eval.metrics import ReferenceAnswers
     from abliterate.model.loading import LoadedModel
@@ -40,8 +49,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class EvalSetOptions(Protocol):
+    """Where a command's evaluation sets come from (``evaluate``, ``steer``, ``detox``)."""
+
+    @property
+    def eval_harmful(self) -> str | None: ...
+    @property
+    def eval_harmless(self) -> str | None: ...
+    @property
+    def over_refusal(self) -> str | None: ...
+    @property
+    def prompt_column(self) -> str | None: ...
+    @property
+    def system_prompt(self) -> str | None: ...
+    @property
+    def n_eval(self) -> int | None: ...
+
+
 def load_prompt_sets(
-    config: EvaluateConfig,
+    config: EvalSetOptions,
 ) -> tuple[PromptSet, PromptSet, PromptSet, ReferenceAnswers]:
     """Harmful, harmless, over-refusal prompts and reference answers, capped at ``n_eval``."""
 
@@ -57,7 +83,8 @@ def load_prompt_sets(
     )
 
 
-def _model_record(loaded: LoadedModel) -> dict[str, Any]:
+def model_record(loaded: LoadedModel) -> dict[str, Any]:
+    """The ``report.json`` record of a loaded model (name, source, revision, architecture)."""
     config = loaded.model.config
     n_params = sum(p.numel() for p in loaded.model.parameters())
     return {
@@ -77,11 +104,12 @@ def _check_same_vocabulary(base: LoadedModel, model: LoadedModel) -> None:
         )
 
 
-def _format_sets(
+def format_sets(
     loaded: LoadedModel,
-    config: EvaluateConfig,
+    config: EvalSetOptions,
     raw: tuple[PromptSet, PromptSet, PromptSet, ReferenceAnswers],
 ) -> EvalSets:
+    """The evaluation sets chat-formatted for ``loaded``'s tokenizer."""
 
     harmful, harmless, over, reference = raw
     tok, system = loaded.tokenizer, config.system_prompt
@@ -91,6 +119,18 @@ def _format_sets(
         over_refusal=ChatSet.format(tok, over, system),
         reference=reference,
     )
+
+
+def _steering(
+    config: EvaluateConfig, loaded: LoadedModel
+) -> tuple[Steering | None, Callable[[], AbstractContextManager[Any]]]:
+    """The ``--steer`` edit (or None) and the context the evaluated model runs in: its hooks,
+    or nothing."""
+    if config.steer is None:
+        return None, nullcontext
+    steering = read_directions(config.steer, config.strength, config.steer_layers or None)
+    require_targets(steering, anatomy_of(loaded.model))
+    return steering, lambda: edit_hooks(loaded.model, steering)
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
@@ -126,7 +166,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         with stages.stage("load model"):
             model = load(config.model)
-        sets = _format_sets(model, config, raw_sets)
+        sets = format_sets(model, config, raw_sets)
+        steering, steered = _steering(config, model)
         data = sets.record()
         env = environment_record(str(model.device), config.seed, data)
         (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
@@ -136,24 +177,28 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             benchmarks=config.benchmarks, benchmark_limit=config.benchmark_limit,
             seed=config.seed, system_prompt=config.system_prompt,
         )  # fmt: skip
-        with stages.stage("model eval"):
+        with stages.stage("model eval"), steered():
             edited = evaluator.assess(model.model, "model")
         baseline_dict: dict[str, Any] | None = None
         baseline_record: dict[str, Any] | None = None
         if config.baseline is not None:
+            # The same model named twice is loaded once (its baseline is it, unsteered).
+            same = config.baseline == config.model
             with stages.stage("load baseline"):
-                base_model = load(config.baseline)
+                base_model = model if same else load(config.baseline)
             _check_same_vocabulary(base_model, model)
             with stages.stage("baseline eval"):
                 baseline = evaluator.assess(base_model.model, "baseline")
             with stages.stage("KL divergence"):
-                kl_multi, _ = evaluator.multi_token_kl(base_model.model, model_q=model.model)
+                kl_multi, _ = evaluator.multi_token_kl(
+                    base_model.model, model_q=None if same else model.model, q_context=steered
+                )
             evaluator.compare(baseline, edited, kl_multi)
-            baseline_dict, baseline_record = baseline.to_dict(), _model_record(base_model)
+            baseline_dict, baseline_record = baseline.to_dict(), model_record(base_model)
         report: dict[str, Any] = {
             "abliterate_version": __version__,
             "command": "evaluate",
-            "model": _model_record(model),
+            "model": model_record(model),
             "baseline_model": baseline_record,
             "data": data,
             "judges": [j.name for j in judges],
@@ -162,6 +207,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "n_examples": config.n_examples,
             "timings": stages.to_dict(),
         }
+        if steering is not None:
+            report["edit"] = steering.to_dict()
         typed = Report.model_validate(report)
         write_reports(tmp, typed)
     print(summary_table(typed))

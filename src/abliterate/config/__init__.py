@@ -23,6 +23,9 @@ This module is imported by ``abliterate --help``: it must not import torch or tr
 from abliterate.config.messages import describe_errors, option_name
 from abliterate.config.options import (
     ChatConfig,
+    DetoxConfig,
+    DirectionCombineConfig,
+    DirectionConfig,
     EvalOptions,
     EvalPromptOptions,
     EvaluateConfig,
@@ -35,6 +38,8 @@ from abliterate.config.options import (
     RunConfig,
     SearchOptions,
     SelectionOptions,
+    SteerConfig,
+    SteerHookOptions,
     to_dict,
 )
 from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
@@ -42,6 +47,9 @@ from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
 __all__ = [
     "ENV_PREFIX",
     "ChatConfig",
+    "DetoxConfig",
+    "DirectionCombineConfig",
+    "DirectionConfig",
     "EvalOptions",
     "EvalPromptOptions",
     "EvaluateConfig",
@@ -54,6 +62,8 @@ __all__ = [
     "RunConfig",
     "SearchOptions",
     "SelectionOptions",
+    "SteerConfig",
+    "SteerHookOptions",
     "describe_errors",
     "load_config",
     "option_name",

@@ -101,6 +101,11 @@ class WriterEdit(ABC):
         """The edited bias (``(d_model,)``) of a writer that has one."""
         return b
 
+    def needs_bias(self) -> bool:
+        """Whether the weight form needs a bias on a writer that has none (a constant added to
+        the output, as steering does); the weight store then creates a zero bias first."""
+        return False
+
 
 class Edit(ABC):
     """A change of a model's residual writers (see the module docstring)."""

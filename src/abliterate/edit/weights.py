@@ -17,7 +17,7 @@ import torch
 
 from abliterate.core.edits import Edit, WriterEdit, WriterInfo
 from abliterate.model.anatomy import Anatomy, Writer, anatomy_of, canonical
-from abliterate.model.stores import ModuleStore, WeightStore
+from abliterate.model.stores import BiasStore, ModuleStore, WeightStore
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,6 +59,25 @@ def _rewrite(weight: torch.Tensor, edits: list[WriterEdit], chunk: int | None) -
         cols.copy_(edited.to(cols.dtype))
 
 
+def _ensure_bias(store: WeightStore, writer: Writer, d_model: int) -> None:
+    """Create a zero bias on ``writer`` when an edit adds a constant to its output and it has
+    none, or say why that is impossible."""
+    if writer.bias is not None and store.has(writer.bias):
+        return
+    if writer.bias is None or writer.expert is not None:
+        raise ValueError(
+            f"{writer.name} cannot carry an output bias, so a constant added to its output "
+            "cannot be baked into the weights; apply the edit with hooks instead"
+        )
+    if not isinstance(store, BiasStore):
+        raise ValueError(
+            f"{writer.name} has no bias and {type(store).__name__} cannot create one, so a "
+            "constant added to its output cannot be baked into these weights; apply the edit "
+            "with hooks, or bake it into the in-memory model"
+        )
+    store.create_bias(writer.bias, d_model, like=writer.tensor)
+
+
 def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     """Permanently apply ``edit`` to every writer of ``anatomy`` held in ``store``.
 
@@ -74,6 +93,8 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
         with store.writable(writer.tensor) as stored:
             chunk = EMBEDDING_CHUNK if writer.layout == "embedding" else None
             _rewrite(canonical(stored, writer.layout, writer.expert), edits, chunk)
+        if any(e.needs_bias() for e in edits):
+            _ensure_bias(store, writer, anatomy.d_model)
         if writer.bias is not None and store.has(writer.bias):
             with store.writable(writer.bias) as bias:
                 b = bias if writer.expert is None else bias[writer.expert]
