@@ -179,7 +179,16 @@ class Edit(ABC):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in self.tensors().items():
+            t = v.detach().cpu().contiguous()
+            # safetensors refuses tensors sharing memory (one direction set in two steerings
+            # of a composite): such a tensor is written as a copy.
+            if t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[k] = t
         tmp = d / f".{TENSORS_FILE}.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(d / TENSORS_FILE)

@@ -67,7 +67,7 @@ def write_control_vector(steering: Steering, path: Path, model_hint: str) -> Pat
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), ARCH)
     try:
-        writer.add_architecture()
+        # GGUFWriter records general.architecture itself (as ``ARCH``).
         writer.add_string(f"{ARCH}.model_hint", model_hint)
         writer.add_int32(f"{ARCH}.layer_count", len(layers))
         for index, vector in sorted(layers.items()):

@@ -207,11 +207,12 @@ def category_figure(report: Report) -> Figure | None:
     rows = refusal_by_category(report)
     if not rows:
         return None
-    values: dict[str, Sequence[float | None]] = {
-        "baseline": [r.baseline_rate for r in rows],
-        "abliterated": [r.edited_rate for r in rows],
-    }
-    series: list[Series] = [(name, values[name], color) for name, color, _ in _sides(report)]
+    baseline: Sequence[float | None] = [r.baseline_rate for r in rows]
+    edited: Sequence[float | None] = [r.edited_rate for r in rows]
+    series: list[Series] = [
+        (name, baseline if name == "baseline" else edited, color)
+        for name, color, _ in _sides(report)
+    ]
     with _canvas("categories", 3.8) as (fig, ax):
         _rate_bars(ax, [r.category for r in rows], series, "fraction refused")
         _legend_above(ax)
