@@ -3,7 +3,9 @@
 The stages: read the instances (built-in, a JSONL file or SafeEdit's JSON) and the evaluation
 sets before loading anything; load the model and, with ``--edit``, bake an earlier edit (an
 abliteration) into it, keeping the original's next-token distributions on the harmless prompts
-for the KL to the original; evaluate the model before detoxification (``baseline``: refusal and
+(for the KL to the original) and on the instances' general-knowledge answers (DINM's KL
+reference: the detox holds those answers to the original model, not to the abliterated one);
+evaluate the model before detoxification (``baseline``: refusal and
 over-refusal rates, SafeEdit-style scores); run DINM (:func:`~abliterate.edit.dinm.run_dinm`,
 with the toxic layer of every instance located by
 :func:`~abliterate.measure.toxic.locate_toxic_layers`); evaluate the detoxified model through
@@ -33,7 +35,7 @@ from abliterate.config import DetoxConfig, to_dict
 from abliterate.core.stats import kl_divergence
 from abliterate.data.detox import InstanceSet, load_instances
 from abliterate.data.prompts import resolve_prompts
-from abliterate.edit.dinm import DinmResult, DinmSettings, run_dinm
+from abliterate.edit.dinm import DinmResult, DinmSettings, knowledge_references, run_dinm
 from abliterate.edit.export import save_model, verify_export
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
@@ -67,7 +69,12 @@ def _scores(
     )  # fmt: skip
 
 
-def _detoxify(config: DetoxConfig, loaded: LoadedModel, instances: InstanceSet) -> DinmResult:
+def _detoxify(
+    config: DetoxConfig,
+    loaded: LoadedModel,
+    instances: InstanceSet,
+    references: Sequence[torch.Tensor] | None,
+) -> DinmResult:
     """DINM on the loaded model, each instance located on the model as it is at that point."""
     model, tok = loaded.model, loaded.tokenizer
 
@@ -80,7 +87,7 @@ def _detoxify(config: DetoxConfig, loaded: LoadedModel, instances: InstanceSet) 
         steps=config.steps, lr=config.lr, kl_weight=config.kl_weight, mode=config.mode,
         system_prompt=config.system_prompt,
     )  # fmt: skip
-    result = run_dinm(model, tok, instances.instances, settings, locate)
+    result = run_dinm(model, tok, instances.instances, settings, locate, references)
     layers = [r.layer for r in result.records]
     log.info("DINM tuned layers %s (per instance: %s)", sorted(set(layers)), layers)
     return result
@@ -93,6 +100,7 @@ def _evaluate_detox(
     safe_sets: SafeEditSets | None,
     judges: Sequence[Judge],
     instances: InstanceSet,
+    references: Sequence[torch.Tensor] | None,
     stages: Stages,
 ) -> tuple[Assessment, Assessment, DinmResult]:
     """The model before detoxification, DINM, and the model after it (through hooks)."""
@@ -102,7 +110,7 @@ def _evaluate_detox(
         if safe_sets is not None:
             baseline.extra["safeedit"] = _scores(config, loaded, safe_sets, judges)
     with stages.stage("dinm"):
-        result = _detoxify(config, loaded, instances)
+        result = _detoxify(config, loaded, instances, references)
     with stages.stage("detoxified eval"), edit_hooks(model, result.edit):
         edited = evaluator.assess(model, "detoxified")
         if safe_sets is not None:
@@ -189,10 +197,13 @@ def detox(config: DetoxConfig) -> dict[str, Any]:
                 trust_remote_code=config.trust_remote_code,
             )  # fmt: skip
         sets = format_sets(loaded, config, raw_sets)
-        original = None
+        original, references = None, None
         if config.edit is not None:  # the original's distributions, before the edit is baked
             original = next_token_logprobs(
                 loaded.model, loaded.tokenizer, sets.harmless.texts, batch_size=config.batch_size
+            )
+            references = knowledge_references(
+                loaded.model, loaded.tokenizer, instances.instances, config.system_prompt
             )
         prior = apply_prior_edit(config.edit, loaded)
         data = {**sets.record(), "instances": {"name": instances.name, "n": len(instances),
@@ -205,7 +216,7 @@ def detox(config: DetoxConfig) -> dict[str, Any]:
             system_prompt=config.system_prompt,
         )  # fmt: skip
         baseline, edited, result = _evaluate_detox(
-            config, loaded, evaluator, safe_sets, judges, instances, stages
+            config, loaded, evaluator, safe_sets, judges, instances, references, stages
         )
         full = prior.then(result.edit) if prior is not None else result.edit
         full.save(tmp)

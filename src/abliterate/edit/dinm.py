@@ -6,12 +6,17 @@ located on the model as it is at that moment (the locator is passed in; see
 
 * only the MLP output projection of layer ``L`` is trainable; every other parameter is frozen;
 * the loss is the safe answer's negative log-likelihood given the adversarial prompt (mean over
-  the answer's tokens) plus ``kl_weight`` times ``KL(p_before ‖ p_now)`` of the next-token
-  distributions over the general-knowledge answer's tokens, where ``p_before`` is the model
-  before this instance's tuning (computed once, without gradient) and ``p_now`` the model being
+  the answer's tokens) plus ``kl_weight`` times ``KL(p_ref ‖ p_now)`` of the next-token
+  distributions over the general-knowledge answer's tokens, where ``p_now`` is the model being
   tuned, *with* gradient — so the KL term actually holds the general answer in place (the
   reference implementation computes both sides under ``no_grad``, which makes it a constant);
 * Adam takes ``steps`` steps with learning rate ``lr``.
+
+``p_ref`` is computed once, before any instance is edited (:func:`knowledge_references`): by
+default from the model DINM is given, so later instances are held to the same reference as the
+first rather than to a model that earlier edits have already moved; a caller may pass another
+model's distributions (``abliterate detox --edit`` passes the original model's, the one without
+the earlier edit).
 
 ``sequence`` mode edits the instances one after another: each is located and tuned on the model
 already carrying the previous instances' changes. ``batch`` mode locates every instance on the
@@ -161,14 +166,14 @@ def tune_mlp_outputs(
     writers: Sequence[BoundWriter],
     edit: PairBatch,
     knowledge: PairBatch,
+    reference: torch.Tensor,
     settings: DinmSettings,
 ) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
-    """Tune ``writers`` with Adam on :func:`dinm_losses`; return their canonical ``ΔW`` by
-    tensor name and the loss terms per step. The weights are restored before returning."""
+    """Tune ``writers`` with Adam on :func:`dinm_losses` (``reference``: the knowledge answer's
+    reference log-probabilities); return their canonical ``ΔW`` by tensor name and the loss
+    terms per step. The weights are restored before returning."""
     params = [w.module.get_parameter(w.writer.tensor.rsplit(".", 1)[-1]) for w in writers]
     originals = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        reference, _ = answer_logprobs(bound, knowledge)
     nll_log, kl_log = [], []
     try:
         with _trainable(bound.model, params):
@@ -214,6 +219,23 @@ def _texts(
     ]
 
 
+def knowledge_references(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instances: Sequence[DetoxInstance],
+    system_prompt: str | None = None,
+) -> list[torch.Tensor]:
+    """Per instance, ``model``'s log-probabilities over its general-knowledge answer:
+    ``(answer tokens, vocab)`` float32 on the CPU (DINM's KL reference)."""
+    bound = anatomy_of(model)
+    out = []
+    for t in _texts(tokenizer, instances, system_prompt):
+        _, knowledge = _batches(tokenizer, [t])
+        with torch.no_grad():
+            out.append(answer_logprobs(bound, knowledge)[0].cpu())
+    return out
+
+
 def _target(writer: BoundWriter) -> DeltaTarget:
     return DeltaTarget(writer.writer.tensor, writer.writer.layer, writer.writer.role)
 
@@ -234,26 +256,36 @@ def run_dinm(
     instances: Sequence[DetoxInstance],
     settings: DinmSettings,
     locate: Locator,
+    references: Sequence[torch.Tensor] | None = None,
 ) -> DinmResult:
     """Detoxify ``model`` on ``instances`` (module docstring); the model is left unchanged.
+
+    Args:
+        references: Per instance, the KL reference over its knowledge answer (default:
+            :func:`knowledge_references` of ``model`` as given).
 
     Raises:
         UnsupportedArchitectureError: a located layer has no dense MLP output projection.
     """
     bound = anatomy_of(model)
     texts = _texts(tokenizer, instances, settings.system_prompt)
+    if references is None:
+        references = knowledge_references(model, tokenizer, instances, settings.system_prompt)
     parts: dict[DeltaTarget, torch.Tensor] = {}
     records: list[InstanceRecord] = []
     touched: dict[str, torch.Tensor] = {}  # originals of every baked weight, to restore
     try:
         if settings.mode == "batch":
-            _batch(bound, tokenizer, texts, settings, locate, parts, records)
+            _batch(bound, tokenizer, texts, references, settings, locate, parts, records)
         else:
-            for t in progress(texts, total=len(texts), desc="DINM (instances)"):
+            pairs = zip(texts, references, strict=True)
+            for t, reference in progress(pairs, total=len(texts), desc="DINM (instances)"):
                 layer, distances = locate([t.prompt], [t.safe], [t.unsafe])[0]
                 writer = mlp_output_writer(bound, layer)
                 edit, knowledge = _batches(tokenizer, [t])
-                deltas, nll, kl = tune_mlp_outputs(bound, [writer], edit, knowledge, settings)
+                deltas, nll, kl = tune_mlp_outputs(
+                    bound, [writer], edit, knowledge, reference, settings
+                )
                 records.append(InstanceRecord(t.id, layer, list(distances), nll, kl))
                 target = _target(writer)
                 param = writer.module.get_parameter(writer.writer.tensor.rsplit(".", 1)[-1])
@@ -282,6 +314,7 @@ def _batch(
     bound: BoundAnatomy,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[_Texts],
+    references: Sequence[torch.Tensor],
     settings: DinmSettings,
     locate: Locator,
     parts: dict[DeltaTarget, torch.Tensor],
@@ -292,7 +325,9 @@ def _batch(
     layers = sorted({layer for layer, _ in located})
     writers = [mlp_output_writer(bound, layer) for layer in layers]
     edit, knowledge = _batches(tokenizer, texts)
-    deltas, nll, kl = tune_mlp_outputs(bound, writers, edit, knowledge, settings)
+    # The batch's answer tokens come in instance order, as the references do.
+    reference = torch.cat(list(references))
+    deltas, nll, kl = tune_mlp_outputs(bound, writers, edit, knowledge, reference, settings)
     for t, (layer, distances) in zip(texts, located, strict=True):
         records.append(InstanceRecord(t.id, layer, list(distances), nll, kl))
     for writer in writers:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from abliterate.data.chat import ChatSet
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BehaviourMetric = Literal["length", "refusal"]
-METRICS: tuple[BehaviourMetric, ...] = ("length", "refusal")
 _WORDS = re.compile(r"\w+")
 
 UNITS: dict[BehaviourMetric, str] = {"length": "words per answer", "refusal": "share refused"}
@@ -33,15 +31,6 @@ UNITS: dict[BehaviourMetric, str] = {"length": "words per answer", "refusal": "s
 def mean_words(texts: Sequence[str]) -> float:
     """Mean number of words per text."""
     return sum(len(_WORDS.findall(t)) for t in texts) / len(texts)
-
-
-@dataclass(frozen=True)
-class MetricPoint:
-    """The metric at one strength, with the answers it was computed from."""
-
-    strength: float
-    value: float
-    responses: list[str]
 
 
 def measure_behaviour(
