@@ -206,9 +206,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "edited": edited.to_dict(),
             "n_examples": config.n_examples,
             "timings": stages.to_dict(),
+            "edit": None if steering is None else steering.to_dict(),
         }
-        if steering is not None:
-            report["edit"] = steering.to_dict()
         typed = Report.model_validate(report)
         write_reports(tmp, typed)
     print(summary_table(typed))

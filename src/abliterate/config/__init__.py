@@ -20,12 +20,15 @@ Invalid values raise :class:`~abliterate.errors.ConfigError` with one line of te
 This module is imported by ``abliterate --help``: it must not import torch or transformers.
 """
 
-from abliterate.config.messages import describe_errors, option_name
-from abliterate.config.options import (
-    ChatConfig,
+from abliterate.config.alignment import (
     DetoxConfig,
     DirectionCombineConfig,
     DirectionConfig,
+    SteerConfig,
+)
+from abliterate.config.messages import describe_errors, option_name
+from abliterate.config.options import (
+    ChatConfig,
     EvalOptions,
     EvalPromptOptions,
     EvaluateConfig,
@@ -38,7 +41,6 @@ from abliterate.config.options import (
     RunConfig,
     SearchOptions,
     SelectionOptions,
-    SteerConfig,
     SteerHookOptions,
     to_dict,
 )
