@@ -28,17 +28,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
+from abliterate.commands.baking import apply_prior_edit, bake_checked, save_edited
 from abliterate.commands.evaluate import format_sets, load_prompt_sets, model_record
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
-from abliterate.commands.steer import apply_prior_edit
 from abliterate.config import DetoxConfig, to_dict
 from abliterate.core.stats import kl_divergence
 from abliterate.data.detox import InstanceSet, load_instances
 from abliterate.data.prompts import resolve_prompts
 from abliterate.edit.dinm import DinmResult, DinmSettings, knowledge_references, run_dinm
-from abliterate.edit.export import save_model, verify_export
 from abliterate.edit.hooks import edit_hooks
-from abliterate.edit.weights import bake
 from abliterate.eval.evaluator import Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges
 from abliterate.eval.safeedit import SafeEditSets, knowledge_questions, safeedit_scores
@@ -127,25 +125,9 @@ def _bake_and_save(
     config: DetoxConfig, loaded: LoadedModel, edit: Edit, full: Edit, probe: list[str], tmp: Any
 ) -> dict[str, Any]:
     """Bake the learned edit; the hooks-vs-weights check; the export and its reload check."""
-    model, tok = loaded.model, loaded.tokenizer
-    with edit_hooks(model, edit):
-        hooked = next_token_logprobs(model, tok, probe)
-    summary = bake(model, edit)
-    baked = next_token_logprobs(model, tok, probe)
-    checks: dict[str, Any] = {
-        "hooks_vs_weights_max_abs_diff": float((hooked - baked).abs().max()),
-        "export_reload_max_abs_diff": None,
-        "edited_writers": summary.to_dict(),
-    }
+    checks = bake_checked(loaded, edit, probe)
     if config.save_model:
-        record = {
-            "abliterate_version": __version__,
-            "base_model": {"name": loaded.name, "source": loaded.source,
-                           "revision": loaded.revision},
-            "edit": full.to_dict(),
-        }  # fmt: skip
-        save_model(model, tok, tmp / "model", record)
-        checks["export_reload_max_abs_diff"] = verify_export(model, tok, tmp / "model", probe)
+        checks["export_reload_max_abs_diff"] = save_edited(loaded, full, tmp / "model", probe)
     return checks
 
 

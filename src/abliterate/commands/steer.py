@@ -26,25 +26,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
+from abliterate.commands.baking import apply_prior_edit, bake_checked, save_edited
 from abliterate.commands.evaluate import format_sets, load_prompt_sets, model_record
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import SteerConfig, to_dict
-from abliterate.core.edits import Edit, load_edit
+from abliterate.core.edits import Edit
 from abliterate.core.steering import Steering
 from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import builtin, load_prompts
 from abliterate.edit.biases import declare_biases
 from abliterate.edit.control_vector import write_control_vector
-from abliterate.edit.export import save_model, verify_export
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.steering import read_directions, removal, require_targets
-from abliterate.edit.weights import bake
-from abliterate.errors import ConfigError, EditError
+from abliterate.errors import EditError
 from abliterate.eval.behaviour import UNITS, measure_behaviour
 from abliterate.eval.evaluator import Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges
 from abliterate.model.anatomy import anatomy_of
-from abliterate.model.forward import next_token_logprobs
 from abliterate.model.loading import load_model
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
@@ -58,23 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_VECTOR = "control_vector.gguf"
-
-
-def apply_prior_edit(path: Path | None, loaded: LoadedModel) -> Edit | None:
-    """Read the edit in ``path`` (a run directory) and bake it into the in-memory model.
-
-    Raises:
-        ConfigError: the directory holds no edit, or one that does not fit the model.
-    """
-    if path is None:
-        return None
-    try:
-        prior = load_edit(path)
-        bake(loaded.model, prior)
-    except ValueError as exc:
-        raise ConfigError(f"cannot apply --edit {path}: {exc}") from exc
-    log.info("applied the %s edit of %s", prior.kind, path)
-    return prior
 
 
 def _at(steering: Steering, strength: float, remove: bool, n_layers: int) -> Edit:
@@ -111,19 +92,6 @@ def _sweep(
     return points
 
 
-def _hooks_vs_weights(loaded: LoadedModel, edit: Edit, probe: list[str]) -> dict[str, Any]:
-    """Bake ``edit`` into the in-memory model; the largest logit difference to its hooks."""
-    with edit_hooks(loaded.model, edit):
-        hooked = next_token_logprobs(loaded.model, loaded.tokenizer, probe)
-    summary = bake(loaded.model, edit)
-    baked = next_token_logprobs(loaded.model, loaded.tokenizer, probe)
-    return {
-        "hooks_vs_weights_max_abs_diff": float((hooked - baked).abs().max()),
-        "export_reload_max_abs_diff": None,
-        "edited_writers": summary.to_dict(),
-    }
-
-
 def _evaluate(
     config: SteerConfig,
     loaded: LoadedModel,
@@ -150,6 +118,7 @@ def _exports(
     full_edit: Edit,
     tmp: Path,
     checks: dict[str, Any],
+    probe: list[str],
 ) -> dict[str, Any]:
     """The control vector and the baked model, each written or refused with its reason."""
     out: dict[str, Any] = {}
@@ -168,17 +137,7 @@ def _exports(
             out["bake_refused"] = str(exc)
             log.warning("model not saved: %s", exc)
             return out
-        record = {
-            "abliterate_version": __version__,
-            "base_model": {"name": loaded.name, "source": loaded.source,
-                           "revision": loaded.revision},
-            "edit": full_edit.to_dict(),
-        }  # fmt: skip
-        save_model(loaded.model, loaded.tokenizer, tmp / "model", record)
-        probe = ChatSet.format(loaded.tokenizer, builtin("harmless", "eval").head(4)).texts
-        checks["export_reload_max_abs_diff"] = verify_export(
-            loaded.model, loaded.tokenizer, tmp / "model", list(probe)
-        )
+        checks["export_reload_max_abs_diff"] = save_edited(loaded, full_edit, tmp / "model", probe)
     return out
 
 
@@ -265,8 +224,9 @@ def steer(config: SteerConfig) -> dict[str, Any]:
         full_edit = prior.then(edit) if prior is not None else edit
         full_edit.save(tmp)
         with stages.stage("bake and export"):
-            checks = _hooks_vs_weights(loaded, edit, list(sets.harmless.texts[:4]))
-            extra = _exports(config, loaded, steering, full_edit, tmp, checks)
+            probe = list(sets.harmless.texts[:4])
+            checks = bake_checked(loaded, edit, probe)
+            extra = _exports(config, loaded, steering, full_edit, tmp, checks, probe)
         result = _Steered(baseline, edited, sweep, checks)
         names = [j.name for j in judges]
         report = _report(config, loaded, steering, edit, result, data, extra, names)
