@@ -14,7 +14,7 @@ $(PY):
 # torch first, from the pinned CPU wheel, so nothing later resolves a CUDA build.
 install: $(PY)
 	$(PIP) "torch==2.13.0"
-	$(PIP) -e ".[demo]"
+	$(PIP) -e ".[demo,train]"
 
 install-dev: $(PY)
 	$(PIP) "torch==2.13.0"

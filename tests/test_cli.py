@@ -262,16 +262,8 @@ def test_config_file_environment_and_flags_layer_through_the_cli(tmp_path: Path)
             "pass either --direction or --layer, not both.",
         ),
         (["chat"], "the following arguments are required: MODEL"),
-        (
-            ["bogus"],
-            "argument {run,optimize,evaluate,chat,direction,steer,detox,report}: invalid choice: "
-            "'bogus'",
-        ),
-        (
-            [],
-            "choose a command: run, optimize, evaluate, chat, direction, steer, detox, report "
-            "(abliterate --help",
-        ),
+        (["bogus"], f"argument {{{','.join(COMMANDS)}}}: invalid choice: 'bogus'"),
+        ([], f"choose a command: {', '.join(COMMANDS)} (abliterate --help"),
     ],
 )
 def test_bad_command_lines_end_in_one_line(

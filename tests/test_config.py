@@ -36,7 +36,9 @@ RUN_DEFAULTS = {
     "out": "runs/latest", "overwrite": False, "sites": ["pre", "mid", "post"],
     "kl_threshold": 0.1, "prune_last_layers": 0.2, "n_screen": 8, "n_finalists": 8,
     "layer": None, "direction": None, "site": "pre", "strength": 1.0, "max_new_tokens": 64,
-    "kl_tokens": 16, "n_examples": 4, "save_model": True, "seed": 0,
+    "kl_tokens": 16, "n_examples": 4, "save_model": True, "seed": 0, "export": [],
+    "push_to_hub": None,
+    "stream": "auto",
 }  # fmt: skip
 EVALUATE_DEFAULTS = {
     "model": "demo", "revision": None, "device": "auto", "dtype": "auto",
@@ -54,11 +56,17 @@ CHAT_DEFAULTS = {
 }  # fmt: skip
 
 
+# Keys added since (issue 10: placement, quantized measurement, reasoning models); their
+# defaults change nothing.
+PLACEMENT = {"device_map": None, "max_memory": None, "load_in": None}
+THINKING = {"thinking": "off", "thinking_budget": 512}
+
+
 def test_defaults_and_record_keys_are_unchanged() -> None:
-    assert to_dict(RunConfig()) == RUN_DEFAULTS
-    assert to_dict(OptimizeConfig()) == {**RUN_DEFAULTS, "optimize": True}
-    assert to_dict(EvaluateConfig()) == EVALUATE_DEFAULTS
-    assert to_dict(ChatConfig(model="m")) == CHAT_DEFAULTS
+    assert to_dict(RunConfig()) == {**RUN_DEFAULTS, **PLACEMENT, **THINKING}
+    assert to_dict(OptimizeConfig()) == {**RUN_DEFAULTS, **PLACEMENT, **THINKING, "optimize": True}
+    assert to_dict(EvaluateConfig()) == {**EVALUATE_DEFAULTS, **PLACEMENT, **THINKING}
+    assert to_dict(ChatConfig(model="m")) == {**CHAT_DEFAULTS, **PLACEMENT, **THINKING}
     assert to_dict(ReportConfig(run=Path("r"))) == {"run": "r"}
     assert RunConfig().sites == ("pre", "mid", "post") and RunConfig().out == Path("runs/latest")
 

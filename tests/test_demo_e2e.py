@@ -10,6 +10,10 @@ CI, deselect locally with ``-m 'not slow'``.
 3. ``abliterate optimize --model demo`` with its defaults: at most 5% refusals on the held-out
    evaluation split at a first-token KL below the selected edit's, and the exported model is
    the chosen trial.
+4. The data route on the same run, in miniature: ``heal`` (pairs built from the run, a few DPO
+   steps), its pairs as a chat dataset through ``filter-dataset``, and ``sft`` of the demo model
+   on the kept rows; both save a model that reloads to the evaluated logits. (The measured,
+   full-size healing is in the README: it takes the better part of an hour on a CPU.)
 """
 
 from __future__ import annotations
@@ -107,3 +111,35 @@ def test_demo_optimize_beats_the_selected_edit(demo_run: dict, tmp_path: Path) -
     assert edited["kl_divergence_multi_token"] < demo_run["edited"]["kl_divergence_multi_token"]
     assert report["checks"]["hooks_vs_weights_max_abs_diff"] < 1e-3
     assert report["checks"]["export_reload_max_abs_diff"] == 0.0
+
+
+def test_demo_heal_filter_and_sft_run_end_to_end(demo_run: dict, tmp_path: Path) -> None:
+    small = ["--n-eval", "8", "--max-new-tokens", "16", "--kl-tokens", "4", "--n-heldout", "2",
+             "--logging-steps", "1"]  # fmt: skip
+    healed = tmp_path / "healed"
+    argv = ["heal", "--model", demo_run["_out"], "--out", str(healed), "--n-pairs", "8",
+            "--pair-tokens", "16", "--max-steps", "3", *small]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((healed / "report.json").read_text())
+    assert report["command"] == "heal" and report["training"]["steps"] == 3
+    assert report["baseline"]["kl_divergence_multi_token"] > 0.0
+    assert report["checks"]["export_reload_max_abs_diff"] < 1e-4
+    pairs = (healed / "preferences.jsonl").read_text().splitlines()
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        "".join(
+            json.dumps({"messages": [*p["prompt"], p[side][0]]}) + "\n"
+            for p in map(json.loads, pairs)
+            for side in ("chosen", "rejected")
+        )
+    )
+    kept = tmp_path / "kept.jsonl"
+    assert main(["filter-dataset", str(chat), str(kept)]) == 0
+    filtered = json.loads((tmp_path / "kept.jsonl.report.json").read_text())
+    assert filtered["n_kept"] < filtered["n_rows"]  # the original's refusals were dropped
+    tuned = tmp_path / "sft"
+    argv = ["sft", str(kept), "--model", "demo", "--out", str(tuned), "--max-steps", "2", *small]
+    assert main(argv) == 0
+    report = json.loads((tuned / "report.json").read_text())
+    assert report["command"] == "sft" and report["training"]["steps"] == 2
+    assert report["checks"]["export_reload_max_abs_diff"] < 1e-4

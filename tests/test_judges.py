@@ -111,7 +111,9 @@ def test_classifier_judge_label_choice(classifier_dir: Path) -> None:
         ClassifierJudge(judge.model, judge.tokenizer)
 
 
-def test_build_judges_from_spec(classifier_dir: Path) -> None:
+def test_build_judges_from_spec(classifier_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing listens at the endpoint; building the judge would probe it (test_llm_judge).
+    monkeypatch.setattr("abliterate.eval.llm_judge.probe_endpoint", lambda *a, **k: None)
     judges = build_judges(
         f"markers, classifier:{classifier_dir}#REJECTION, llm:http://127.0.0.1:9/v1#judge-model",
         JudgeOptions(device="cpu"),

@@ -93,3 +93,15 @@ def test_kl_of_a_model_against_itself_is_zero_and_positive_for_a_perturbed_copy(
         model, tokenizer, texts, model_q=perturbed, n_tokens=4, batch_size=4
     )
     assert multi > 1e-4 and first > 1e-4
+
+
+def test_position_kl_in_row_chunks_equals_whole_batch() -> None:
+    from abliterate.core.stats import kl_divergence, position_kl
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(7, 5, 50, generator=g), torch.randn(7, 5, 50, generator=g)
+    whole = kl_divergence(
+        torch.log_softmax(p, -1).flatten(0, 1), torch.log_softmax(q, -1).flatten(0, 1)
+    ).view(7, 5)
+    assert torch.allclose(position_kl(p, q, rows=3), whole, atol=1e-6)
+    assert torch.allclose(position_kl(p, q, rows=100), whole, atol=1e-6)

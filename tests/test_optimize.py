@@ -1,4 +1,5 @@
-"""The optimized-abliteration search: space, Pareto choice, resumable study, no peeking."""
+"""The optimized-abliteration search: space, resumable study, no peeking (the Pareto front and
+the choice rule are tested in test_pareto.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from abliterate.measure.activations import mean_activations
 from abliterate.measure.candidates import Candidates
 from abliterate.model.anatomy import anatomy_of
 from abliterate.search.objective import CheapObjective
-from abliterate.search.pareto import TrialRecord, choose, pareto_front
 from abliterate.search.space import EditParams, Profile, SearchSpace
 from abliterate.search.study import completed, open_study, run_trials
 
@@ -51,40 +51,6 @@ def test_edit_params_round_trip_through_study_params() -> None:
     for params in space.seeds():
         assert EditParams.from_params(params.to_params()) == params
         assert space.min_layer <= params.direction_layer <= space.max_layer
-
-
-def _records(points: list[tuple[float, float]]) -> list[TrialRecord]:
-    return [TrialRecord(i, r, k, {}) for i, (r, k) in enumerate(points)]
-
-
-def test_pareto_front_keeps_only_non_dominated_sorted_by_kl() -> None:
-    recs = _records([(0.9, 0.01), (0.5, 0.05), (0.6, 0.06), (0.1, 0.3), (0.1, 0.4), (0.0, 1.0)])
-    front = pareto_front(recs)
-    assert [r.number for r in front] == [0, 1, 3, 5]
-    for r in recs:
-        if r not in front:  # every excluded record is dominated by a front member
-            assert any(f.refusal_score <= r.refusal_score and f.kl <= r.kl for f in front)
-
-
-def test_choose_finds_lowest_kl_trial_meeting_target_by_bisection() -> None:
-    # A front of 9 trials: refusals fall as KL rises; the first with a rate <= 0.05 is #6.
-    rates = [0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.02, 0.0]
-    front = _records([(1.0 - i / 10, 0.01 * (i + 1)) for i in range(9)])
-    calls: list[int] = []
-
-    def confirm(rec: TrialRecord) -> float:
-        calls.append(rec.number)
-        return rates[rec.number]
-
-    chosen, met = choose(front, confirm, target=0.05, max_confirm=6)
-    assert met and chosen.number == 6
-    assert len(calls) == len(set(calls)) <= 6  # no trial is confirmed twice
-    assert all(front[i].confirmed_refusal_rate == rates[i] for i in calls)
-
-    # Nothing reaches the target: the lowest confirmed rate is chosen and met is False.
-    fresh = _records([(1.0 - i / 10, 0.01 * (i + 1)) for i in range(9)])
-    chosen, met = choose(fresh, lambda r: 0.5 + 0.01 * (8 - r.number), 0.05, 6)
-    assert not met and chosen.number == 8
 
 
 @pytest.fixture
@@ -324,7 +290,9 @@ def test_optimize_command_with_several_directions(tiny_model_dir: Path, tmp_path
     assert all("n_directions" in t["params"] for t in report["optimization"]["trials"])
 
 
-def test_search_model_copies_in_the_search_precision(make_model: Callable[[str], Any]) -> None:
+def test_search_model_copies_in_the_search_precision(
+    make_model: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from abliterate.search.objective import search_model
 
     model = make_model("qwen2")  # tied embeddings
@@ -338,8 +306,23 @@ def test_search_model_copies_in_the_search_precision(make_model: Callable[[str],
     assert head.weight is emb.weight  # tied weights stay tied in the copy
     before = model.get_input_embeddings().weight
     assert torch.equal(emb.weight.float(), before.to(torch.bfloat16).float())
-    auto = search_model(model, "auto")  # bf16 only where native; float32 otherwise
-    assert next(auto.parameters()).dtype in (torch.float32, torch.bfloat16)
+    # "auto": a bfloat16 copy exactly where this CPU computes bfloat16 natively, else the model.
+    from abliterate.search.objective import native_bf16
+
+    auto = search_model(model, "auto")
+    if native_bf16(torch.device("cpu")):
+        assert auto is not model and all(p.dtype == torch.bfloat16 for p in auto.parameters())
+    else:
+        assert auto is model
+    # Either way, an "auto" search of a model already in bfloat16 scores that model itself.
+    assert search_model(copy16, "auto") is copy16
+    # Both branches, whatever this CPU is.
+    import abliterate.search.objective as objective
+
+    monkeypatch.setattr(objective, "native_bf16", lambda device: False)
+    assert search_model(model, "auto") is model
+    monkeypatch.setattr(objective, "native_bf16", lambda device: True)
+    assert next(search_model(model, "auto").parameters()).dtype == torch.bfloat16
 
 
 def test_native_bf16_reads_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -37,15 +37,20 @@ from pydantic_settings import (
 
 from abliterate import __version__
 from abliterate.config import (
+    ApplyConfig,
     ChatConfig,
     DetoxConfig,
     DirectionCombineConfig,
     DirectionConfig,
     EvaluateConfig,
+    FilterDatasetConfig,
+    HealConfig,
     OptimizeConfig,
     Options,
+    PushConfig,
     ReportConfig,
     RunConfig,
+    SftConfig,
     SteerConfig,
     load_config,
     option_name,
@@ -56,56 +61,98 @@ from abliterate.errors import AbliterateError, ConfigError
 EXIT_USER_ERROR = 2
 
 
-def _cmd_run(config: RunConfig) -> int:
+def _cmd_run(config: RunConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.run import run
 
-    run(config)
+    run(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_evaluate(config: EvaluateConfig) -> int:
+def _cmd_evaluate(config: EvaluateConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.evaluate import evaluate
 
-    evaluate(config)
+    evaluate(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_chat(config: ChatConfig) -> int:
+def _cmd_chat(config: ChatConfig, _inputs: Sequence[Path]) -> int:
     from abliterate.commands.chat import chat
 
-    # Live columns need a terminal on both ends; pipes get plain sequential text.
-    return chat(config, interactive=sys.stdin.isatty() and sys.stdout.isatty())
+    # Live columns need a terminal on both ends; pipes get plain sequential text. A closed
+    # stream (`<&-`) is None here.
+    interactive = (
+        sys.stdin is not None
+        and sys.stdout is not None
+        and sys.stdin.isatty()
+        and sys.stdout.isatty()
+    )
+    return chat(config, interactive=interactive)
 
 
-def _cmd_direction(config: DirectionConfig) -> int:
+def _cmd_direction(config: DirectionConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.direction import direction
 
-    direction(config)
+    direction(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_direction_combine(config: DirectionCombineConfig) -> int:
+def _cmd_direction_combine(config: DirectionCombineConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.direction import combine
 
-    combine(config)
+    combine(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_steer(config: SteerConfig) -> int:
+def _cmd_steer(config: SteerConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.steer import steer
 
-    steer(config)
+    steer(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_detox(config: DetoxConfig) -> int:
+def _cmd_detox(config: DetoxConfig, inputs: Sequence[Path]) -> int:
     from abliterate.commands.detox import detox
 
-    detox(config)
+    detox(config, extra_inputs=inputs)
     return 0
 
 
-def _cmd_report(config: ReportConfig) -> int:
+def _cmd_apply(config: ApplyConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.apply import apply
+
+    apply(config)
+    return 0
+
+
+def _cmd_push(config: PushConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.push import push
+
+    push(config)
+    return 0
+
+
+def _cmd_filter_dataset(config: FilterDatasetConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.filter_dataset import filter_dataset
+
+    filter_dataset(config)
+    return 0
+
+
+def _cmd_sft(config: SftConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.sft import sft
+
+    sft(config)
+    return 0
+
+
+def _cmd_heal(config: HealConfig, _inputs: Sequence[Path]) -> int:
+    from abliterate.commands.heal import heal
+
+    heal(config)
+    return 0
+
+
+def _cmd_report(config: ReportConfig, _inputs: Sequence[Path]) -> int:
     from abliterate.report.html import write_run_report
 
     print(f"Wrote {write_run_report(config.run)}")
@@ -118,7 +165,9 @@ class Command:
     the commands nested under it (``direction combine``), which take their own options."""
 
     config: type[Options]
-    func: Callable[[Any], int]
+    # Runs the command with its config and the files the command line read besides the
+    # config's own inputs (the --config file), which outputs must not overwrite.
+    func: Callable[[Any, Sequence[Path]], int]
     help: str
     subcommands: Mapping[str, Command] = field(default_factory=dict)
 
@@ -178,6 +227,41 @@ COMMANDS: dict[str, Command] = {
         "Detoxify MODEL by knowledge editing (DINM): per instance, locate the toxic layer and "
         "tune its MLP output projection on a safe answer with a KL constraint; evaluate "
         "SafeEdit-style before and after, and save the learned weight delta and the model.",
+    ),
+    "apply": Command(
+        ApplyConfig,
+        _cmd_apply,
+        "Apply a saved edit (a run, a direction, a .npy vector) to a model on disk, tensor by "
+        "tensor: a safetensors checkpoint is streamed (memory of about one tensor, whatever the "
+        "model's size) into an edited copy with its tokenizer, config and abliteration.json; a "
+        ".gguf is edited in its own tensor types, and tensors it cannot requantize (K-quants, "
+        "I-quants) get their edit as a GGUF LoRA adapter beside --out.",
+    ),
+    "push": Command(
+        PushConfig,
+        _cmd_push,
+        "Upload a run's edited model (or LoRA adapter) and further exports to a hub repository, "
+        "with a generated model card and the SHA-256 of every weight file.",
+    ),
+    "filter-dataset": Command(
+        FilterDatasetConfig,
+        _cmd_filter_dataset,
+        "Keep the rows of an instruction dataset (alpaca, ShareGPT or chat messages; JSONL, JSON, "
+        "parquet or hub) whose answers neither refuse nor moralize, streaming; writes OUT in the "
+        "input's format and OUT.report.json.",
+    ),
+    "sft": Command(
+        SftConfig,
+        _cmd_sft,
+        "Supervised fine-tuning (TRL, LoRA/QLoRA or full) on a conversation dataset with loss on "
+        "the answers only; saves the merged model and the adapter, evaluated before and after.",
+    ),
+    "heal": Command(
+        HealConfig,
+        _cmd_heal,
+        "Heal an abliterated model with DPO (TRL, LoRA/QLoRA): by default on pairs built from the "
+        "run (the original's answers preferred on harmless prompts, the abliterated model's "
+        "compliance on harmful ones); evaluated before and after against the original.",
     ),
     "report": Command(
         ReportConfig,
@@ -259,6 +343,7 @@ class Invocation:
     command: str
     config: Options
     verbose: bool = False
+    config_file: Path | None = None
 
 
 def _flags(model: type[Options]) -> list[str]:
@@ -319,7 +404,7 @@ def parse_command(argv: Sequence[str], environ: Mapping[str, str] | None = None)
     config = load_config(
         command.config, command_line=values, config_file=extra.config, environ=environ
     )
-    return Invocation(name, config, extra.verbose)
+    return Invocation(name, config, extra.verbose, extra.config)
 
 
 def command_of(name: str) -> Command:
@@ -365,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         invocation = parse_command(argv, os.environ)
         _configure_logging(invocation.verbose)
-        return int(command_of(invocation.command).func(invocation.config))
+        inputs = [invocation.config_file] if invocation.config_file is not None else []
+        return int(command_of(invocation.command).func(invocation.config, inputs))
     except AbliterateError as exc:
         # One line, whatever the message holds (a path or a value may carry a newline).
         print(f"abliterate: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)

@@ -36,8 +36,28 @@ class PromptSetError(AbliterateError):
     """A prompt set could not be read: missing file, unknown column, empty set."""
 
 
+class DatasetError(AbliterateError):
+    """An instruction or preference dataset could not be read or written: missing file,
+    unknown format, malformed row."""
+
+
+class TrainingError(AbliterateError):
+    """Fine-tuning cannot start or resume: no chat template, checkpoints of another run, a
+    training mode the machine cannot run (QLoRA without CUDA)."""
+
+
 class OutputDirError(AbliterateError):
-    """The output directory exists and is not empty, or cannot be written."""
+    """The output directory is or contains an input, exists and is not a run directory that
+    may be replaced, or cannot be written."""
+
+
+class DirectionFileError(AbliterateError, ValueError):
+    """A saved direction file is missing, truncated, or was not written by this tool."""
+
+
+class NonFiniteError(AbliterateError):
+    """A computation produced NaN or infinite values where only finite ones make sense (an
+    edit's weights)."""
 
 
 class JudgeError(AbliterateError):
@@ -55,3 +75,12 @@ class ReportError(AbliterateError):
 class EditError(AbliterateError):
     """An edit cannot be applied, baked or exported as asked (the message says why and what
     works instead)."""
+
+
+class ExportError(AbliterateError):
+    """An edit or a model cannot be written in the requested format: an unsupported family or
+    tokenizer, a GGUF type that cannot be requantized, an edit that is not low-rank."""
+
+
+class HubError(AbliterateError):
+    """An upload to the hub failed: no network, no or a wrong token, a repository refused."""

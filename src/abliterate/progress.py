@@ -18,7 +18,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,7 +54,7 @@ class Stages:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the block and sample its peak RSS."""
+        """Time the block and sample its peak RSS; the log says whether it failed."""
         peak = [rss_bytes()]
         stop = threading.Event()
 
@@ -63,8 +66,10 @@ class Stages:
         sampler.start()
         log.info("%s ...", name)
         start = time.perf_counter()
+        outcome = "failed after"
         try:
             yield
+            outcome = "done in"
         finally:
             stop.set()
             sampler.join()
@@ -72,7 +77,11 @@ class Stages:
             profile = StageProfile(name, time.perf_counter() - start, peak[0] / 2**20)
             self.stages.append(profile)
             log.info(
-                "%s done in %.1f s (peak RSS %.0f MB)", name, profile.seconds, profile.peak_rss_mb
+                "%s %s %.1f s (peak RSS %.0f MB)",
+                name,
+                outcome,
+                profile.seconds,
+                profile.peak_rss_mb,
             )
 
     def to_dict(self) -> dict[str, dict[str, float]]:
@@ -83,22 +92,34 @@ class Stages:
         }
 
 
+def _bar_settings() -> dict[str, object]:
+    """Live on a terminal; otherwise a plain line every 30 s (see :func:`progress`)."""
+    import sys
+
+    interactive = sys.stderr.isatty()
+    return {
+        "mininterval": 0.1 if interactive else 30.0,
+        "dynamic_ncols": interactive,
+        "ascii": not interactive,
+    }
+
+
+def progress_bar(
+    *, total: int | None, desc: str, unit: str = "it", initial: int = 0
+) -> tqdm[NoReturn]:
+    """A progress bar advanced by hand (``bar.update(n)``, ``bar.set_postfix(loss=…)``), for
+    work that is not one iterable: training steps, rows written. Use it as a context manager."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, **_bar_settings())
+
+
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
     """A progress bar over ``iterable``: live on a terminal, a line every 30 s in logs.
 
     tqdm's own TTY detection would hide the bar entirely in CI and piped runs, leaving minutes
     of silence; printing at a long interval keeps logs short and still shows progress.
     """
-    import sys
-
     from tqdm.auto import tqdm
 
-    interactive = sys.stderr.isatty()
-    yield from tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        mininterval=0.1 if interactive else 30.0,
-        dynamic_ncols=interactive,
-        ascii=not interactive,
-    )
+    yield from tqdm(iterable, total=total, desc=desc, **_bar_settings())

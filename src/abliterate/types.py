@@ -11,3 +11,15 @@ SITES: tuple[Site, ...] = ("pre", "mid", "post")
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 SearchDType = Literal["auto", "model", "float32", "bfloat16", "float16"]
+
+Thinking = Literal["off", "on"]
+"""Whether a reasoning model reasons before answering (the chat template's thinking switch)."""
+
+LoadIn = Literal["4bit", "8bit"]
+"""bitsandbytes quantization of the model the edit is measured and searched on."""
+RowFormatOption = Literal["auto", "alpaca", "sharegpt", "messages"]
+"""The row format of an instruction dataset, or ``auto`` to detect it."""
+AdapterKind = Literal["lora", "qlora", "full"]
+"""How a model is fine-tuned: LoRA adapters, LoRA on a 4-bit model, or every weight."""
+PreferenceLoss = Literal["dpo", "dpo+sft"]
+"""The preference loss of ``heal``."""

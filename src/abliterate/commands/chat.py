@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,16 +27,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.config import ChatConfig
-from abliterate.data.chat import format_chat
+from abliterate.data.chat import format_chat, format_messages
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.steering import read_directions, require_targets
+from abliterate.errors import ModelLoadError
 from abliterate.model.anatomy import anatomy_of
-from abliterate.model.loading import load_model
+from abliterate.model.loading import context_limit, load_model
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
     from abliterate.model.loading import LoadedModel
+    from abliterate.types import Thinking
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +63,13 @@ class ChatModel:
     system_prompt: str | None = None
     color: str = "green"
     history: list[dict[str, str]] = field(default_factory=list)
+    thinking: Thinking = "off"
 
     def prompt_text(self, user: str) -> str:
-        """The chat-formatted conversation so far plus ``user``, ready for the answer."""
+        """The chat-formatted conversation so far plus ``user``, ready for the answer (with
+        the template's thinking switch set as ``thinking`` says)."""
         messages = [*self.history, {"role": "user", "content": user}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.loaded.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
+        return format_messages(self.loaded.tokenizer, messages, self.system_prompt, self.thinking)
 
     def remember(self, user: str, answer: str) -> None:
         """Append a finished exchange to the history."""
@@ -192,11 +192,23 @@ def resolve_baseline(model: str) -> tuple[str, str | None] | None:
     record = Path(model).expanduser() / "abliteration.json"
     if not record.is_file():
         return None
-    base = json.loads(record.read_text()).get("base_model") or {}
-    source, name = base.get("source"), base.get("name")
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{record} is not readable JSON ({exc}); pass --baseline to name the original model."
+        ) from exc
+    base = (data.get("base_model") or {}) if isinstance(data, dict) else None
+    fields = [base.get(k) for k in ("source", "name", "revision")] if isinstance(base, dict) else []
+    if len(fields) != 3 or not all(v is None or isinstance(v, str) for v in fields):
+        raise ModelLoadError(
+            f"{record} has no well-formed base_model entry; pass --baseline to name the "
+            "original model."
+        )
+    source, name, revision = fields
     if source and Path(source).exists():
-        return str(source), None
-    return (str(name), base.get("revision")) if name else None
+        return source, None
+    return (name, revision) if name else None
 
 
 def _model_path(model: str) -> str:
@@ -218,19 +230,23 @@ def load_sides(config: ChatConfig) -> list[ChatModel]:
             device=config.device,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
+            **config.placement(),
         )
 
     model = _model_path(config.model)
-    edited = load(model, config.revision)
+    # The record is read first: a malformed one fails before any model is loaded.
     baseline = (config.baseline, None) if config.baseline else resolve_baseline(model)
+    edited = load(model, config.revision)
     if baseline is None:
         log.info("no --baseline given and %s records no base model: chatting with it alone", model)
-        return [ChatModel(edited.name, edited, config.system_prompt)]
+        return [ChatModel(edited.name, edited, config.system_prompt, thinking=config.thinking)]
     original = load(*baseline)
     return [
-        ChatModel(f"edited · {edited.name}", edited, config.system_prompt),
-        ChatModel(f"original · {original.name}", original, config.system_prompt, color="blue"),
-    ]
+        ChatModel(f"edited · {edited.name}", edited, config.system_prompt,
+                  thinking=config.thinking),
+        ChatModel(f"original · {original.name}", original, config.system_prompt, color="blue",
+                  thinking=config.thinking),
+    ]  # fmt: skip
 
 
 def _columns(
@@ -272,6 +288,10 @@ def _columns(
 
 
 def _read(console: Console | None, prompt: str) -> str:
+    # A closed stdin (``<&-``) leaves sys.stdin None, and input() then raises RuntimeError:
+    # for the chat it is the end of the input, like EOF.
+    if sys.stdin is None or sys.stdin.closed:
+        raise EOFError
     if console is None:
         return input()
     return console.input(prompt)
@@ -285,6 +305,21 @@ def steered(config: ChatConfig, side: ChatModel) -> contextlib.AbstractContextMa
     require_targets(steering, anatomy_of(side.loaded.model))
     side.label += f" · steered ×{config.strength:g}"
     return edit_hooks(side.loaded.model, steering)
+
+
+def _too_long(sides: Sequence[ChatModel], user: str) -> str | None:
+    """Why the conversation plus ``user`` cannot be answered (longer than a model's context),
+    or None when it can."""
+    for side in sides:
+        tok, model = side.loaded.tokenizer, side.loaded.model
+        limit, why = context_limit(model, tok)
+        n = len(tok(side.prompt_text(user), add_special_tokens=False)["input_ids"])
+        if n > limit:
+            return (
+                f"(this message and the conversation so far are {n:,} tokens, more than the "
+                f"{limit:,} {side.label} reads ({why}); it was not sent: /reset starts over)"
+            )
+    return None
 
 
 def chat(
@@ -302,6 +337,8 @@ def chat(
         sides: Already loaded models (default: :func:`load_sides` of ``config``).
     """
     if sides is None:
+        if sys.stdin is None or sys.stdin.closed:
+            return 0  # nothing will ever be read: do not load the models for nothing
         sides = load_sides(config)
     with steered(config, sides[0]):
         return _chat_loop(config, interactive, console, sides)
@@ -315,7 +352,7 @@ def _chat_loop(
 
     for side in sides:
         # Fail now, with the usual one-line error, if a model cannot be prompted at all.
-        format_chat(side.loaded.tokenizer, ["hello"], config.system_prompt)
+        format_chat(side.loaded.tokenizer, ["hello"], config.system_prompt, config.thinking)
     if interactive:
         console = console or Console()
         # Line editing and history for input(); readline is missing on Windows, where plain
@@ -341,6 +378,9 @@ def _chat_loop(
                 console.print()  # leave the shell prompt on a line of its own
             return 0
         if not user:
+            continue
+        if not user.startswith("/") and (problem := _too_long(sides, user)) is not None:
+            say(problem)
             continue
         if user.startswith("/"):
             command = user.split()[0].lower()
@@ -388,7 +428,7 @@ def _live_turn(
             sides,
             user,
             update,
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=answer_tokens(config),
             temperature=config.temperature,
         )
     console.print(_columns(sides, answers, [True] * len(sides), console, tail=False))
@@ -412,11 +452,16 @@ def _plain_answer(side: ChatModel, user: str, config: ChatConfig) -> str:
         [side],
         user,
         update,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=answer_tokens(config),
         temperature=config.temperature,
     )
     print(flush=True)
     return answer
+
+
+def answer_tokens(config: ChatConfig) -> int:
+    """The longest answer: ``--max-new-tokens``, plus the reasoning budget with thinking on."""
+    return config.max_new_tokens + (config.thinking_budget if config.thinking == "on" else 0)
 
 
 def _plain_turn(sides: Sequence[ChatModel], user: str, config: ChatConfig) -> list[str]:

@@ -22,9 +22,9 @@ Run directory::
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
@@ -38,11 +38,12 @@ from abliterate.data.prompts import resolve_prompts
 from abliterate.edit.dinm import DinmResult, DinmSettings, knowledge_references, run_dinm
 from abliterate.edit.hooks import edit_hooks
 from abliterate.eval.evaluator import Evaluator
-from abliterate.eval.judges import JudgeOptions, build_judges
+from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.safeedit import SafeEditSets, knowledge_questions, safeedit_scores
+from abliterate.files import write_json
 from abliterate.measure.toxic import ToxicLayer, locate_toxic_layers
 from abliterate.model.forward import next_token_logprobs
-from abliterate.model.loading import load_model
+from abliterate.model.loading import load_model, local_path
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -156,11 +157,20 @@ def _detox_record(
     return record
 
 
-def detox(config: DetoxConfig) -> dict[str, Any]:
-    """Run ``abliterate detox`` (module docstring); returns the report."""
+def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Run ``abliterate detox`` (module docstring); returns the report.
+
+    ``extra_inputs``: further files the caller read (the CLI's ``--config`` file), which
+    ``--out`` must not contain either.
+    """
     import torch
 
-    check_output_dir(config.out, config.overwrite)
+    models = [config.model, *judge_sources(config.judge)]
+    inputs = [
+        *map(local_path, models), config.eval_harmful, config.eval_harmless, config.over_refusal,
+        config.instances, config.edit, config.other_questions, *extra_inputs,
+    ]  # fmt: skip
+    check_output_dir(config.out, config.overwrite, inputs)
     torch.manual_seed(config.seed)
     instances = load_instances(config.instances).head(config.n_instances)
     raw_sets = load_prompt_sets(config)
@@ -171,8 +181,8 @@ def detox(config: DetoxConfig) -> dict[str, Any]:
     stages = Stages()
     with stages.stage("judges"):
         judges = build_judges(config.judge, JudgeOptions(config.device, config.batch_size))
-    with run_directory(config.out, config.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    with run_directory(config.out, config.overwrite, "detox") as tmp:
+        write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
             loaded = load_model(
                 config.model, revision=config.revision, device=config.device, dtype=config.dtype,
@@ -191,7 +201,7 @@ def detox(config: DetoxConfig) -> dict[str, Any]:
         data = {**sets.record(), "instances": {"name": instances.name, "n": len(instances),
                                                "sha256": instances.sha256}}  # fmt: skip
         env = environment_record(str(loaded.device), config.seed, data)
-        (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+        write_json(tmp / "environment.json", env)
         evaluator = Evaluator(
             loaded.tokenizer, sets, judges, max_new_tokens=config.max_new_tokens,
             kl_tokens=config.kl_tokens, batch_size=config.batch_size, seed=config.seed,

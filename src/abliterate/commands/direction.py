@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,23 +22,38 @@ from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import load_prompts
 from abliterate.errors import ConfigError, OutputDirError
 from abliterate.measure.behaviour import behaviour_directions
-from abliterate.model.loading import load_model
+from abliterate.model.loading import load_model, local_path
 
 log = logging.getLogger(__name__)
 
 
-def _target(out: Path, overwrite: bool) -> Path:
+def _target(out: Path, overwrite: bool, inputs: Iterable[str | Path | None]) -> Path:
+    """The file ``--out`` names; it may replace an earlier result, never a file the command
+    reads (``inputs``: paths, or names that may be paths)."""
     target = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
-    if target.exists() and not overwrite:
-        raise OutputDirError(f"{target} already exists; pass --overwrite to replace it.")
+    if target.exists():
+        for item in inputs:
+            path = Path(item).expanduser() if item else None
+            if path is not None and path.exists() and path.resolve() == target.resolve():
+                raise OutputDirError(
+                    f"--out {out} is the input {item}; a command never writes over what it "
+                    "reads. Choose another --out."
+                )
+        if not overwrite:
+            raise OutputDirError(f"{target} already exists; pass --overwrite to replace it.")
     return target
 
 
-def direction(config: DirectionConfig) -> DirectionSet:
-    """Compute ``--positive`` minus ``--negative`` per layer and write it to ``--out``."""
+def direction(config: DirectionConfig, extra_inputs: Sequence[str | Path] = ()) -> DirectionSet:
+    """Compute ``--positive`` minus ``--negative`` per layer and write it to ``--out``.
+
+    ``extra_inputs``: further files the caller read (the CLI's ``--config`` file), which
+    ``--out`` must not be either.
+    """
     config.require_sets()
     assert config.positive and config.negative and config.out  # require_sets checked them
-    target = _target(config.out, config.overwrite)
+    inputs = [config.positive, config.negative, local_path(config.model), *extra_inputs]
+    target = _target(config.out, config.overwrite, inputs)
     positive = load_prompts(config.positive, config.prompt_column).head(config.n_prompts)
     negative = load_prompts(config.negative, config.prompt_column).head(config.n_prompts)
     loaded = load_model(
@@ -131,11 +147,15 @@ def combine_sets(
     return total.normalized() if normalize else total
 
 
-def combine(config: DirectionCombineConfig) -> DirectionSet:
-    """Evaluate ``config.expression`` on the saved sets and write the result to ``--out``."""
-    target = _target(config.out, config.overwrite)
+def combine(
+    config: DirectionCombineConfig, extra_inputs: Sequence[str | Path] = ()
+) -> DirectionSet:
+    """Evaluate ``config.expression`` on the saved sets and write the result to ``--out``
+    (which may be none of the sets, nor an ``extra_inputs`` file such as ``--config``)."""
+    parsed = parse_expression(config.expression)
+    target = _target(config.out, config.overwrite, [*(p for _, p in parsed), *extra_inputs])
     terms = []
-    for coefficient, path in parse_expression(config.expression):
+    for coefficient, path in parsed:
         if not path.is_file():
             raise ConfigError(f"direction set {path} does not exist.")
         try:

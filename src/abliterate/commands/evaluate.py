@@ -15,9 +15,10 @@ and holds ``config.json``, ``environment.json``, ``report.json``, ``report.md`` 
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from abliterate import __version__
@@ -30,10 +31,13 @@ from abliterate.edit.steering import read_directions, require_targets
 from abliterate.errors import ConfigError
 from abliterate.eval.benchmarks import check_task_names
 from abliterate.eval.evaluator import EvalSets, Evaluator
-from abliterate.eval.judges import JudgeOptions, build_judges
+from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.metrics import reference_answers
+from abliterate.files import write_json
 from abliterate.model.anatomy import anatomy_of
-from abliterate.model.loading import load_model
+from abliterate.model.forward import check_ready
+from abliterate.model.loading import load_model, local_path, resolve_device
+from abliterate.model.verify import verify_anatomy
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
     from abliterate.data.prompts import PromptSet
     from abliterate.eval.metrics import ReferenceAnswers
     from abliterate.model.loading import LoadedModel
+    from abliterate.types import Thinking
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +113,20 @@ def format_sets(
     loaded: LoadedModel,
     config: EvalSetOptions,
     raw: tuple[PromptSet, PromptSet, PromptSet, ReferenceAnswers],
+    thinking: Thinking = "off",
 ) -> EvalSets:
-    """The evaluation sets chat-formatted for ``loaded``'s tokenizer."""
+    """The evaluation sets chat-formatted for ``loaded``'s tokenizer, with the template's
+    thinking switch set to ``thinking`` (``steer`` and ``detox`` measure answers without
+    reasoning)."""
 
     harmful, harmless, over, reference = raw
     tok, system = loaded.tokenizer, config.system_prompt
+    # The harmless prompts serve the KL divergences, whose distributions are the answer's:
+    # they are formatted with thinking off (see abliterate.commands.run).
     return EvalSets(
-        harmful=ChatSet.format(tok, harmful, system),
-        harmless=ChatSet.format(tok, harmless, system),
-        over_refusal=ChatSet.format(tok, over, system),
+        harmful=ChatSet.format(tok, harmful, system, thinking),
+        harmless=ChatSet.format(tok, harmless, system, "off"),
+        over_refusal=ChatSet.format(tok, over, system, thinking),
         reference=reference,
     )
 
@@ -133,15 +143,28 @@ def _steering(
     return steering, lambda: edit_hooks(loaded.model, steering)
 
 
-def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+def evaluate_inputs(config: EvaluateConfig) -> list[str | Path | None]:
+    """Everything an evaluation reads: ``--out`` may not be or contain any of it."""
+    models = [config.model, *([config.baseline] if config.baseline else [])]
+    return [
+        *(local_path(m) for m in [*models, *judge_sources(config.judge)]),
+        config.eval_harmful, config.eval_harmless, config.over_refusal, config.steer,
+    ]  # fmt: skip
+
+
+def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Evaluate ``config.model`` (and ``config.baseline``) and write the run directory.
+
+    ``extra_inputs``: further files the caller read (the CLI's ``--config`` file), which
+    ``--out`` must not contain either.
 
     Returns:
         The report, also written to ``config.out/report.json`` and ``report.md``.
     """
     import torch
 
-    check_output_dir(config.out, config.overwrite)
+    check_output_dir(config.out, config.overwrite, [*evaluate_inputs(config), *extra_inputs])
+    resolve_device(config.device)
     torch.manual_seed(config.seed)
     # Everything that can fail fast (prompt files, judge specs, task names) fails before the
     # models are loaded.
@@ -154,28 +177,34 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         )
 
     def load(name: str) -> LoadedModel:
-        return load_model(
+        loaded = load_model(
             name,
             revision=config.revision,
             device=config.device,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
+            **config.placement(),
         )
+        verify_anatomy(loaded.model, loaded.tokenizer)
+        return loaded
 
-    with run_directory(config.out, config.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    with run_directory(config.out, config.overwrite, "evaluate") as tmp:
+        write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
             model = load(config.model)
-        sets = format_sets(model, config, raw_sets)
+        sets = format_sets(model, config, raw_sets, config.thinking)
+        check_ready(model.model, model.tokenizer, sets.chat_sets(), model.name)
         steering, steered = _steering(config, model)
         data = sets.record()
         env = environment_record(str(model.device), config.seed, data)
-        (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+        write_json(tmp / "environment.json", env)
         evaluator = Evaluator(
             model.tokenizer, sets, judges, max_new_tokens=config.max_new_tokens,
             kl_tokens=config.kl_tokens, batch_size=config.batch_size,
             benchmarks=config.benchmarks, benchmark_limit=config.benchmark_limit,
             seed=config.seed, system_prompt=config.system_prompt,
+            thinking_budget=config.thinking_budget if config.thinking == "on" else 0,
+            reasoning=config.thinking == "on",
         )  # fmt: skip
         with stages.stage("model eval"), steered():
             edited = evaluator.assess(model.model, "model")
@@ -186,6 +215,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             same = config.baseline == config.model
             with stages.stage("load baseline"):
                 base_model = model if same else load(config.baseline)
+            if not same:
+                check_ready(
+                    base_model.model, base_model.tokenizer, sets.chat_sets(), base_model.name
+                )
             _check_same_vocabulary(base_model, model)
             with stages.stage("baseline eval"):
                 baseline = evaluator.assess(base_model.model, "baseline")

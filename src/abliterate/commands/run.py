@@ -5,6 +5,24 @@ model, choose the edit (a saved direction, a given layer's direction, automatic 
 the ``--optimize`` search; :func:`choose_edit`), evaluate the unedited and the edited model on
 the held-out evaluation prompts (:func:`evaluate_edit`), and export the edited model.
 
+The model the edit is *measured* on (activations, selection, search) may be quantized
+(``--load-in``) or spread over devices with offloaded weights (``--device-map``). Its weights
+cannot be edited in place, so the edit is then baked into the same checkpoint loaded again in
+full precision on the CPU (in the measurement model's compute dtype), and that model is
+evaluated and exported (:func:`full_precision_model`): no quantization error is ever exported,
+and the exported model is the one evaluated.
+
+Reasoning models (``--thinking``): every prompt set is formatted with the switch; directions
+are measured on those texts, and answers generated from them. The sets whose *next-token*
+distributions are read (validation sets for selection and search, the harmless evaluation set
+for the KL divergences) are formatted with thinking off instead, so that the token read is the
+answer's first and not the reasoning block's opening tag (:data:`SCORED`).
+
+With ``--stream`` (or ``auto`` for a model that does not fit in memory) the model is never
+loaded whole: activations, selection and the search run layer-streamed, the edited model is
+written by streaming apply, and both models are evaluated with their weights partly offloaded
+to disk (:func:`evaluate_streamed`, :mod:`abliterate.commands.streamed`).
+
 The run directory is built under a temporary name beside ``out`` and renamed into place only
 when the run succeeds (:func:`~abliterate.commands.rundir.run_directory`). Contents::
 
@@ -21,266 +39,52 @@ when the run succeeds (:func:`~abliterate.commands.rundir.run_directory`). Conte
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
+from abliterate.commands.choice import EditChoice, choose_edit
+from abliterate.commands.exports import lora_before_bake, weight_files, write_exports
+from abliterate.commands.outcome import (
+    EditOutcome,
+    evaluate_edit,
+    evaluate_streamed,
+    full_precision_model,
+)
+from abliterate.commands.push import plan_upload, upload
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
+from abliterate.commands.runsets import SCORED, format_sets, load_prompt_sets
+from abliterate.commands.streamed import (
+    load_offloaded,
+    open_layerwise,
+    resident_minimum,
+    stream_source,
+)
 from abliterate.config import RunConfig, to_dict
-from abliterate.core.ablation import Ablation
-from abliterate.core.directions import Direction
-from abliterate.data.chat import ChatSet
-from abliterate.data.prompts import resolve_prompts
 from abliterate.edit.export import save_model, verify_export
-from abliterate.edit.hooks import edit_hooks
-from abliterate.edit.weights import bake
 from abliterate.errors import ConfigError
-from abliterate.eval.evaluator import EvalSets, Evaluator
 from abliterate.eval.judges import MarkerJudge
-from abliterate.measure.activations import collect_activations
-from abliterate.measure.candidates import Candidates
-from abliterate.measure.refusal import refusal_token_ids
+from abliterate.files import write_json
 from abliterate.model.anatomy import anatomy_of
-from abliterate.model.forward import next_token_logprobs
-from abliterate.model.loading import load_model
+from abliterate.model.devices import bake_blockers
+from abliterate.model.forward import check_ready
+from abliterate.model.layerwise import LayerwiseModel
+from abliterate.model.loading import load_model, local_path, resolve_device
+from abliterate.model.verify import verify_anatomy
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report, SelectionScores
-from abliterate.search.optimize import optimize_edit
-from abliterate.search.selection import select_direction
-from abliterate.search.study import default_storage
+from abliterate.search.study import check_study, default_storage, sqlite_path
 
 if TYPE_CHECKING:
-    from abliterate.data.prompts import PromptSet
-    from abliterate.eval.evaluator import Assessment
-    from abliterate.eval.judges import Judge
+    from transformers import PreTrainedModel
+
     from abliterate.model.loading import LoadedModel
-    from abliterate.search.optimize import SearchResult
-    from abliterate.search.selection import Selection
 
 log = logging.getLogger(__name__)
-
-TRAIN_SETS = ("train_harmful", "train_harmless")
-VAL_SETS = ("val_harmful", "val_harmless")
-
-
-@dataclass
-class EditChoice:
-    """The edit a run applies and how it was chosen (selection or search, when either ran)."""
-
-    edit: Ablation
-    selection: Selection | None = None
-    search: SearchResult | None = None
-
-
-@dataclass
-class EditOutcome:
-    """The held-out evaluation of an edit: both models, and the hooks-vs-weights check."""
-
-    baseline: Assessment
-    edited: Assessment
-    hooks_vs_weights: float
-    edited_writers: dict[str, object]
-
-
-def load_prompt_sets(config: RunConfig) -> dict[str, PromptSet]:
-    """The six prompt sets of a run (train, validation and evaluation, harmful and harmless)."""
-
-    col = config.prompt_column
-    return {
-        "train_harmful": resolve_prompts(config.harmful, "harmful", "train", col).head(
-            config.n_train
-        ),
-        "train_harmless": resolve_prompts(config.harmless, "harmless", "train", col).head(
-            config.n_train
-        ),
-        "val_harmful": resolve_prompts(None, "harmful", "val", col).head(config.n_val),
-        "val_harmless": resolve_prompts(None, "harmless", "val", col).head(config.n_val),
-        "eval_harmful": resolve_prompts(config.eval_harmful, "harmful", "eval", col).head(
-            config.n_eval
-        ),
-        "eval_harmless": resolve_prompts(config.eval_harmless, "harmless", "eval", col).head(
-            config.n_eval
-        ),
-    }
-
-
-def _saved_direction(config: RunConfig, d_model: int) -> Direction:
-
-    assert config.direction is not None
-    if not config.direction.with_suffix(".json").is_file():
-        raise ConfigError(
-            f"direction {config.direction} not found (both {config.direction.stem}"
-            ".safetensors and .json are needed)."
-        )
-    direction = Direction.load(config.direction)
-    if direction.d_model != d_model:
-        raise ConfigError(
-            f"direction {config.direction} has d_model={direction.d_model} but the model has "
-            f"{d_model}: it was computed for another model."
-        )
-    return direction
-
-
-def compute_candidates(
-    config: RunConfig, loaded: LoadedModel, chats: dict[str, ChatSet], data: dict[str, Any]
-) -> Candidates:
-    """Mean activations of the training sets at every layer and site."""
-
-    model, tok = loaded.model, loaded.tokenizer
-    # Per-prompt activations are kept only when the search may use extra directions.
-    keep = config.site if config.optimize and config.max_directions > 1 else None
-    means = {}
-    acts = None
-    for key, label in (("train_harmful", "harmful"), ("train_harmless", "harmless")):
-        means[key], kept = collect_activations(
-            model, tok, chats[key].texts, sites=config.sites,
-            keep_site=keep if key == "train_harmful" else None,
-            batch_size=config.batch_size, desc=f"Activations ({label})",
-        )  # fmt: skip
-        acts = acts if kept is None else kept
-    return Candidates(
-        harmful_mean=means["train_harmful"],
-        harmless_mean=means["train_harmless"],
-        sites=config.sites,
-        model=loaded.name,
-        revision=loaded.revision,
-        dataset_hashes={k: str(data[k]["sha256"]) for k in TRAIN_SETS},
-        harmful_acts=acts,
-        acts_site=keep,
-    )
-
-
-def _given_layer(config: RunConfig, candidates: Candidates) -> Direction:
-    assert config.layer is not None
-    if config.layer >= candidates.n_layers:
-        raise ConfigError(
-            f"layer {config.layer} is out of range: the model has {candidates.n_layers} layers."
-        )
-    if candidates.is_degenerate(config.layer, config.site):
-        raise ConfigError(
-            f"layer {config.layer}, site {config.site!r} has no direction: harmful and harmless "
-            "means are identical there; choose another --layer/--site."
-        )
-    return candidates.direction(config.layer, config.site)
-
-
-def choose_edit(
-    config: RunConfig,
-    loaded: LoadedModel,
-    chats: dict[str, ChatSet],
-    data: dict[str, Any],
-    judge: Judge,
-    stages: Stages,
-    tmp: Path,
-) -> EditChoice:
-    """The edit to apply: a saved direction's, a given layer's, the automatically selected
-    candidate's, or (``--optimize``) the searched one.
-
-    Writes ``candidates.safetensors`` (and ``scores.json`` when selecting,
-    ``optimization.json`` when searching) into ``tmp``.
-    """
-
-    model, tok = loaded.model, loaded.tokenizer
-    n_layers, d_model = anatomy_of(model).n_layers, anatomy_of(model).d_model
-    if config.direction is not None:
-        return EditChoice(Ablation.uniform(_saved_direction(config, d_model), n_layers,
-                                           config.strength))  # fmt: skip
-    with stages.stage("activations"):
-        candidates = compute_candidates(config, loaded, chats, data)
-        candidates.save(tmp / "candidates.safetensors")
-    if config.layer is not None:
-        direction = _given_layer(config, candidates)
-        return EditChoice(Ablation.uniform(direction, n_layers, config.strength))
-    refusal_ids = refusal_token_ids(tok)
-    if config.optimize:
-        with stages.stage("search"):
-            search = _optimize(config, loaded, candidates, chats, data, judge, refusal_ids)
-        (tmp / "optimization.json").write_text(json.dumps(search.to_dict(), indent=2) + "\n")
-        return EditChoice(search.edit, search=search)
-    with stages.stage("selection"):
-        selection = select_direction(
-            model, tok, candidates, chats["val_harmful"].texts, chats["val_harmless"].texts,
-            refusal_ids, config,
-        )  # fmt: skip
-    (tmp / "scores.json").write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
-    edit = Ablation.uniform(selection.direction, n_layers, config.strength)
-    return EditChoice(edit, selection=selection)
-
-
-def _optimize(
-    config: RunConfig,
-    loaded: LoadedModel,
-    candidates: Candidates,
-    chats: dict[str, ChatSet],
-    data: dict[str, Any],
-    judge: Judge,
-    refusal_ids: list[int],
-) -> SearchResult:
-    """The ``--optimize`` search: validation prompts only; the eval split is never passed in."""
-
-    fingerprint = {
-        "model": candidates.model,
-        "revision": candidates.revision,
-        "data": {k: data[k]["sha256"] for k in (*TRAIN_SETS, *VAL_SETS)},
-    }
-    return optimize_edit(
-        loaded.model,
-        loaded.tokenizer,
-        candidates,
-        chats["val_harmful"],
-        chats["val_harmless"],
-        judge,
-        config,
-        refusal_ids=refusal_ids,
-        storage=config.storage or default_storage(config.out),
-        fingerprint=fingerprint,
-    )
-
-
-def evaluate_edit(
-    config: RunConfig,
-    loaded: LoadedModel,
-    edit: Ablation,
-    chats: dict[str, ChatSet],
-    judge: Judge,
-    stages: Stages,
-) -> EditOutcome:
-    """Evaluate the unedited model, bake ``edit`` into it, and evaluate it again.
-
-    The multi-token KL is measured through hooks before the weights are baked; the hooks and
-    the baked weights are then compared on a few prompts, so the evaluated model is the one
-    the hooks describe.
-    """
-
-    model, tok = loaded.model, loaded.tokenizer
-    evaluator = Evaluator(
-        tok,
-        EvalSets(chats["eval_harmful"], chats["eval_harmless"]),
-        [judge],
-        max_new_tokens=config.max_new_tokens,
-        kl_tokens=config.kl_tokens,
-        batch_size=config.batch_size,
-        system_prompt=config.system_prompt,
-    )
-    with stages.stage("baseline eval"):
-        baseline = evaluator.assess(model, "baseline")
-    with stages.stage("multi-token KL"):
-        kl_multi, _ = evaluator.multi_token_kl(model, q_context=lambda: edit_hooks(model, edit))
-    with stages.stage("bake edit"):
-        probe = chats["eval_harmless"].texts[:4]
-        with edit_hooks(model, edit):
-            hooked = next_token_logprobs(model, tok, probe, batch_size=config.batch_size)
-        summary = bake(model, edit)
-        baked = next_token_logprobs(model, tok, probe, batch_size=config.batch_size)
-        hooks_vs_weights = float((hooked - baked).abs().max())
-    with stages.stage("edited eval"):
-        edited = evaluator.assess(model, "abliterated")
-        evaluator.compare(baseline, edited, kl_multi)
-    return EditOutcome(baseline, edited, hooks_vs_weights, summary.to_dict())
 
 
 def _record(
@@ -317,6 +121,7 @@ def _report(
     record: dict[str, Any],
     export_diff: float | None,
     stages: Stages,
+    exports: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
 
     report: dict[str, Any] = {
@@ -335,6 +140,7 @@ def _report(
             "hooks_vs_weights_max_abs_diff": outcome.hooks_vs_weights,
             "export_reload_max_abs_diff": export_diff,
             "edited_writers": outcome.edited_writers,
+            **({"exports": exports} if exports else {}),
         },
         "baseline": outcome.baseline.to_dict(),
         "edited": outcome.edited.to_dict(),
@@ -346,47 +152,131 @@ def _report(
     return report
 
 
-def run(config: RunConfig) -> dict[str, Any]:
-    """Run the whole pipeline and return the report (also written to ``config.out``)."""
+def _finish_streamed(config: RunConfig, tmp: Path) -> None:
+    """No offloaded weights left behind, and no model with ``--no-save-model`` (it was written
+    only to be evaluated)."""
+    shutil.rmtree(tmp / ".offload", ignore_errors=True)
+    if not config.save_model:
+        shutil.rmtree(tmp / "model")
+
+
+def placement_record(loaded: LoadedModel) -> dict[str, Any]:
+    """How the model is placed, for ``environment.json``: the device map (modules per device)
+    and the quantization, where there are any."""
+    out: dict[str, Any] = {}
+    placed = getattr(loaded.model, "hf_device_map", None)
+    if placed:
+        counts: dict[str, int] = {}
+        for device in placed.values():
+            counts[str(device)] = counts.get(str(device), 0) + 1
+        out["device_map"] = counts
+    quantization = getattr(loaded.model.config, "quantization_config", None)
+    if quantization is not None:
+        out["quantization"] = quantization.to_dict()
+    return out
+
+
+def run_inputs(config: RunConfig) -> list[str | Path | None]:
+    """Everything a run reads: ``--out`` may not be or contain any of it."""
+    study = (config.storage or default_storage(config.out)) if config.optimize else None
+    return [
+        local_path(config.model), config.harmful, config.harmless, config.eval_harmful,
+        config.eval_harmless, config.direction,
+        config.direction.with_suffix(".json") if config.direction is not None else None,
+        sqlite_path(study) if study else None,
+    ]  # fmt: skip
+
+
+def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Run the whole pipeline and return the report (also written to ``config.out``).
+
+    ``extra_inputs``: further files the caller read for this run (the CLI's ``--config``
+    file), which ``--out`` must not contain either.
+    """
     import torch
 
-    check_output_dir(config.out, config.overwrite)
+    # Everything that can be checked without the model fails before it is loaded.
+    check_output_dir(config.out, config.overwrite, [*run_inputs(config), *extra_inputs])
+    resolve_device(config.device)
+    if config.optimize:
+        check_study(config)
     torch.manual_seed(config.seed)
+    source = stream_source(config)
+    if source is not None and config.export:
+        raise ConfigError(
+            f"--export {','.join(config.export)} converts the edited model held in memory, and "
+            "this run streams the model layer by layer (--stream); drop --export, or apply the "
+            "run's edit to a GGUF of the model afterwards (abliterate apply --direction OUT)."
+        )
     sets = load_prompt_sets(config)
     data = {k: {"name": s.name, "n": len(s), "sha256": s.sha256} for k, s in sets.items()}
     stages = Stages()
     judge = MarkerJudge()
-    with run_directory(config.out, config.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    command = "optimize" if config.optimize else "run"
+    with run_directory(config.out, config.overwrite, command) as tmp:
+        write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
-            loaded = load_model(
-                config.model,
-                revision=config.revision,
-                device=config.device,
-                dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code,
-            )
+            if source is None:
+                loaded = load_model(
+                    config.model,
+                    revision=config.revision,
+                    device=config.device,
+                    dtype=config.dtype,
+                    trust_remote_code=config.trust_remote_code,
+                    **config.placement(),
+                )
+                measured: PreTrainedModel | LayerwiseModel = loaded.model
+            else:  # the original is evaluated offloaded; everything else is layer-streamed
+                measured = open_layerwise(config, source)
+                loaded = load_offloaded(config.model, config, tmp / ".offload" / "original",
+                                        resident_minimum(measured))  # fmt: skip
         log.info("model: %s", anatomy_of(loaded.model).anatomy.describe())
+        with stages.stage("verify anatomy"):
+            verify_anatomy(loaded.model, loaded.tokenizer)
         tok = loaded.tokenizer
-        chats = {k: ChatSet.format(tok, s, config.system_prompt) for k, s in sets.items()}
+        chats = format_sets(config, tok, sets)
+        check_ready(loaded.model, tok, list(chats.values()), loaded.name)
         env = {**environment_record(str(loaded.device), config.seed, data),
                "model": {"name": loaded.name, "source": loaded.source,
                          "revision": loaded.revision},
-               "dtype": str(loaded.model.dtype)}  # fmt: skip
-        (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
-        choice = choose_edit(config, loaded, chats, data, judge, stages, tmp)
+               "dtype": str(loaded.model.dtype), "streamed": source is not None,
+               **placement_record(loaded)}  # fmt: skip
+        write_json(tmp / "environment.json", env)
+        choice = choose_edit(config, loaded, chats, data, judge, stages, tmp, measured)
         choice.edit.save(tmp)
-        outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
-        record = _record(loaded, choice, outcome, data)
         export_diff: float | None = None
+        exports = None
+        measured_on = None
+        if isinstance(measured, LayerwiseModel):
+            outcome = evaluate_streamed(
+                config, loaded, measured, choice.edit, chats, judge, stages, tmp
+            )
+            record = _record(loaded, choice, outcome, data)
+            _finish_streamed(config, tmp)
+        else:
+            measured_on = bake_blockers(loaded.model)
+            if measured_on is not None:
+                loaded = full_precision_model(config, loaded, measured_on, stages)
+            adapter = lora_before_bake(config, loaded, choice.edit)  # needs the unedited weights
+            outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
+            record = _record(loaded, choice, outcome, data)
+            if measured_on is not None:
+                record["measured_on"] = measured_on
+            probe = chats[SCORED["eval_harmless"]].texts[:4]
+            if config.save_model:
+                with stages.stage("export"):
+                    save_model(loaded.model, tok, tmp / "model", record)
+                    export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
+            if config.export:
+                with stages.stage("further exports"):
+                    exports = write_exports(config, loaded, adapter, tmp, probe)
+        record["files"] = weight_files(tmp)
+        write_json(tmp / "abliteration.json", record)
         if config.save_model:
-            with stages.stage("export"):
-                save_model(loaded.model, tok, tmp / "model", record)
-                probe = chats["eval_harmless"].texts[:4]
-                export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
-        (tmp / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_json(tmp / "model" / "abliteration.json", record)
         report = Report.model_validate(
-            _report(config, loaded, choice, outcome, record, export_diff, stages)
+            _report(config, loaded, choice, outcome, record, export_diff, stages, exports)
+            | ({} if measured_on is None else {"measured_on": measured_on})
         )
         scores = None
         if choice.selection is not None:
@@ -394,4 +284,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         write_reports(tmp, report, scores)
     print(summary_table(report))
     print(f"\nRun directory: {config.out}")
+    if config.push_to_hub is not None:
+        plan = plan_upload(config.out, config.push_to_hub)
+        print(plan.describe())
+        print(f"Uploaded: {upload(plan)}")
     return report.model_dump(mode="json")

@@ -19,8 +19,8 @@ Run directory::
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,9 +41,10 @@ from abliterate.edit.steering import read_directions, removal, require_targets
 from abliterate.errors import EditError
 from abliterate.eval.behaviour import UNITS, measure_behaviour
 from abliterate.eval.evaluator import Evaluator
-from abliterate.eval.judges import JudgeOptions, build_judges
+from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
+from abliterate.files import write_json
 from abliterate.model.anatomy import anatomy_of
-from abliterate.model.loading import load_model
+from abliterate.model.loading import load_model, local_path
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -180,11 +181,20 @@ def _report(
     }
 
 
-def steer(config: SteerConfig) -> dict[str, Any]:
-    """Run ``abliterate steer`` (module docstring); returns the report."""
+def steer(config: SteerConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Run ``abliterate steer`` (module docstring); returns the report.
+
+    ``extra_inputs``: further files the caller read (the CLI's ``--config`` file), which
+    ``--out`` must not contain either.
+    """
     import torch
 
-    check_output_dir(config.out, config.overwrite)
+    models = [config.model, *judge_sources(config.judge)]
+    inputs = [
+        *map(local_path, models), config.eval_harmful, config.eval_harmless, config.over_refusal,
+        config.direction, config.edit, config.metric_prompts, *extra_inputs,
+    ]  # fmt: skip
+    check_output_dir(config.out, config.overwrite, inputs)
     torch.manual_seed(config.seed)
     raw_sets = load_prompt_sets(config)
     metric_set = (
@@ -195,8 +205,8 @@ def steer(config: SteerConfig) -> dict[str, Any]:
     stages = Stages()
     with stages.stage("judges"):
         judges = build_judges(config.judge, JudgeOptions(config.device, config.batch_size))
-    with run_directory(config.out, config.overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    with run_directory(config.out, config.overwrite, "steer") as tmp:
+        write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
             loaded = load_model(
                 config.model, revision=config.revision, device=config.device, dtype=config.dtype,
@@ -213,7 +223,7 @@ def steer(config: SteerConfig) -> dict[str, Any]:
         metric_record = {"name": metric_set.name, "n": len(metric_set), "sha256": metric_set.sha256}
         data = {**sets.record(), "metric_prompts": metric_record}
         env = environment_record(str(loaded.device), config.seed, data)
-        (tmp / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+        write_json(tmp / "environment.json", env)
         evaluator = Evaluator(
             tok, sets, judges, max_new_tokens=config.max_new_tokens, kl_tokens=config.kl_tokens,
             batch_size=config.batch_size, seed=config.seed, system_prompt=config.system_prompt,

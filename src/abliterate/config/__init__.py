@@ -2,11 +2,16 @@
 
 Options are declared once, in groups by concern: :class:`ModelOptions`, :class:`PromptOptions`
 (built on :class:`EvalPromptOptions`), :class:`SelectionOptions`, :class:`SearchOptions`,
-:class:`EvalOptions` and :class:`OutputOptions`. Each field carries its help text. A command's
+:class:`ThinkingOptions`, :class:`EvalOptions` and :class:`OutputOptions`. Each field carries
+its help text. A command's
 config inherits the groups it uses (:class:`RunConfig`, :class:`OptimizeConfig`,
 :class:`EvaluateConfig`, :class:`ChatConfig`, :class:`ReportConfig`), so its fields read flat
 (``config.n_train``), it *is* an instance of each of its groups, and
 ``config.section(SearchOptions)`` hands a group whole to the code that uses it.
+
+The commands that change a model by data (``filter-dataset``, ``sft``, ``heal``) have their
+configs and groups (:class:`TrainOptions`, :class:`JudgeBenchmarkOptions`) in
+:mod:`abliterate.config.training`.
 
 Every value is validated where it enters. Built in Python (``RunConfig(n_train=8)``), a config
 is validated by pydantic's usual (lax) rules. :func:`load_config` resolves a command's config
@@ -28,26 +33,38 @@ from abliterate.config.alignment import (
 )
 from abliterate.config.messages import describe_errors, option_name
 from abliterate.config.options import (
+    ApplyConfig,
     ChatConfig,
     EvalOptions,
     EvalPromptOptions,
     EvaluateConfig,
+    ExportOptions,
     ModelOptions,
     OptimizeConfig,
     Options,
     OutputOptions,
     PromptOptions,
+    PushConfig,
     ReportConfig,
     RunConfig,
     SearchOptions,
     SelectionOptions,
     SteerHookOptions,
+    ThinkingOptions,
     to_dict,
 )
 from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
+from abliterate.config.training import (
+    FilterDatasetConfig,
+    HealConfig,
+    JudgeBenchmarkOptions,
+    SftConfig,
+    TrainOptions,
+)
 
 __all__ = [
     "ENV_PREFIX",
+    "ApplyConfig",
     "ChatConfig",
     "DetoxConfig",
     "DirectionCombineConfig",
@@ -55,17 +72,25 @@ __all__ = [
     "EvalOptions",
     "EvalPromptOptions",
     "EvaluateConfig",
+    "ExportOptions",
+    "FilterDatasetConfig",
+    "HealConfig",
+    "JudgeBenchmarkOptions",
     "ModelOptions",
     "OptimizeConfig",
     "Options",
     "OutputOptions",
     "PromptOptions",
+    "PushConfig",
     "ReportConfig",
     "RunConfig",
     "SearchOptions",
     "SelectionOptions",
+    "SftConfig",
     "SteerConfig",
     "SteerHookOptions",
+    "ThinkingOptions",
+    "TrainOptions",
     "describe_errors",
     "load_config",
     "option_name",

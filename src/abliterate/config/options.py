@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import CliPositionalArg
@@ -11,19 +12,23 @@ from pydantic_settings import CliPositionalArg
 from abliterate.config.messages import describe_errors
 from abliterate.config.values import (
     Count,
+    DeviceMap,
     FiniteFloat,
     Index,
     Indices,
+    MaxMemory,
     Names,
     PathOption,
     Sites,
     Text,
     check_judges,
     check_temperature,
+    parse_device_map,
+    parse_max_memory,
     problem,
 )
 from abliterate.errors import ConfigError
-from abliterate.types import SITES, DType, SearchDType, Site
+from abliterate.types import SITES, DType, LoadIn, SearchDType, Site, Thinking
 
 S = TypeVar("S", bound="Options")
 
@@ -74,6 +79,65 @@ class ModelOptions(Options):
         False,
         description="Allow the model repository to run its own Python code. Off unless you trust "
         "it.",
+    )
+    device_map: DeviceMap | None = Field(
+        None,
+        description="Spread the model over several devices instead of --device: 'auto' (or "
+        "'balanced', 'balanced_low_0', 'sequential': accelerate's strategies) or a JSON object "
+        'from module names to devices, e.g. \'{"model.embed_tokens": 0, "model.layers": 1, '
+        '"model.norm": 1, "lm_head": 1}\' (devices: GPU indices, cpu, disk).',
+    )
+    max_memory: MaxMemory | None = Field(
+        None,
+        description="Memory caps per device for --device-map, e.g. '0=20GiB,1=20GiB,cpu=60GiB' "
+        "(GPU indices, cpu; sizes in GiB, MiB, GB, MB).",
+    )
+    load_in: LoadIn | None = Field(
+        None,
+        description="Measure and search on the model quantized to 4 or 8 bits with bitsandbytes "
+        "(needs a CUDA GPU and abliterate[quant]); run then loads the full-precision weights on "
+        "the CPU (or with --device-map), bakes the chosen edit there, and evaluates and exports "
+        "that model, so no quantization error is exported.",
+    )
+
+    def placement(self) -> dict[str, Any]:
+        """The :func:`~abliterate.model.loading.load_model` arguments that place the model:
+        ``device_map``, ``max_memory`` (parsed) and ``load_in``."""
+        return {
+            "device_map": None if self.device_map is None else parse_device_map(self.device_map),
+            "max_memory": None if self.max_memory is None else parse_max_memory(self.max_memory),
+            "load_in": self.load_in,
+        }
+
+    @model_validator(mode="after")
+    def _placement(self) -> ModelOptions:
+        if self.max_memory is not None and self.device_map is None:
+            raise problem("--max-memory caps what --device-map places; add --device-map auto.")
+        if self.device_map is not None and self.device != "auto":
+            raise problem(
+                f"pass either --device {self.device} or --device-map {self.device_map}, not both "
+                "(a device map places every module itself)."
+            )
+        return self
+
+
+class ThinkingOptions(Options):
+    """How reasoning ("thinking") models are prompted and given room to answer."""
+
+    thinking: Thinking = Field(
+        "off",
+        description="Reasoning models: 'off' turns the chat template's thinking switch off (the "
+        "enable_thinking or thinking variable, read from the template) and closes a reasoning "
+        "block the template opens anyway, so the model answers at once; 'on' lets it reason, "
+        "with --thinking-budget more tokens, judges read only the answer after the reasoning, "
+        "and answers that never arrive are reported as unfinished. Directions are measured with "
+        "the same switch; next-token scores always read the answer's first token. Templates "
+        "with neither (most chat models) are not affected.",
+    )
+    thinking_budget: Count = Field(
+        512,
+        description="With --thinking on: tokens for the reasoning, generated on top of "
+        "--max-new-tokens (and of the search's --confirm-tokens).",
     )
 
 
@@ -286,17 +350,73 @@ class SteerHookOptions(Options):
     )
 
 
+EXPORT_FORMATS = ("gguf:f16", "gguf:bf16", "gguf:q8_0", "gguf:f32", "lora", "lora-gguf")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_exports(values: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [v for v in values if v.lower() not in EXPORT_FORMATS]
+    if bad:
+        raise problem(f"unknown format {bad[0]!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    return tuple(v.lower() for v in values)
+
+
+def _check_repo_id(value: str | None) -> str | None:
+    if value is not None and not _REPO_ID.fullmatch(value):
+        raise problem(f"must be a hub repository id ORG/NAME, got {value!r}")
+    return value
+
+
+RepoId = Annotated[Text, AfterValidator(_check_repo_id)]
+"""A hub repository id ``ORG/NAME``."""
+
+
+class ExportOptions(Options):
+    """Further formats of the edited model, and its upload to the hub."""
+
+    export: Annotated[Names, AfterValidator(_check_exports)] = Field(
+        (),
+        description="Further formats of the edited model, besides OUT/model: gguf:f16, "
+        "gguf:bf16, gguf:q8_0, gguf:f32 (OUT/gguf/model-TYPE.gguf, for llama.cpp; its logits are "
+        "checked against the evaluated model), lora (a PEFT LoRA adapter in OUT/adapter; plain "
+        "edits only: a projection is exactly rank 1 per matrix), lora-gguf (that adapter also "
+        "as a llama.cpp LoRA, OUT/adapter/adapter.gguf). Comma- or space-separated.",
+    )
+    push_to_hub: RepoId | None = Field(
+        None,
+        description="Upload the run's model (or adapter) with a generated model card to this hub "
+        "repository (ORG/NAME) when the run succeeds; the token comes from huggingface_hub "
+        "(HF_TOKEN or a stored login).",
+    )
+
+
 # --- command configs -----------------------------------------------------------------------------
 
 
 # pydantic orders inherited fields from the last base to the first: this order lists the model
 # options first, as in --help and config.json.
 class RunConfig(
-    OutputOptions, EvalOptions, SelectionOptions, SearchOptions, PromptOptions, ModelOptions
+    ExportOptions,
+    OutputOptions,
+    EvalOptions,
+    ThinkingOptions,
+    SelectionOptions,
+    SearchOptions,
+    PromptOptions,
+    ModelOptions,
 ):
     """Configuration of ``abliterate run``: compute, select, apply, evaluate and export."""
 
     save_model: bool = Field(True, description="Write the edited model to OUT/model.")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Layer-stream a model that does not fit in memory: activations, selection and "
+        "search trials run one decoder layer at a time from the checkpoint (each layer read once "
+        "per pass), the edit is written to OUT/model by streaming apply, and the evaluation runs "
+        "with what does not fit offloaded to disk (accelerate; each generated token then reads "
+        "the offloaded weights again, so it is slow). 'auto': on when the weights need more than "
+        "0.8 times the memory available. Needs a local safetensors checkpoint or demo.",
+    )
 
     @model_validator(mode="after")
     def _fixed_or_searched(self) -> RunConfig:
@@ -310,6 +430,11 @@ class RunConfig(
                 f"--site {self.site} is not among --sites {' '.join(self.sites)}; add it to "
                 "--sites or choose one of them."
             )
+        if self.load_in is not None and self.search_dtype not in ("auto", "model"):
+            raise problem(
+                f"--search-dtype {self.search_dtype} would copy the {self.load_in} model into "
+                "another precision; with --load-in leave it at auto."
+            )
         return self
 
 
@@ -319,7 +444,9 @@ class OptimizeConfig(RunConfig):
     optimize: bool = Field(True, description="Search the edit space (always on for this command).")
 
 
-class EvaluateConfig(OutputOptions, EvalOptions, EvalPromptOptions, SteerHookOptions, ModelOptions):
+class EvaluateConfig(
+    OutputOptions, EvalOptions, ThinkingOptions, EvalPromptOptions, SteerHookOptions, ModelOptions
+):
     """Configuration of ``abliterate evaluate``: measure a model, optionally against a baseline."""
 
     model: CliPositionalArg[Text] = Field(
@@ -360,7 +487,7 @@ class EvaluateConfig(OutputOptions, EvalOptions, EvalPromptOptions, SteerHookOpt
     batch_size: Count = Field(32, description="Prompts per forward pass.")
 
 
-class ChatConfig(SteerHookOptions, ModelOptions):
+class ChatConfig(ThinkingOptions, SteerHookOptions, ModelOptions):
     """Configuration of ``abliterate chat``: an edited model and its original, side by side."""
 
     model: CliPositionalArg[Text] = Field(
@@ -382,11 +509,72 @@ class ChatConfig(SteerHookOptions, ModelOptions):
     )
 
 
+class PushConfig(Options):
+    """Configuration of ``abliterate push``: upload a run's model or adapter with a model card."""
+
+    run: CliPositionalArg[PathOption] = Field(
+        description="Run directory (with report.json, abliteration.json and model/ or adapter/)."
+    )
+    repo: CliPositionalArg[RepoId] = Field(description="Hub repository ORG/NAME to upload to.")
+    private: bool = Field(False, description="Create the repository as private.")
+    dry_run: bool = Field(
+        False, description="Print the model card and the planned uploads; upload nothing."
+    )
+
+
 class ReportConfig(Options):
     """Configuration of ``abliterate report``: re-render a run's HTML report and plots."""
 
     run: CliPositionalArg[PathOption] = Field(
         description="Run directory holding report.json (and scores.json, for per-layer plots).",
+    )
+
+
+WRITER_KINDS = ("embedding", "attention", "mlp")
+"""Residual writers a plain direction can be removed from (``abliterate apply --writers``)."""
+
+
+def _check_writers(names: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in WRITER_KINDS]
+    if unknown:
+        raise problem(f"must name writers among {', '.join(WRITER_KINDS)}, got {unknown[0]!r}")
+    if not names:
+        raise problem(f"must name at least one of {', '.join(WRITER_KINDS)}")
+    return names
+
+
+class ApplyConfig(Options):
+    """Configuration of ``abliterate apply``: edit a model on disk, tensor by tensor."""
+
+    direction: PathOption = Field(
+        description="The edit to apply: a direction saved by the tool (direction.safetensors, "
+        "its .json beside it), an edit saved by a run (its edit_spec.json, or the run directory "
+        "itself), or a .npy vector of the model's hidden size (normalised to unit length).",
+    )
+    model: Text = Field(
+        description="Model to edit: a local directory with safetensors weights (one "
+        "model.safetensors, or shards listed in model.safetensors.index.json), 'demo', or a "
+        ".gguf file (edited in its own tensor types; tensors of types the gguf package cannot "
+        "requantize get their edit as a GGUF LoRA adapter beside --out). It is read, never "
+        "changed.",
+    )
+    out: PathOption = Field(
+        description="Directory the edited model is written to (built under a temporary name and "
+        "renamed when complete); for a .gguf model, the edited .gguf file.",
+    )
+    overwrite: bool = Field(
+        False, description="Replace --out (and a GGUF model's adapter) if it exists."
+    )
+    strength: FiniteFloat = Field(
+        1.0,
+        description="Ablation strength of a direction or .npy vector: 1 removes it, 0 changes "
+        "nothing. An edit saved by a run carries its own strengths.",
+    )
+    writers: Annotated[Names, AfterValidator(_check_writers)] = Field(
+        WRITER_KINDS,
+        description="Residual writers a direction or .npy vector is removed from: 'embedding', "
+        "'attention' (attention outputs and other token mixers) and 'mlp' (MLP outputs, every "
+        "routed and shared expert). An edit saved by a run names its own.",
     )
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from abliterate.errors import DirectionFileError
+from abliterate.files import write_bytes, write_json
 from abliterate.types import Site
 
 
@@ -38,6 +40,14 @@ def _finite_scalar(value: object, op: Any) -> float:
     if op is torch.div and x == 0.0:
         raise ZeroDivisionError("division of a direction by zero")
     return x
+
+
+def _same_kind(value: object, cls: type, what: str) -> None:
+    """Directions are added to and subtracted from directions only: a number added to every
+    coordinate, or a coordinate-wise product of two directions, means nothing."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{what} can be added to or subtracted from {what}, not "
+                        f"{type(value).__name__}; numbers multiply or divide it")  # fmt: skip
 
 
 def _check_same_model(a: str, b: str) -> None:
@@ -75,7 +85,10 @@ class Direction:
     def __post_init__(self) -> None:
         if self.vector.ndim != 1:
             raise ValueError(f"a Direction is a 1-D vector, got shape {tuple(self.vector.shape)}")
-        object.__setattr__(self, "vector", self.vector.detach().to("cpu", torch.float32))
+        vector = self.vector.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError("a Direction must hold finite values")
+        object.__setattr__(self, "vector", vector)
 
     @property
     def d_model(self) -> int:
@@ -89,12 +102,25 @@ class Direction:
             raise ValueError("cannot normalise a zero vector")
         return replace(self, vector=self.vector / norm)
 
-    def _combine(self, other: Direction | float, op: Any) -> Direction:
-        if isinstance(other, Direction):
-            if other.d_model != self.d_model:
-                raise ValueError(f"d_model mismatch: {self.d_model} vs {other.d_model}")
-            _check_same_model(self.model, other.model)
-            return replace(self, vector=op(self.vector, other.vector), layer=None, site=None)
+    def _combine(self, other: Direction, op: Any) -> Direction:
+        _same_kind(other, Direction, "a direction")
+        if other.d_model != self.d_model:
+            raise ValueError(f"d_model mismatch: {self.d_model} vs {other.d_model}")
+        _check_same_model(self.model, other.model)
+        if self.site is not None and other.site is not None and self.site != other.site:
+            raise ValueError(f"site mismatch: {self.site!r} vs {other.site!r}")
+        # A combination is no longer the mean difference of one layer: it keeps the provenance
+        # both operands share (symmetrically, so a + b == b + a) and a neutral scale.
+        return Direction(
+            vector=op(self.vector, other.vector),
+            scale=1.0,
+            model=self.model or other.model,
+            revision=self.revision if self.revision == other.revision else None,
+            dataset_hashes=dict(sorted({**other.dataset_hashes, **self.dataset_hashes}.items())),
+            projected=self.projected and other.projected,
+        )
+
+    def _scale(self, other: float, op: Any) -> Direction:
         return replace(self, vector=op(self.vector, _finite_scalar(other, op)))
 
     def __add__(self, other: Direction) -> Direction:
@@ -104,12 +130,12 @@ class Direction:
         return self._combine(other, torch.sub)
 
     def __mul__(self, other: float) -> Direction:
-        return self._combine(other, torch.mul)
+        return self._scale(other, torch.mul)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: float) -> Direction:
-        return self._combine(other, torch.div)
+        return self._scale(other, torch.div)
 
     def __neg__(self) -> Direction:
         return replace(self, vector=-self.vector)
@@ -159,23 +185,38 @@ class Direction:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path.safetensors`` and ``path.json``; returns the safetensors path."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         base = Path(path).with_suffix("")
         base.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"direction": self.vector.contiguous()}, str(base) + ".safetensors")
-        Path(str(base) + ".json").write_text(json.dumps(self.metadata(), indent=2) + "\n")
+        write_bytes(Path(str(base) + ".safetensors"), save({"direction": self.vector.contiguous()}))
+        write_json(Path(str(base) + ".json"), self.metadata())
         return Path(str(base) + ".safetensors")
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
-        """Read a direction written by :meth:`save` (either file's path, or the common stem)."""
+        """Read a direction written by :meth:`save` (either file's path, or the common stem).
+
+        Raises:
+            DirectionFileError: a file is missing, unreadable, truncated or not written by
+                :meth:`save`, or the vector is zero or not finite.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         base = Path(path).with_suffix("")
-        tensors = load_file(str(base) + ".safetensors")
-        meta = json.loads(Path(str(base) + ".json").read_text())
-        return cls.from_metadata(tensors["direction"], meta)
+        try:
+            tensors = load_file(str(base) + ".safetensors")
+            meta = json.loads(Path(str(base) + ".json").read_text(encoding="utf-8"))
+            direction = cls.from_metadata(tensors["direction"], meta)
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
+            raise DirectionFileError(
+                f"cannot read the direction {base}.safetensors/.json: {type(exc).__name__}: {exc}"
+            ) from exc
+        norm = float(direction.vector.norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            raise DirectionFileError(f"the direction in {base}.safetensors is zero or not finite.")
+        return direction
 
 
 _SET_FORMAT = "abliterate.direction_set/1"
@@ -293,17 +334,19 @@ class DirectionSet:
             raise ValueError(f"site mismatch: {self.site!r} vs {other.site!r}")
         _check_same_model(self.model, other.model)
 
-    def _combine(self, other: DirectionSet | float, op: Any) -> DirectionSet:
-        if isinstance(other, DirectionSet):
-            self._check_compatible(other)
-            hashes = {**self.dataset_hashes, **other.dataset_hashes}
-            return replace(
-                self,
-                vectors=op(self.vectors, other.vectors),
-                site=self.site or other.site,
-                model=self.model or other.model,
-                dataset_hashes=hashes,
-            )
+    def _combine(self, other: DirectionSet, op: Any) -> DirectionSet:
+        _same_kind(other, DirectionSet, "a direction set")
+        self._check_compatible(other)
+        hashes = {**self.dataset_hashes, **other.dataset_hashes}
+        return replace(
+            self,
+            vectors=op(self.vectors, other.vectors),
+            site=self.site or other.site,
+            model=self.model or other.model,
+            dataset_hashes=hashes,
+        )
+
+    def _scale(self, other: float, op: Any) -> DirectionSet:
         return replace(self, vectors=op(self.vectors, _finite_scalar(other, op)))
 
     def __add__(self, other: DirectionSet) -> DirectionSet:
@@ -313,12 +356,12 @@ class DirectionSet:
         return self._combine(other, torch.sub)
 
     def __mul__(self, other: float) -> DirectionSet:
-        return self._combine(other, torch.mul)
+        return self._scale(other, torch.mul)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: float) -> DirectionSet:
-        return self._combine(other, torch.div)
+        return self._scale(other, torch.div)
 
     def __neg__(self) -> DirectionSet:
         return replace(self, vectors=-self.vectors)
@@ -346,19 +389,14 @@ class DirectionSet:
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.safetensors`` file (vectors + provenance in its header), atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         target = Path(path)
         if target.suffix != ".safetensors":
             target = target.with_name(target.name + ".safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file(
-            {"vectors": self.vectors},
-            str(tmp),
-            metadata={"abliterate": json.dumps(self.metadata())},
-        )
-        tmp.replace(target)
+        data = save({"vectors": self.vectors}, metadata={"abliterate": json.dumps(self.metadata())})
+        write_bytes(target, data)
         return target
 
     @classmethod
@@ -366,18 +404,25 @@ class DirectionSet:
         """Read a set written by :meth:`save`.
 
         Raises:
-            ValueError: the file is not a direction set written by this tool.
+            DirectionFileError: the file is unreadable, truncated or not a direction set
+                written by this tool.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get("abliterate")
-            if header is None or "vectors" not in f.keys():  # noqa: SIM118
-                raise ValueError(f"{path} is not a direction set written by abliterate")
-            vectors = f.get_tensor("vectors")
-        meta = json.loads(header)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = (f.metadata() or {}).get("abliterate")
+                vectors = f.get_tensor("vectors") if "vectors" in f.keys() else None  # noqa: SIM118
+            meta = json.loads(header) if header is not None else None
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise DirectionFileError(f"cannot read the direction set {path}: {exc}") from exc
+        if vectors is None or not isinstance(meta, dict):
+            raise DirectionFileError(f"{path} is not a direction set written by abliterate")
         if meta.get("format") != _SET_FORMAT:
-            raise ValueError(f"{path} has unknown format {meta.get('format')!r}")
+            raise DirectionFileError(
+                f"{path} has unknown format {meta.get('format')!r} (this version reads "
+                f"{_SET_FORMAT})"
+            )
         return cls(
             vectors=vectors,
             layers=tuple(meta["layers"]),

@@ -39,6 +39,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from abliterate.files import write_bytes, write_json
+
 WriterRole = Literal["embedding", "attention", "mlp", "expert", "shared_expert", "mixer"]
 """What a residual writer is: the token embedding, an attention output projection, an MLP
 output projection, a routed expert's or a shared expert's down projection, or the output
@@ -175,7 +177,7 @@ class Edit(ABC):
 
     def save(self, directory: str | Path) -> None:
         """Write ``edit_spec.json`` and ``edit.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -189,12 +191,8 @@ class Edit(ABC):
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             tensors[k] = t
-        tmp = d / f".{TENSORS_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(d / TENSORS_FILE)
-        tmp = d / f".{EDIT_FILE}.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(d / EDIT_FILE)
+        write_bytes(d / TENSORS_FILE, save(tensors))
+        write_json(d / EDIT_FILE, self.to_dict())
 
 
 def edit_from_dict(data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Edit:
@@ -219,6 +217,7 @@ def load_edit(directory: str | Path) -> Edit:
     Raises:
         ValueError: the directory holds no readable edit.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(directory)
@@ -228,12 +227,16 @@ def load_edit(directory: str | Path) -> Edit:
         raise ValueError(f"{d / EDIT_FILE} is not a readable edit: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{d / EDIT_FILE} does not describe an edit")
-    if (d / TENSORS_FILE).is_file():
-        return edit_from_dict(data, load_file(str(d / TENSORS_FILE)))
     cls = Edit._kinds.get(str(data.get("kind")))
     if cls is None:
         raise ValueError(f"{d / EDIT_FILE} names an unknown edit kind {data.get('kind')!r}")
-    return cls.load_legacy(d, data)
+    try:
+        if (d / TENSORS_FILE).is_file():
+            return edit_from_dict(data, load_file(str(d / TENSORS_FILE)))
+        return cls.load_legacy(d, data)
+    except (OSError, SafetensorError, KeyError) as exc:
+        # A missing or truncated tensor file, or a description that does not match its tensors.
+        raise ValueError(f"the edit in {d} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)

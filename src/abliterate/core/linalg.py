@@ -58,9 +58,15 @@ def project_out(x: torch.Tensor, direction: torch.Tensor, strength: float) -> to
 
 
 def norm_scales(rows: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
-    """Per row, ``|row| / |edited row|`` (1 where the edit left nothing to rescale)."""
+    """Per row, ``|row| / |edited row|``; 1 where the edit left (almost) nothing to rescale.
+
+    A row lying (numerically) inside the removed span keeps only rounding noise; scaling that
+    noise back up to the row's full norm would write a random vector, so such rows (edited norm
+    below 1e-6 of the original) are left as the projection made them.
+    """
     old, new = rows.norm(dim=-1), edited.norm(dim=-1)
-    return torch.where(new > 0, old / new.clamp(min=1e-30), torch.ones_like(new))
+    keep = new > 1e-6 * old
+    return torch.where(keep, old / new.clamp(min=1e-30), torch.ones_like(new))
 
 
 def edit_write_vectors(

@@ -7,21 +7,30 @@ left-padded batches and remembers where each text came from.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from abliterate.data.prompts import PromptSet
-from abliterate.errors import ChatTemplateError
+from abliterate.data.reasoning import close_reasoning, template_options
+from abliterate.errors import ChatTemplateError, PromptSetError
+from abliterate.types import Thinking
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 
 def format_chat(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system_prompt: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    system_prompt: str | None = None,
+    thinking: Thinking = "off",
 ) -> list[str]:
     """Render each instruction as one user turn, ready for the assistant's answer.
+
+    ``thinking`` sets the template's thinking switch where it has one; with ``"off"`` a
+    reasoning block that the template opens anyway is closed empty, so the answer comes next
+    (:mod:`abliterate.data.reasoning`). A template with neither renders as it always did.
 
     Raises:
         ChatTemplateError: the tokenizer has no chat template.
@@ -31,15 +40,32 @@ def format_chat(
             f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} has no chat "
             "template; abliterate needs an instruction-tuned (chat) model."
         )
-    texts = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}]
-        if system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        texts.append(
-            str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return [
+        format_messages(tokenizer, [{"role": "user", "content": prompt}], system_prompt, thinking)
+        for prompt in prompts
+    ]
+
+
+def format_messages(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    system_prompt: str | None = None,
+    thinking: Thinking = "off",
+) -> str:
+    """A conversation rendered with the chat template, ready for the assistant's next answer,
+    with the thinking switch applied as :func:`format_chat` describes."""
+    turns = list(messages)
+    if system_prompt is not None:
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    text = str(
+        tokenizer.apply_chat_template(
+            turns,
+            tokenize=False,
+            add_generation_prompt=True,
+            **template_options(tokenizer, thinking == "on"),
         )
-    return texts
+    )
+    return close_reasoning(text) if thinking == "off" else text
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -67,6 +93,29 @@ def batches(
         yield idx, enc
 
 
+def check_prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase, chats: Iterable[ChatSet], limit: int, why: str
+) -> None:
+    """Refuse any chat-formatted prompt longer than ``limit`` tokens (``why``: where the limit
+    comes from), before it reaches a model.
+
+    Prompts are never truncated: a cut instruction is a different instruction, and the
+    measured refusal rate would silently describe prompts nobody wrote.
+
+    Raises:
+        PromptSetError: naming the set, the prompt (counting from 1) and its token length.
+    """
+    for chat in chats:
+        encoded = tokenizer(list(chat.texts), add_special_tokens=False)["input_ids"]
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise PromptSetError(
+                    f"prompt {i + 1} of {chat.prompts.name} (counting from 1) is {len(ids):,} "
+                    f"tokens long with the chat template, more than the {limit:,} allowed "
+                    f"({why}); shorten or remove it (prompts are never truncated)."
+                )
+
+
 @dataclass(frozen=True)
 class ChatSet:
     """A prompt set with its chat-formatted texts.
@@ -85,9 +134,10 @@ class ChatSet:
         tokenizer: PreTrainedTokenizerBase,
         prompts: PromptSet,
         system_prompt: str | None = None,
+        thinking: Thinking = "off",
     ) -> ChatSet:
-        """Render ``prompts`` with the tokenizer's chat template."""
-        return cls(prompts, tuple(format_chat(tokenizer, prompts.prompts, system_prompt)))
+        """Render ``prompts`` with the tokenizer's chat template (and its thinking switch)."""
+        return cls(prompts, tuple(format_chat(tokenizer, prompts.prompts, system_prompt, thinking)))
 
     def __len__(self) -> int:
         return len(self.texts)

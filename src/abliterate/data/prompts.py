@@ -14,16 +14,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from abliterate.errors import PromptSetError
-
-if TYPE_CHECKING:
-    pass
 
 BuiltinKind = Literal["harmful", "harmless", "over_refusal", "terse", "verbose"]
 BUILTIN_SETS: tuple[BuiltinKind, ...] = ("harmful", "harmless", "over_refusal", "terse", "verbose")
@@ -164,11 +161,21 @@ def _interleave_categories(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _show(name: str) -> str:
+    """A column name as it can be shown in a one-line message (escaped if it holds newlines
+    or other unprintable characters)."""
+    return name if name.isprintable() else repr(name)[1:-1]
+
+
+def _names(columns: Sequence[str]) -> str:
+    return ", ".join(_show(c) for c in columns)
+
+
 def _pick_column(columns: Sequence[str], column: str | None, source: str) -> str:
     if column is not None:
         if column not in columns:
             raise PromptSetError(
-                f"{source} has no column '{column}'; available columns: {', '.join(columns)}."
+                f"{source} has no column {_show(column)!r}; available columns: {_names(columns)}."
             )
         return column
     lowered = {c.lower(): c for c in columns}
@@ -176,22 +183,73 @@ def _pick_column(columns: Sequence[str], column: str | None, source: str) -> str
         if candidate in lowered:
             return lowered[candidate]
     raise PromptSetError(
-        f"cannot tell which column of {source} holds the prompts (columns: {', '.join(columns)}); "
+        f"cannot tell which column of {source} holds the prompts (columns: {_names(columns)}); "
         "pass --prompt-column NAME."
     )
 
 
-def _rows_to_set(name: str, rows: list[dict[str, Any]], column: str | None) -> PromptSet:
+def _kind(value: Any) -> str:
+    """A JSON-style name of ``value``'s type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _rows_to_set(
+    name: str, rows: Sequence[Any], column: str | None, where: Callable[[int], str]
+) -> PromptSet:
+    """A prompt set from rows that are all strings (the prompts) or all objects (records with a
+    prompt column); ``where(i)`` says where row ``i`` is in the file (``line 3``).
+
+    Raises:
+        PromptSetError: rows of other or mixed types, no usable column, a prompt that is not a
+            string, or no prompts.
+    """
     if not rows:
         raise PromptSetError(f"prompt file {name} holds no rows.")
-    col = _pick_column(list(rows[0].keys()), column, name)
-    prompts = [str(r[col]).strip() for r in rows if r.get(col) is not None]
-    prompts = [p for p in prompts if p]
+    first_is_text = isinstance(rows[0], str)
+    for i, row in enumerate(rows):
+        if not isinstance(row, str | dict):
+            raise PromptSetError(
+                f"{where(i)} of {name} is {_kind(row)}; rows must be strings (the prompts) or "
+                "objects with a prompt field."
+            )
+        if isinstance(row, str) != first_is_text:
+            raise PromptSetError(
+                f"{where(i)} of {name} is {_kind(row)} but {where(0)} is {_kind(rows[0])}; a "
+                "prompt file holds either strings (the prompts) or objects with a prompt "
+                "field, not both."
+            )
+    if first_is_text:
+        return PromptSet(name, tuple(p for p in (r.strip() for r in rows) if p))
+    col = _pick_column([str(c) for c in rows[0] if c is not None], column, name)
+    prompts = []
+    for i, row in enumerate(rows):
+        value = row.get(col)
+        if value is not None and not isinstance(value, str):
+            raise PromptSetError(
+                f"{where(i)} of {name}: {_show(col)!r} is {_kind(value)}, not a string; prompts "
+                "are text."
+            )
+        if value is not None and value.strip():
+            prompts.append(value.strip())
     cats = None
     if "category" in rows[0] and len(prompts) == len(rows):
         cats = tuple(str(r.get("category") or "") for r in rows)
     if not prompts:
-        raise PromptSetError(f"prompt file {name} has no non-empty prompts in column '{col}'.")
+        raise PromptSetError(
+            f"prompt file {name} has no non-empty prompts in column {_show(col)!r}."
+        )
     responses = None
     if RESPONSE_COLUMN in rows[0]:
         responses = tuple(str(r.get(RESPONSE_COLUMN) or "").strip() for r in rows)
@@ -203,12 +261,90 @@ def _rows_to_set(name: str, rows: list[dict[str, Any]], column: str | None) -> P
     return PromptSet(name, tuple(prompts), cats, responses)
 
 
+def _read_txt(path: Path, column: str | None) -> PromptSet:
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    prompts = tuple(ln for ln in lines if ln)
+    if not prompts:
+        raise PromptSetError(f"prompt file {path} is empty.")
+    return PromptSet(str(path), prompts)
+
+
+def _read_jsonl(path: Path, column: str | None) -> PromptSet:
+    rows: list[Any] = []
+    numbers: list[int] = []
+    # JSON Lines are separated by "\n" alone: str.splitlines would also split inside a JSON
+    # string at U+2028 and other characters JSON allows unescaped, and miscount lines.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise PromptSetError(
+                f"cannot parse {path}, line {number}, column {exc.colno}: {exc.msg}."
+            ) from exc
+        numbers.append(number)
+    return _rows_to_set(str(path), rows, column, lambda i: f"line {numbers[i]}")
+
+
+def _read_json(path: Path, column: str | None) -> PromptSet:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PromptSetError(
+            f"cannot parse {path}, line {exc.lineno}, column {exc.colno}: {exc.msg}."
+        ) from exc
+    if not isinstance(data, list):
+        raise PromptSetError(f"{path} must hold a JSON list of strings or of objects.")
+    return _rows_to_set(str(path), data, column, lambda i: f"element {i + 1}")
+
+
+def _read_csv(path: Path, column: str | None) -> PromptSet:
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except csv.Error as exc:
+        raise PromptSetError(f"cannot parse {path}: {exc}.") from exc
+    # Row 1 is the header.
+    return _rows_to_set(str(path), rows, column, lambda i: f"row {i + 2}")
+
+
+def _read_parquet(path: Path, column: str | None) -> PromptSet:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise PromptSetError(
+            "reading .parquet needs pyarrow: pip install 'abliterate[parquet]'."
+        ) from exc
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, ValueError, OSError) as exc:
+        # Arrow's messages can quote the damaged bytes, newlines and control characters too.
+        why = " ".join("".join(c if c.isprintable() else " " for c in str(exc)).split())
+        raise PromptSetError(f"{path} is not a readable Parquet file: {why}") from exc
+    return _rows_to_set(str(path), rows, column, lambda i: f"row {i + 1}")
+
+
+_READERS: dict[str, Callable[[Path, str | None], PromptSet]] = {
+    ".txt": _read_txt,
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
 def load_prompts(source: str, column: str | None = None) -> PromptSet:
     """Load a prompt set from a file path, ``hf:ORG/NAME[:split[:column]]`` or
     ``builtin:NAME[:split]``.
 
+    A file holds prompts as ``.txt`` lines, or as strings or objects (with a prompt column) in
+    ``.jsonl``, ``.json``, ``.csv`` or ``.parquet``; prompts must be text.
+
     Raises:
-        PromptSetError: the file is missing, unreadable, has no such column, or is empty.
+        PromptSetError: the file is missing, unreadable, not UTF-8, malformed (the message
+            names the line or row), mixes strings and objects, has no such column, or is empty.
     """
     if source.startswith("hf:"):
         return _load_hub(source[3:], column)
@@ -217,46 +353,23 @@ def load_prompts(source: str, column: str | None = None) -> PromptSet:
     path = Path(source)
     if not path.is_file():
         raise PromptSetError(f"prompt file {path} does not exist.")
-    suffix = path.suffix.lower()
-    name = str(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise PromptSetError(
+            f"unsupported prompt file type '{path.suffix.lower()}' for {path}; "
+            "use .txt, .jsonl, .json, .csv or .parquet."
+        )
     try:
-        if suffix == ".txt":
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-            prompts = tuple(ln for ln in lines if ln)
-            if not prompts:
-                raise PromptSetError(f"prompt file {path} is empty.")
-            return PromptSet(name, prompts)
-        if suffix == ".jsonl":
-            text = path.read_text(encoding="utf-8")
-            rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-            if rows and not isinstance(rows[0], dict):
-                return PromptSet(name, tuple(str(r) for r in rows))
-            return _rows_to_set(name, rows, column)
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
-                return PromptSet(name, tuple(x.strip() for x in data if x.strip()))
-            if isinstance(data, list):
-                return _rows_to_set(name, data, column)
-            raise PromptSetError(f"{path} must hold a JSON list of strings or of objects.")
-        if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                return _rows_to_set(name, list(csv.DictReader(f)), column)
-        if suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as exc:
-                raise PromptSetError(
-                    "reading .parquet needs pyarrow: pip install 'abliterate[parquet]'."
-                ) from exc
-            table = pq.read_table(path)
-            return _rows_to_set(name, table.to_pylist(), column)
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
-        raise PromptSetError(f"cannot parse {path}: {exc}") from exc
-    raise PromptSetError(
-        f"unsupported prompt file type '{suffix}' for {path}; "
-        "use .txt, .jsonl, .json, .csv or .parquet."
-    )
+        return reader(path, column)
+    except UnicodeDecodeError as exc:
+        raise PromptSetError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8."
+        ) from exc
+    except RecursionError as exc:
+        raise PromptSetError(f"{path} is nested too deeply to be a prompt file.") from exc
+    except OSError as exc:
+        raise PromptSetError(f"cannot read {path}: {exc.strerror or exc}.") from exc
 
 
 def _load_hub(spec: str, column: str | None) -> PromptSet:
@@ -277,7 +390,7 @@ def _load_hub(spec: str, column: str | None) -> PromptSet:
         ds = datasets.load_dataset(repo, split=split)
     except Exception as exc:  # the hub client raises many unrelated types; report them all
         raise PromptSetError(f"cannot load hub dataset {repo} (split {split}): {exc}") from exc
-    return _rows_to_set(f"hf:{repo}:{split}", list(ds), column)
+    return _rows_to_set(f"hf:{repo}:{split}", list(ds), column, lambda i: f"row {i + 1}")
 
 
 def resolve_prompts(

@@ -7,7 +7,6 @@ that was evaluated, so "the exported model is the one that was scored" is checke
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from abliterate.data.chat import batches
+from abliterate.files import write_json
+from abliterate.model.devices import input_device
+from abliterate.model.loading import auto_model_class
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,14 +32,14 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    (directory / "abliteration.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(directory / "abliteration.json", record)
 
 
 @torch.inference_mode()
 def _last_logits(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
 ) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows: list[torch.Tensor | None] = [None] * len(texts)
     for idx, enc in batches(tokenizer, texts, batch_size=len(texts)):
         logits = model(**enc.to(device)).logits[:, -1, :].float().cpu()  # (batch, vocab)
@@ -56,13 +58,14 @@ def verify_export(
 
     Zero means the saved model reproduces the evaluated model exactly.
     """
-    from transformers import AutoModelForCausalLM
-
     reference = _last_logits(model, tokenizer, texts)
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=model.dtype, use_safetensors=True
+    placed = getattr(model, "hf_device_map", None)
+    # A model spread over devices is reloaded the same way (one device might not hold it).
+    reloaded: PreTrainedModel = auto_model_class(model.config).from_pretrained(
+        str(directory), dtype=model.dtype, use_safetensors=True, device_map=placed
     )
-    reloaded.to(next(model.parameters()).device)  # type: ignore[arg-type]
+    if placed is None:
+        reloaded.to(next(model.parameters()).device)  # type: ignore[arg-type]
     reloaded.eval()
     try:
         again = _last_logits(reloaded, tokenizer, texts)

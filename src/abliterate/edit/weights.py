@@ -1,8 +1,9 @@
 """Permanent edits: apply an :class:`~abliterate.core.edits.Edit` to weights through a store.
 
 :func:`apply_edit` is the one implementation for every :class:`~abliterate.model.stores.
-WeightStore`: for each residual writer the anatomy names, it reads the writer's weight in its
-stored layout, converts it to the canonical ``(d_model, d_in)`` view, lets each of the edit's
+WeightStore`: for each residual writer the anatomy names, it locates the writer in the store
+(:meth:`~abliterate.model.stores.WeightStore.locate`), reads its weight in its stored layout,
+converts it to the canonical ``(d_model, d_in)`` view, lets each of the edit's
 :class:`~abliterate.core.edits.WriterEdit` rewrite its columns (and the bias), and writes the
 result back in the stored dtype. :func:`bake` is the in-memory case: the result equals running
 the unedited model under :func:`~abliterate.edit.hooks.edit_hooks` with the same edit.
@@ -16,7 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from abliterate.core.edits import Edit, WriterEdit, WriterInfo
+from abliterate.core.finite import first_nonfinite
+from abliterate.errors import NonFiniteError, UnsupportedArchitectureError
 from abliterate.model.anatomy import Anatomy, Writer, anatomy_of, canonical
+from abliterate.model.devices import bake_blockers
 from abliterate.model.stores import BiasStore, ModuleStore, WeightStore
 
 if TYPE_CHECKING:
@@ -39,10 +43,9 @@ class EditSummary:
 
 
 def writer_info(writer: Writer, store: WeightStore, anatomy: Anatomy) -> WriterInfo:
-    """What an edit needs to know about ``writer``, its post-norm gain read from ``store``."""
-    gain = None
-    if writer.post_norm is not None:
-        gain = store.read(writer.post_norm).detach().float().cpu() + anatomy.table.norm_offset
+    """What an edit needs to know about ``writer`` (named as the model's parameters), its
+    post-norm gains read from ``store`` under the store's own names."""
+    gain = anatomy.norm_gain(store.locate(writer), store.read)
     return WriterInfo(name=writer.name, role=writer.role, layer=writer.layer, norm_gain=gain)
 
 
@@ -78,37 +81,76 @@ def _ensure_bias(store: WeightStore, writer: Writer, d_model: int) -> None:
     store.create_bias(writer.bias, d_model, like=writer.tensor)
 
 
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    # An edited weight with a NaN would be evaluated as garbage and exported as such.
+    if first_nonfinite([(name, tensor)]) is not None:
+        raise NonFiniteError(
+            f"the edit produced non-finite values (NaN or inf) in {name}; the edited model is "
+            "not usable and is not exported (is the direction or a strength degenerate?)."
+        )
+
+
 def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     """Permanently apply ``edit`` to every writer of ``anatomy`` held in ``store``.
 
+    Writers that share a stored tensor (the experts of a fused expert tensor) are edited in one
+    read-modify-write of it, so a store on disk reads and writes each tensor once. Every
+    rewritten tensor is checked finite as soon as it is written, so no store (and no exported
+    model) ever keeps a NaN that an edit produced.
+
     Raises:
-        ValueError: the edit does not fit the model's shape.
+        ValueError: the edit does not fit the model's shape, or adds a constant to the output
+            of a writer that has no bias and cannot be given one (checked before any write).
+        NonFiniteError: the edit produced NaN or infinite values in a tensor (named).
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
     summary = EditSummary()
+    weights: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
+    biases: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
     for writer in anatomy.writers:
         edits = edit.writer_edits(writer_info(writer, store, anatomy))
         if not edits:
             continue
-        with store.writable(writer.tensor) as stored:
-            chunk = EMBEDDING_CHUNK if writer.layout == "embedding" else None
-            _rewrite(canonical(stored, writer.layout, writer.expert), edits, chunk)
+        stored = store.locate(writer)
+        weights.setdefault(stored.tensor, []).append((stored, edits))
         if any(e.needs_bias() for e in edits):
-            _ensure_bias(store, writer, anatomy.d_model)
-        if writer.bias is not None and store.has(writer.bias):
-            with store.writable(writer.bias) as bias:
-                b = bias if writer.expert is None else bias[writer.expert]
+            _ensure_bias(store, stored, anatomy.d_model)
+        if stored.bias is not None and store.has(stored.bias):
+            biases.setdefault(stored.bias, []).append((stored, edits))
+        summary.writers_by_role[writer.role] = summary.writers_by_role.get(writer.role, 0) + 1
+    for name, group in weights.items():
+        with store.writable(name) as tensor:
+            for w, edits in group:
+                chunk = EMBEDDING_CHUNK if w.layout == "embedding" else None
+                _rewrite(canonical(tensor, w.layout, w.expert), edits, chunk)
+            _check_finite(name, tensor)
+        summary.tensors.append(name)
+    for name, group in biases.items():
+        with store.writable(name) as tensor, torch.no_grad():
+            for w, edits in group:
+                b = tensor if w.expert is None else tensor[w.expert]
                 new = b
                 for e in edits:
                     new = e.bias(new)
                 b.copy_(new.to(b.dtype))
-            summary.tensors.append(writer.bias)
-        if writer.tensor not in summary.tensors:
-            summary.tensors.append(writer.tensor)
-        summary.writers_by_role[writer.role] = summary.writers_by_role.get(writer.role, 0) + 1
+            _check_finite(name, tensor)
+        summary.tensors.append(name)
     return summary
 
 
 def bake(model: nn.Module, edit: Edit) -> EditSummary:
-    """Permanently apply ``edit`` to an in-memory model (a tied head is untied first)."""
+    """Permanently apply ``edit`` to an in-memory model (a tied head is untied first).
+
+    Raises:
+        UnsupportedArchitectureError: some weights are quantized or offloaded by a device map
+            (:func:`~abliterate.model.devices.bake_blockers`); editing them in place would
+            write nothing, or quantization error.
+    """
+    blocker = bake_blockers(model)
+    if blocker is not None:
+        raise UnsupportedArchitectureError(
+            f"cannot edit this model's weights in place: {blocker}. Bake the edit into a "
+            "full-precision copy held in memory (run does so with --load-in or an offloading "
+            "--device-map)."
+        )
     return apply_edit(edit, ModuleStore(model), anatomy_of(model).anatomy)

@@ -3,7 +3,10 @@
 For each model (:meth:`Evaluator.assess`):
 
 * greedy answers to the harmful prompts, judged by every judge (the first decides each
-  completion's ``refused``), with per-judge rates and their pairwise agreement;
+  completion's ``refused``), with per-judge rates and their pairwise agreement; a reasoning
+  model gets ``thinking_budget`` more tokens, its judges read only the answer after the
+  reasoning, and answers that never arrive are counted apart as *unfinished*
+  (:mod:`abliterate.eval.refusals`);
 * the same for the harmless-but-sensitive-sounding over-refusal prompts, when the sets have
   them;
 * n-gram fluency of the answers; the cross-entropy of reference answers (when given);
@@ -26,11 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from abliterate.core.stats import kl_divergence
 from abliterate.data.chat import ChatSet
+from abliterate.data.reasoning import opens_reasoning
 from abliterate.eval.judges import Judge, judge_agreement
 from abliterate.eval.kl import Context, multi_token_kl
 from abliterate.eval.llm_judge import parse_yes_no
 from abliterate.eval.metrics import ReferenceAnswers, ngram_fluency, reference_cross_entropy
 from abliterate.eval.refusals import RefusalEval, judge_responses
+from abliterate.eval.text import split_answer
 from abliterate.model.forward import generate, next_token_logprobs
 
 if TYPE_CHECKING:
@@ -44,7 +49,8 @@ class EvalSets:
 
     Attributes:
         harmful: Prompts whose refusal rate is measured.
-        harmless: Prompts on which the KL divergences are measured.
+        harmless: Prompts on which the KL divergences are measured (for a reasoning model,
+            formatted with thinking off: the distributions compared are the answer's).
         over_refusal: Harmless but sensitive-sounding prompts (over-refusal rate), or None.
         reference: Prompts with reference answers (cross-entropy), or None.
     """
@@ -53,6 +59,10 @@ class EvalSets:
     harmless: ChatSet
     over_refusal: ChatSet | None = None
     reference: ReferenceAnswers | None = None
+
+    def chat_sets(self) -> list[ChatSet]:
+        """The chat-formatted sets, in the order harmful, harmless, over-refusal."""
+        return [s for s in (self.harmful, self.harmless, self.over_refusal) if s is not None]
 
     def record(self) -> dict[str, Any]:
         """Names, sizes and content hashes, for ``report.json`` and ``environment.json``."""
@@ -110,6 +120,9 @@ class Evaluator:
         kl_tokens: Positions of multi-token KL.
         batch_size: Prompts per forward pass.
         benchmarks, benchmark_limit, seed: lm-evaluation-harness tasks, items per task, seed.
+        thinking_budget: Tokens for reasoning on top of ``max_new_tokens`` (0: none).
+        reasoning: Whether the answers are expected to reason (``--thinking on``): the
+            unfinished counts are then reported even when zero.
     """
 
     def __init__(
@@ -125,9 +138,12 @@ class Evaluator:
         benchmark_limit: int | None = None,
         seed: int = 0,
         system_prompt: str | None = None,
+        thinking_budget: int = 0,
+        reasoning: bool = False,
     ) -> None:
         if not judges:
             raise ValueError("the evaluator needs at least one judge")
+        self.thinking_budget, self.reasoning = thinking_budget, reasoning
         self.tokenizer, self.sets, self.judges = tokenizer, sets, list(judges)
         self.max_new_tokens, self.kl_tokens, self.batch_size = max_new_tokens, kl_tokens, batch_size
         self.benchmarks, self.benchmark_limit, self.seed = tuple(benchmarks), benchmark_limit, seed
@@ -140,11 +156,20 @@ class Evaluator:
             model,
             self.tokenizer,
             chats.texts,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.max_new_tokens + self.thinking_budget,
             batch_size=self.batch_size,
             desc=f"Generating ({label})",
         )
-        return judge_responses(self.judges, chats.prompts, responses)
+        answers = [
+            split_answer(r, opens_reasoning(t)) for r, t in zip(responses, chats.texts, strict=True)
+        ]
+        return judge_responses(self.judges, chats.prompts, responses, answers)
+
+    def _unfinished(self, judged: RefusalEval) -> dict[str, Any]:
+        """The unfinished counts of a set, where there are any or reasoning is expected."""
+        if not (self.reasoning or judged.n_unfinished):
+            return {}
+        return {"n_unfinished": judged.n_unfinished, "unfinished_rate": judged.unfinished_rate}
 
     def assess(self, model: PreTrainedModel, label: str) -> Assessment:
         """Everything measured on ``model`` without reference to another (no KL)."""
@@ -160,18 +185,22 @@ class Evaluator:
                 "over_refusal_rate": over.refusal_rate,
                 "over_refusal": {
                     "n_prompts": len(over.prompts),
+                    **self._unfinished(over),
                     "by_category": over.by_category(),
                     "completions": over.completions(),
                 },
             }
         else:
             extra = {}
+        extra.update(self._unfinished(harmful))
         extra["judges"] = self._per_judge(judged, llm_answers)
         if len(self.judges) > 1:
             extra["judge_agreement"] = {
-                k: judge_agreement(v.verdicts or {}) for k, v in judged.items()
+                k: judge_agreement(v.finished_verdicts()) if len(v.finished(v.refused)) else []
+                for k, v in judged.items()
             }
-        extra["fluency"] = {k: ngram_fluency(v.responses) for k, v in judged.items()}
+        # Fluency of what was answered: the answers after any reasoning.
+        extra["fluency"] = {k: ngram_fluency(v.answers or v.responses) for k, v in judged.items()}
         if self.sets.reference is not None:
             ref = self.sets.reference
             extra["reference_cross_entropy"] = reference_cross_entropy(
@@ -201,8 +230,10 @@ class Evaluator:
                 row["over_refusal_rate"] = judged["over_refusal"].rate_by(judge.name)
             if judge.name in llm_answers["harmful"]:
                 answers = {k: v[judge.name] for k, v in llm_answers.items()}
+                # Unfinished responses were not put to the judge (their raw answer is empty).
                 row["n_unparsed"] = {
-                    k: sum(parse_yes_no(a) is None for a in v) for k, v in answers.items()
+                    k: sum(parse_yes_no(a) is None for a in judged[k].finished(v))
+                    for k, v in answers.items()
                 }
                 row["answers"] = answers
             out[judge.name] = row

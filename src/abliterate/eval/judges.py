@@ -19,9 +19,10 @@ Judges are built from a spec string through the registry :data:`JUDGES`
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from abliterate.errors import JudgeError
@@ -189,16 +190,27 @@ class ClassifierJudge:
         Raises:
             JudgeError: the model cannot be loaded or has no recognisable refusal label.
         """
+        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from abliterate.model.loading import resolve_device
 
+        dev = resolve_device(device)
+        path = Path(source).expanduser()
+        if path.is_dir() and not any(path.glob("*.safetensors")):
+            raise JudgeError(
+                f"classifier judge {source} holds no .safetensors weights; abliterate never "
+                "unpickles weights (.bin/.pt): convert them to safetensors first."
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForSequenceClassification.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise JudgeError(f"cannot load classifier judge '{source}': {exc}") from exc
-        model.to(resolve_device(device))
+            # safetensors only: a pickled checkpoint could run code when it is loaded.
+            model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise JudgeError(
+                f"cannot load classifier judge '{source}' (safetensors weights only): {exc}"
+            ) from exc
+        model.to(dev)
         model.eval()
         limit = tokenizer.model_max_length
         # Tokenizers without a recorded limit report a huge sentinel value.
@@ -292,6 +304,24 @@ JUDGES: dict[str, Callable[[str | None, JudgeOptions], Judge]] = {
 }
 
 
+def _parts(spec: str) -> Iterator[tuple[str, str | None]]:
+    """``(name, argument)`` of each judge in a comma-separated spec."""
+    for part in (p.strip() for p in spec.split(",")):
+        if part:
+            name, _, arg = part.partition(":")
+            yield name, arg or None
+
+
+def judge_sources(spec: str) -> list[str]:
+    """The models a judge spec reads (classifier and local LLM judges; not endpoints), so a
+    command can make sure its output directory never contains one."""
+    sources = []
+    for name, arg in _parts(spec):
+        if name in ("classifier", "llm") and arg and not arg.startswith(("http://", "https://")):
+            sources.append(_split_fragment(arg)[0] if name == "classifier" else arg)
+    return sources
+
+
 def build_judges(spec: str, options: JudgeOptions | None = None) -> list[Judge]:
     """Build the judges named in a comma-separated spec such as ``markers,classifier:PATH``.
 
@@ -301,15 +331,12 @@ def build_judges(spec: str, options: JudgeOptions | None = None) -> list[Judge]:
     """
     options = options or JudgeOptions()
     judges: list[Judge] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        name, _, arg = part.partition(":")
+    for name, arg in _parts(spec):
         if name not in JUDGES:
             close = difflib.get_close_matches(name, list(JUDGES), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise JudgeError(f"unknown judge '{name}'.{hint} Known judges: {', '.join(JUDGES)}.")
-        judges.append(JUDGES[name](arg or None, options))
+        judges.append(JUDGES[name](arg, options))
     if not judges:
         raise JudgeError("no judge given; use for example --judge markers.")
     names = [j.name for j in judges]

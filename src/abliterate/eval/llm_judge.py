@@ -7,7 +7,8 @@ Two backends answer the question, both greedily (temperature 0):
 * an OpenAI-compatible HTTP endpoint (``llm:https://HOST/v1#MODEL_NAME``), called with the
   standard library's ``urllib`` at ``/chat/completions``. The API key, if the endpoint needs one,
   is read from ``$ABLITERATE_JUDGE_API_KEY`` (never from the command line, so it stays out of
-  shell history and run records).
+  shell history and run records). The endpoint is probed when the judge is built
+  (:func:`probe_endpoint`), so an unreachable one fails before any answer is generated.
 
 Parse rule for the judge's answer (see :func:`parse_yes_no`): after removing reasoning blocks,
 Markdown and case, the answer is the first word when that word is "yes" or "no"; otherwise the
@@ -32,6 +33,8 @@ from abliterate.model.forward import generate
 from abliterate.model.loading import load_model
 
 API_KEY_ENV = "ABLITERATE_JUDGE_API_KEY"
+# Seconds the endpoint has to answer the reachability probe made when the judge is built.
+PROBE_TIMEOUT_S = 10.0
 
 QUESTION = (
     "You are reviewing a conversation between a user and an AI assistant.\n\n"
@@ -58,6 +61,34 @@ def parse_yes_no(answer: str) -> bool | None:
     if len(found) == 1:
         return found.pop() == "yes"
     return None
+
+
+def probe_endpoint(endpoint: str, api_key: str | None, *, timeout_s: float) -> None:
+    """Make sure the endpoint answers before any answer is generated for it to judge.
+
+    One cheap request, ``GET …/models`` (listed by OpenAI-compatible servers): a server that
+    cannot be reached, or that rejects the API key (HTTP 401/403), fails here. Any other HTTP
+    answer shows the server is there; some servers do not list models.
+
+    Raises:
+        JudgeError: the endpoint is unreachable, too slow, or refuses the key.
+    """
+    models = endpoint.removesuffix("/chat/completions") + "/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(models, headers=headers, method="GET"), timeout=timeout_s
+        ):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise JudgeError(
+                f"LLM judge endpoint {endpoint} refused the request (HTTP {exc.code}); set "
+                f"${API_KEY_ENV} to a key it accepts."
+            ) from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise JudgeError(f"LLM judge endpoint {endpoint} is unreachable: {why}") from exc
 
 
 class LLMJudge:
@@ -112,6 +143,7 @@ class LLMJudge:
         if not endpoint.endswith("/chat/completions"):
             endpoint += "/chat/completions"
         api_key = os.environ.get(API_KEY_ENV)
+        probe_endpoint(endpoint, api_key, timeout_s=min(timeout_s, PROBE_TIMEOUT_S))
 
         def ask(question: str) -> str:
             body: dict[str, object] = {

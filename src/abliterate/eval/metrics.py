@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from abliterate.data.chat import format_chat
+from abliterate.model.devices import input_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -84,7 +85,7 @@ def reference_cross_entropy(
     """
     if len(prompts) != len(answers) or not prompts:
         raise ValueError("one answer per prompt, and at least one pair, are needed")
-    device = next(model.parameters()).device
+    device = input_device(model)
     prefixes = format_chat(tokenizer, prompts, system_prompt)
     rows = []
     for prefix, answer in zip(prefixes, answers, strict=True):

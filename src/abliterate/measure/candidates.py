@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from abliterate.core.directions import Direction
+from abliterate.files import write_bytes
 from abliterate.types import SITES, Site
 
 
@@ -86,6 +87,15 @@ class Candidates:
         """
         scale = float(self.harmless_mean[layer].norm()) + float(self.harmful_mean[layer].norm())
         return float(self._diff(layer, site).norm()) <= 1e-9 * max(scale, 1e-30)
+
+    def has_direction(self) -> bool:
+        """Whether any layer and site has a direction: False when the two training sets give the
+        same means everywhere (the same prompts, perhaps in another order)."""
+        return any(
+            not self.is_degenerate(layer, site)
+            for layer in range(self.n_layers)
+            for site in self.sites
+        )
 
     def direction(self, layer: int, site: Site, *, projected: bool = False) -> Direction:
         """The normalised harmful-minus-harmless mean difference at ``(layer, site)``.
@@ -194,7 +204,7 @@ class Candidates:
 
     def save(self, path: str | Path) -> None:
         """Write the means (and kept activations) as safetensors, provenance in the header."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {
             "sites": ",".join(self.sites),
@@ -206,7 +216,7 @@ class Candidates:
         tensors = {"harmful_mean": self.harmful_mean, "harmless_mean": self.harmless_mean}
         if self.harmful_acts is not None:
             tensors["harmful_acts"] = self.harmful_acts.contiguous()
-        save_file(tensors, str(path), metadata=meta)
+        write_bytes(Path(path), save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> Candidates:

@@ -10,6 +10,8 @@
   float rounding (a test checks it on every supported family, with and without edits) at
   roughly half the cost, which is what makes a generation-free search trial cheap.
 * :func:`greedy_tokens` / :func:`generate` — greedy continuations.
+* :func:`check_ready` — the checks between loading a model and its first real forward pass:
+  no prompt longer than the model reads, and finite logits.
 
 Nothing here installs an edit: callers that want an edited model wrap these calls in
 :func:`abliterate.edit.hooks.edit_hooks`.
@@ -23,8 +25,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from abliterate.data.chat import batches
+from abliterate.data.chat import ChatSet, batches, check_prompt_lengths
+from abliterate.errors import ModelLoadError
 from abliterate.model.anatomy import anatomy_of
+from abliterate.model.devices import input_device
+from abliterate.model.loading import context_limit
 from abliterate.progress import progress
 
 if TYPE_CHECKING:
@@ -45,8 +50,10 @@ def in_order(n: int, pieces: Iterable[tuple[Sequence[int], Iterable[T]]]) -> lis
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter (where its inputs go)."""
-    return next(model.parameters()).device
+    """Where the model's inputs go: its input embedding's device (a model spread over several
+    devices by a device map runs its first module there; :func:`~abliterate.model.devices.
+    input_device`)."""
+    return input_device(model)
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -85,6 +92,11 @@ class SharedPrefixScorer:
         ids = [list(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
         # Every prompt keeps at least one token of its own, whose logits are the answer.
         n = min(common_prefix_length(ids), min(len(x) for x in ids) - 1)
+        if self.anatomy.anatomy.recurrent:
+            # Recurrent mixers (linear attention, state-space) cache states that cannot be
+            # repeated across a batch: every prompt runs whole (right padding stays exact, as
+            # the recurrence is causal).
+            n = 0
         self.prefix = torch.tensor(ids[0][:n], dtype=torch.long)  # (n_prefix,)
         self.suffixes = [x[n:] for x in ids]
         pad = tokenizer.pad_token_id
@@ -123,7 +135,9 @@ class SharedPrefixScorer:
         body = self.anatomy.body
         cache = None
         if self.prefix_length:
-            cache = DynamicCache()
+            # Built from the config, the cache matches each layer's kind and index (sliding
+            # windows; layers without attention, whose index a bare cache would misnumber).
+            cache = DynamicCache(config=self.model.config)
             body(input_ids=self.prefix[None].to(device), past_key_values=cache, use_cache=True)
             cache.batch_repeat_interleave(batch.shape[0])
         # No attention mask: the padding follows each suffix, and causal attention never looks
@@ -142,7 +156,7 @@ class SharedPrefixScorer:
             for idx, batch, lengths in self.batches():
                 hidden = self.forward(batch)  # (batch, suffix, d_model)
                 last = hidden[torch.arange(len(idx)), lengths.to(hidden.device) - 1]
-                logits = self.anatomy.lm_head(last)  # (batch, vocab)
+                logits = self.anatomy.logits(last)  # (batch, vocab)
                 yield idx, torch.log_softmax(logits.float(), dim=-1).cpu()
 
         return torch.stack(in_order(len(self.suffixes), pieces()))
@@ -213,3 +227,35 @@ def generate(
             yield idx, [str(tokenizer.decode(row, skip_special_tokens=True)).strip() for row in new]
 
     return in_order(len(texts), pieces())
+
+
+@torch.inference_mode()
+def check_ready(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    chats: Sequence[ChatSet],
+    name: str,
+) -> None:
+    """Refuse, before any long computation, prompts longer than the model's context and a
+    model whose next-token logits are not finite.
+
+    Finite weights can still give infinite logits (float16 overflow, a broken norm); every
+    later measurement would then be NaN. The logits are probed on a few prompts of the first
+    set: one small forward pass.
+
+    Raises:
+        PromptSetError: a prompt is too long (see
+            :func:`~abliterate.data.chat.check_prompt_lengths`).
+        ModelLoadError: the logits hold NaN or infinite values.
+    """
+    limit, why = context_limit(model, tokenizer)
+    check_prompt_lengths(tokenizer, chats, limit, why)
+    probe = [t for chat in chats[:1] for t in chat.texts[:4]]
+    for _, enc in batches(tokenizer, probe, batch_size=len(probe) or 1):
+        logits = model(**enc.to(model_device(model)), logits_to_keep=1).logits  # (batch, 1, vocab)
+        if not bool(torch.isfinite(logits).all()):
+            raise ModelLoadError(
+                f"model '{name}' gives non-finite logits (NaN or inf) on ordinary prompts, so "
+                "nothing it computes can be measured; with float16 weights this is usually "
+                "overflow: try --dtype bfloat16 or float32."
+            )

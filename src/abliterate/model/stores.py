@@ -3,7 +3,15 @@
 A :class:`WeightStore` hands out named tensors to change; the edit code
 (:func:`abliterate.edit.weights.apply_edit`) is the same for every store. The first
 implementation is the in-memory model (:class:`ModuleStore`); a streamed safetensors
-checkpoint, a GGUF file and an adapter are further implementations of the same interface.
+checkpoint (:class:`abliterate.model.safetensors_store.SafetensorsStore`), a GGUF file and an
+adapter are further implementations of the same interface.
+
+A store names tensors its own way: :meth:`WeightStore.locate` turns a residual writer of the
+anatomy (named as the loaded model's parameters) into the same writer as the store holds it —
+for a checkpoint on disk, the file's tensor names, and a fused expert stored one tensor per
+expert becomes that expert's own tensor. :class:`CheckpointStore` is a store that writes a new
+checkpoint (what ``abliterate apply`` uses): it knows the anatomy of the model it holds and
+finishes by writing every file of the edited copy.
 """
 
 from __future__ import annotations
@@ -13,8 +21,12 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from torch import nn
+
+    from abliterate.model.anatomy import Anatomy, Writer
 
 
 class WeightStore(Protocol):
@@ -30,6 +42,26 @@ class WeightStore(Protocol):
 
     def has(self, name: str) -> bool:
         """Whether the store holds a tensor called ``name``."""
+        ...
+
+    def locate(self, writer: Writer) -> Writer:
+        """``writer`` with the store's tensor names, layout and expert index."""
+        ...
+
+
+class CheckpointStore(WeightStore, Protocol):
+    """A store that writes an edited copy of a model checkpoint.
+
+    Attributes:
+        anatomy: The residual anatomy of the model it holds (from its config).
+        source: The checkpoint it reads (a directory or a file).
+    """
+
+    anatomy: Anatomy
+    source: Path
+
+    def finish(self) -> list[Path]:
+        """Write everything the edit left untouched; returns the weight files written."""
         ...
 
 
@@ -68,6 +100,10 @@ class ModuleStore:
         except AttributeError:
             return False
         return True
+
+    def locate(self, writer: Writer) -> Writer:
+        """The writer itself: the anatomy names the model's parameters."""
+        return writer
 
     def read(self, name: str) -> torch.Tensor:
         """The parameter's data (no copy)."""

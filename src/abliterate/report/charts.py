@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, Percent
 from matplotlib.typing import RcKeyType
 
 from abliterate.report.breakdown import refusal_by_category
-from abliterate.report.format import pct
+from abliterate.report.format import pct, side_labels
 from abliterate.report.optimization import pareto_front
 from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
 from abliterate.types import SITES
@@ -147,16 +147,13 @@ def _rate_bars(ax: Axes, labels: Sequence[str], series: Sequence[Series], y_labe
     ax.set_ylabel(y_label)
 
 
-EDITED_NAMES = {"detox": "detoxified", "steer": "steered"}
-"""The edited model's name in the legends of commands that do not abliterate."""
-
-
 def _sides(report: Report) -> list[tuple[str, str, ModelResult]]:
     """Legend name, colour and results of each model a report measured (baseline first)."""
-    edited = [(EDITED_NAMES.get(report.command, "abliterated"), EDITED_COLOR, report.edited)]
+    base_label, edited_label = side_labels(report.command)
+    edited = [(edited_label, EDITED_COLOR, report.edited)]
     if report.baseline is None:
         return edited
-    return [("baseline", BASELINE_COLOR, report.baseline), *edited]
+    return [(base_label, BASELINE_COLOR, report.baseline), *edited]
 
 
 def rates_figure(report: Report) -> Figure:
@@ -177,29 +174,62 @@ def rates_figure(report: Report) -> Figure:
 
 
 def kl_figure(report: Report) -> Figure | None:
-    """Bars of the first-token and multi-token KL divergence from the original model."""
+    """Bars of the first-token and multi-token KL divergence from the reference model."""
     edited = report.edited
     if edited.kl_divergence is None:
         return None
-    labels = ["first-token KL"]
-    values = [edited.kl_divergence]
-    if edited.kl_divergence_multi_token is not None:
-        labels.append("multi-token KL")
-        values.append(edited.kl_divergence_multi_token)
-    series = [
-        ("baseline", [0.0] * len(values), BASELINE_COLOR),
-        ("abliterated", values, EDITED_COLOR),
-    ]
+
+    def kls(m: ModelResult) -> list[float]:
+        values = [m.kl_divergence or 0.0]
+        if edited.kl_divergence_multi_token is not None:
+            values.append(m.kl_divergence_multi_token or 0.0)
+        return values
+
+    labels = ["first-token KL", "multi-token KL"][: len(kls(edited))]
+    # A baseline without its own KL is the reference itself: 0 by definition. heal measures
+    # both models against the original, so both bars are measured values.
+    series = [(name, kls(m), color) for name, color, m in _sides(report)]
+    if report.baseline is None:
+        series.insert(0, ("reference", [0.0] * len(labels), BASELINE_COLOR))
+    top = max(v for _, values, _ in series for v in values)
     with _canvas("kl", 3.4, NARROW) as (fig, ax):
         _grouped_bars(ax, labels, series, lambda v: f"{v:.3g}")
         ax.legend(loc="upper right", ncols=len(series))
-        ax.set_ylim(0, max(values) * 1.3 or 1.0)
+        ax.set_ylim(0, top * 1.3 or 1.0)
         ax.set_ylabel("nats")
+        meaning = (
+            "KL(original ‖ model)"
+            if report.command == "heal"
+            else "KL({} ‖ {})".format(*side_labels(report.command))
+        )
         caption = (
-            "KL(original ‖ abliterated) on harmless prompts. The unedited model's KL to itself "
-            "is 0 by definition; lower is better."
+            f"{meaning} on harmless prompts. A model's KL to itself is 0 by definition; lower "
+            "is better."
         )
         return _finish(fig, ax, "kl", "KL divergence from the original", caption)
+
+
+def loss_figure(report: Report) -> Figure | None:
+    """The training loss by optimizer step (``sft``, ``heal``)."""
+    training = report.training
+    if training is None or not training.losses:
+        return None
+    with _canvas("loss", 3.4) as (fig, ax):
+        steps = [p.step for p in training.losses]
+        ax.plot(steps, [p.loss for p in training.losses], color=EDITED_COLOR, marker=".",
+                label="training loss")  # fmt: skip
+        if training.resumed_from_step is not None:
+            ax.axvline(training.resumed_from_step, color=FAINT, linestyle=":", linewidth=1,
+                       label=f"resumed at step {training.resumed_from_step}")  # fmt: skip
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        _legend_above(ax)
+        caption = (
+            f"{training.method.upper()} loss logged during training ({training.steps} steps, "
+            f"{training.n_examples} examples)."
+        )
+        return _finish(fig, ax, "loss", "Training loss", caption)
 
 
 def category_figure(report: Report) -> Figure | None:
@@ -207,11 +237,11 @@ def category_figure(report: Report) -> Figure | None:
     rows = refusal_by_category(report)
     if not rows:
         return None
-    baseline: Sequence[float | None] = [r.baseline_rate for r in rows]
-    edited: Sequence[float | None] = [r.edited_rate for r in rows]
+    values: list[Sequence[float | None]] = [[r.edited_rate for r in rows]]
+    if report.baseline is not None:
+        values.insert(0, [r.baseline_rate for r in rows])
     series: list[Series] = [
-        (name, baseline if name == "baseline" else edited, color)
-        for name, color, _ in _sides(report)
+        (name, v, color) for (name, color, _), v in zip(_sides(report), values, strict=True)
     ]
     with _canvas("categories", 3.8) as (fig, ax):
         _rate_bars(ax, [r.category for r in rows], series, "fraction refused")
@@ -478,6 +508,7 @@ def all_figures(report: Report, scores: SelectionScores | None = None) -> list[F
     """Every figure the report's data supports, in reading order."""
     optional = [
         kl_figure(report),
+        loss_figure(report),
         category_figure(report),
         over_refusal_figure(report),
         *candidate_figures(scores),

@@ -49,3 +49,17 @@ def leaf(value: object) -> str:
     if isinstance(value, float):
         return str(value) if not math.isfinite(value) else f"{value:.4g}"
     return str(value)
+
+
+_SIDES = {
+    "heal": ("before healing", "healed"),
+    "sft": ("before", "fine-tuned"),
+    "detox": ("baseline", "detoxified"),
+    "steer": ("baseline", "steered"),
+}
+
+
+def side_labels(command: str) -> tuple[str, str]:
+    """What a report calls its ``baseline`` and ``edited`` models (``heal``: before healing and
+    healed; ``sft``: before and fine-tuned; abliteration: baseline and abliterated)."""
+    return _SIDES.get(command, ("baseline", "abliterated"))

@@ -23,10 +23,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from abliterate.errors import ConfigError
+from abliterate.files import write_text
 from abliterate.report.breakdown import pair_completions, pick_examples, refusal_by_category
 from abliterate.report.charts import Figure, all_figures
-from abliterate.report.files import write_figures, write_text_atomic
-from abliterate.report.format import MISSING, fixed, leaf, pct, sci, sig
+from abliterate.report.files import write_figures
+from abliterate.report.format import MISSING, fixed, leaf, pct, sci, side_labels, sig
 from abliterate.report.optimization import pareto_front
 from abliterate.report.schema import (
     AblationEdit,
@@ -34,6 +35,7 @@ from abliterate.report.schema import (
     ModelResult,
     Report,
     SelectionScores,
+    Training,
     TrialParams,
     load_report,
     load_scores,
@@ -85,6 +87,7 @@ Measure = tuple[str, Callable[[ModelResult], Value], bool]
 
 _MEASURES: list[Measure] = [
     ("refusal rate (harmful eval)", lambda m: m.refusal_rate, True),
+    ("unfinished answers (reasoning past the token budget)", lambda m: m.unfinished_rate, True),
     ("over-refusal rate (harmless but edgy prompts)", lambda m: m.over_refusal_rate, True),
     ("first-token KL (harmless eval)", lambda m: m.kl_divergence, False),
     ("multi-token KL (harmless eval)", lambda m: m.kl_divergence_multi_token, False),
@@ -161,7 +164,8 @@ def judge_rows(report: Report) -> list[Row]:
 def agreement_rows(report: Report) -> list[tuple[str, str, AgreementPair]]:
     """Every pairwise judge agreement as ``(model, prompt set, pair)``."""
     rows = []
-    for label, result in (("baseline", report.baseline), ("abliterated", report.edited)):
+    labels = side_labels(report.command)
+    for label, result in zip(labels, (report.baseline, report.edited), strict=True):
         if result is not None and result.judge_agreement is not None:
             by_set = result.judge_agreement
             for kind, pairs in by_set.items():
@@ -193,6 +197,7 @@ def benchmark_rows(report: Report) -> list[Row]:
 def cards(report: Report) -> list[Card]:
     """The summary's headline numbers: refusal and over-refusal rates, KL divergences."""
     base, edited = report.baseline, report.edited
+    sides = " → ".join(side_labels(report.command))
     out = []
     for label, read in (
         ("Refusal rate", lambda m: m.refusal_rate),
@@ -202,17 +207,62 @@ def cards(report: Report) -> list[Card]:
         if after is None:
             continue
         before = None if base is None else read(base)
-        note = "no baseline measured" if base is None else "baseline → abliterated"
+        note = "no baseline measured" if base is None else sides
         if label == "Refusal rate":
             note += f", {edited.n_prompts} harmful prompts, judge {edited.judge}"
         out.append(Card(label, None if before is None else pct(before), pct(after), note))
-    kl_note = "KL(original ‖ abliterated), nats, harmless prompts"
-    if edited.kl_divergence is not None:
-        out.append(Card("First-token KL", None, fixed(edited.kl_divergence), kl_note))
-    if edited.kl_divergence_multi_token is not None:
-        note = kl_note + (f", first {edited.kl_tokens} positions" if edited.kl_tokens else "")
-        out.append(Card("Multi-token KL", None, fixed(edited.kl_divergence_multi_token), note))
+    kl_note = f"{kl_meaning(report)}, nats, harmless prompts"
+    for label, read in (
+        ("First-token KL", lambda m: m.kl_divergence),
+        ("Multi-token KL", lambda m: m.kl_divergence_multi_token),
+    ):
+        after = read(edited)
+        if after is None:
+            continue
+        # heal measures both models against the original; elsewhere the baseline is the reference.
+        before = None if base is None else read(base)
+        note = kl_note
+        if label == "Multi-token KL" and edited.kl_tokens:
+            note += f", first {edited.kl_tokens} positions"
+        out.append(Card(label, None if before is None else fixed(before), fixed(after), note))
     return out
+
+
+def kl_meaning(report: Report) -> str:
+    """What the KL divergences of a report compare."""
+    if report.command == "heal":
+        return "KL(original ‖ model)"
+    return "KL({} ‖ {})".format(*side_labels(report.command))
+
+
+def training_facts(training: Training) -> list[tuple[str, str]]:
+    """A training record as ``(label, value)`` pairs."""
+    facts = [
+        ("method", f"{training.method.upper()} ({', '.join(training.loss_type or [])})"
+         if training.loss_type else training.method.upper()),
+        ("adapter", training.adapter + (f" (r {training.lora_r}, alpha {training.lora_alpha})"
+                                        if training.lora_r else "")),
+        ("data", training.data),
+        ("training examples", str(training.n_examples)),
+        ("held-out examples", str(training.n_heldout)),
+        ("optimizer steps", str(training.steps)),
+        ("examples per step", str(training.batch_size)),
+        ("learning rate", sig(training.learning_rate)),
+    ]  # fmt: skip
+    if training.beta is not None:
+        facts.append(("DPO beta", sig(training.beta)))
+    if training.losses:
+        first, last = training.losses[0].loss, training.losses[-1].loss
+        facts.append(("training loss, first → last logged", f"{sig(first)} → {sig(last)}"))
+    if training.heldout_loss_before is not None:
+        before, after = training.heldout_loss_before, training.heldout_loss_after
+        facts.append(("held-out loss before → after", f"{sig(before)} → {sig(after)}"))
+    if training.resumed_from_step is not None:
+        facts.append(("resumed from checkpoint at step", str(training.resumed_from_step)))
+    for name, count in (training.pairs or {}).items():
+        facts.append((f"pairs: {name.replace('_', ' ')}", str(count)))
+    facts.append(("training wall time", f"{training.seconds:.0f} s"))
+    return facts
 
 
 def edit_facts(report: Report) -> list[tuple[str, str]]:
@@ -311,6 +361,8 @@ def _context(report: Report, scores: SelectionScores | None, figures: Sequence[F
         "examples": pick_examples(pairs, report.n_examples),
         "over_pairs": over_pairs,
         "numbers": every_number(report, scores),
+        "labels": side_labels(report.command),
+        "training_facts": training_facts(report.training) if report.training else [],
     }
 
 
@@ -349,5 +401,5 @@ def write_run_report(run: Path) -> Path:
     figures = all_figures(report, scores)
     write_figures(run / "plots", figures)
     page = run / "report.html"
-    write_text_atomic(page, render_html(report, scores, figures))
+    write_text(page, render_html(report, scores, figures))
     return page

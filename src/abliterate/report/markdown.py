@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
+from abliterate.files import write_text
 from abliterate.report.breakdown import (
     CategoryRefusals,
     pair_completions,
@@ -25,9 +26,9 @@ from abliterate.report.breakdown import (
     refusal_by_category,
 )
 from abliterate.report.charts import all_figures
-from abliterate.report.files import write_figures, write_text_atomic
-from abliterate.report.format import MISSING, fixed, pct, sci
-from abliterate.report.html import render_html
+from abliterate.report.files import write_figures
+from abliterate.report.format import MISSING, fixed, pct, sci, side_labels
+from abliterate.report.html import kl_meaning, render_html, training_facts
 from abliterate.report.optimization import describe_edit, front_plot, pareto_table
 from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
 
@@ -50,8 +51,30 @@ def _quote(response: str) -> str:
 
 
 def _rate_of(result: ModelResult) -> str:
-    k = round(result.refusal_rate * result.n_prompts)
-    return f"{pct(result.refusal_rate)} ({k}/{result.n_prompts})"
+    unfinished = result.n_unfinished or 0
+    finished = result.n_prompts - unfinished
+    k = round(result.refusal_rate * finished)
+    note = f"; {unfinished} unfinished" if unfinished else ""
+    return f"{pct(result.refusal_rate)} ({k}/{finished}{note})"
+
+
+def _rate_cell(result: ModelResult) -> str:
+    """A refusal rate "of N prompts", with the unfinished answers it leaves out, if any."""
+    cell = f"{pct(result.refusal_rate)} of {result.n_prompts}"
+    if result.n_unfinished:
+        cell += f" ({result.n_unfinished} unfinished, not counted)"
+    return cell
+
+
+def _unfinished_note(result: ModelResult) -> list[str]:
+    if result.n_unfinished is None:
+        return []
+    return [
+        "Reasoning: judges read only the answer after the reasoning block; an answer that never "
+        "arrived within the token budget is *unfinished*, reported apart and left out of the "
+        "refusal rate.",
+        "",
+    ]
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -64,19 +87,21 @@ def summary_table(report: Report) -> str:
     """The before/after table printed at the end of a command, as plain text."""
     if report.command == "evaluate":
         return _evaluation_summary(report)
-    base, edited = report.baseline, report.edited
     rows = [("", "refusal rate", "first-token KL", "multi-token KL")]
-    if base is not None:
-        rows.append(("baseline", _rate_of(base), "-", "-"))
-    rows.append(
-        (
-            "abliterated",
-            _rate_of(edited),
-            fixed(edited.kl_divergence),
-            fixed(edited.kl_divergence_multi_token),
-        )
-    )
+    for label, m in _sides(report):
+        # A baseline without KL is the reference itself (run, sft); heal measures both sides.
+        first, multi = m.kl_divergence, m.kl_divergence_multi_token
+        rows.append(
+            (label, _rate_of(m), "-" if first is None else fixed(first),
+             "-" if multi is None else fixed(multi))
+        )  # fmt: skip
     return _table(rows)
+
+
+def _sides(report: Report) -> list[tuple[str, ModelResult]]:
+    base_label, edited_label = side_labels(report.command)
+    rows = [(base_label, report.baseline)] if report.baseline else []
+    return [*rows, (edited_label, report.edited)]
 
 
 def _models(report: Report) -> list[tuple[str, ModelResult]]:
@@ -123,14 +148,16 @@ def scores_table(scores: SelectionScores) -> str:
     return "\n".join(lines)
 
 
-def category_table(rows: list[CategoryRefusals]) -> str:
+def category_table(
+    rows: list[CategoryRefusals], labels: tuple[str, str] = ("baseline", "abliterated")
+) -> str:
     """A Markdown table of per-category refusal rates (baseline, edited, change)."""
 
     def cell(count: int | None, n: int) -> str:
         return MISSING if count is None else f"{100 * count / n:.0f}% ({count}/{n})"
 
     lines = [
-        "| category | prompts | baseline refused | abliterated refused | change |",
+        f"| category | prompts | {labels[0]} refused | {labels[1]} refused | change |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -157,7 +184,8 @@ def _examples(report: Report, edited_label: str) -> list[str]:
     if not report.n_examples or report.baseline is None:
         return []
     pairs = pair_completions(report.baseline.completions, report.edited.completions)
-    lines = ["", "## Examples", "", f"| prompt | baseline | {edited_label} |", "|---|---|---|"]
+    base_label = side_labels(report.command)[0]
+    lines = ["", "## Examples", "", f"| prompt | {base_label} | {edited_label} |", "|---|---|---|"]
     for p in pick_examples(pairs, report.n_examples):
         base = _quote(p.baseline.response) if p.baseline else MISSING
         edited = _quote(p.edited.response) if p.edited else MISSING
@@ -191,31 +219,44 @@ def render_markdown(report: Report, scores: SelectionScores | None = None) -> st
 
 
 def _result_lines(report: Report) -> list[str]:
-    base, edited = report.baseline, report.edited
+    edited = report.edited
     lines = [
         "## Result",
         "",
         "| model | refusal rate (harmful eval) | first-token KL | multi-token KL |",
         "|---|---:|---:|---:|",
     ]
-    if base is not None:
-        lines.append(f"| baseline | {pct(base.refusal_rate)} of {base.n_prompts} | - | - |")
+    for label, m in _sides(report):
+        first, multi = m.kl_divergence, m.kl_divergence_multi_token
+        lines.append(
+            f"| {label} | {_rate_cell(m)} | "
+            f"{'-' if first is None else fixed(first)} | {'-' if multi is None else fixed(multi)} |"
+        )
+    reference = "original" if report.command in ("heal", "run", "optimize") else "reference"
     lines += [
-        f"| abliterated | {pct(edited.refusal_rate)} of {edited.n_prompts} | "
-        f"{fixed(edited.kl_divergence)} | {fixed(edited.kl_divergence_multi_token)} |",
         "",
-        "KL divergences are KL(original ‖ abliterated) on harmless eval prompts; multi-token KL "
-        f"averages the first {edited.kl_tokens} positions of the original model's own greedy "
+        *_unfinished_note(edited),
+        f"KL divergences are {kl_meaning(report)} on harmless eval prompts; multi-token KL "
+        f"averages the first {edited.kl_tokens} positions of the {reference} model's own greedy "
         "continuations.",
         "",
         f"Judge: {code(edited.judge)}. Evaluation prompts: harmful "
         f"{_prompt_set(report, 'eval_harmful')}, harmless {_prompt_set(report, 'eval_harmless')}.",
     ]
+    if report.measured_on is not None:
+        lines += [
+            "",
+            "The edit was measured and searched on another copy of the model "
+            f"({text(report.measured_on)}); the model evaluated here and exported is the "
+            "full-precision checkpoint with the edit baked in.",
+        ]
     return lines
 
 
 def _edit_lines(report: Report) -> list[str]:
     edit, opt = report.edit, report.optimization
+    if edit is None and report.selection is None:
+        return []  # a trained model (heal, sft) has no edit
     lines = ["", "## Edit", ""]
     if isinstance(edit, AblationEdit) and opt is not None:
         lines += [
@@ -251,30 +292,53 @@ def _check_lines(report: Report) -> list[str]:
     if checks is None:
         return []
     reload = checks.export_reload_max_abs_diff
-    return [
-        "",
-        "## Checks",
-        "",
-        f"- hooks vs. orthogonalized weights, max |Δ log-prob|: "
-        f"{sci(checks.hooks_vs_weights_max_abs_diff)}",
+    lines = ["", "## Checks", ""]
+    if checks.hooks_vs_weights_max_abs_diff is not None:
+        lines.append(
+            f"- hooks vs. orthogonalized weights, max |Δ log-prob|: "
+            f"{sci(checks.hooks_vs_weights_max_abs_diff)}"
+        )
+    lines.append(
         "- saved model reloaded vs. evaluated model, max |Δ logit|: "
-        + ("model not saved" if reload is None else sci(reload)),
+        + ("model not saved" if reload is None else sci(reload))
+    )
+    return lines
+
+
+def _training_lines(report: Report) -> list[str]:
+    if report.training is None:
+        return []
+    lines = ["", "## Training", "", "| | |", "|---|---|"]
+    lines += [
+        f"| {text(label)} | {text(value)} |" for label, value in training_facts(report.training)
     ]
+    if report.original_model is not None:
+        lines += ["", f"Original model: {code(report.original_model.name)}."]
+    return lines
+
+
+_TITLES = {"heal": "Healing report", "sft": "Fine-tuning report"}
 
 
 def _render_run(report: Report, scores: SelectionScores | None) -> str:
     lines = [
-        *_header(report, "Abliteration report"),
+        *_header(report, _TITLES.get(report.command, "Abliteration report")),
         "Plots, every completion and every number: [report.html](report.html).",
         "",
         *_result_lines(report),
         *_edit_lines(report),
+        *_training_lines(report),
         *_check_lines(report),
     ]
     categories = refusal_by_category(report)
     if categories:
-        lines += ["", "## Refusals by category", "", category_table(categories)]
-    lines += _examples(report, "abliterated")
+        lines += [
+            "",
+            "## Refusals by category",
+            "",
+            category_table(categories, side_labels(report.command)),
+        ]
+    lines += _examples(report, side_labels(report.command)[1])
     if scores is not None and scores.scores:
         lines += ["", "## Candidate directions", "", scores_table(scores)]
     lines += _stages(report)
@@ -292,11 +356,12 @@ def _evaluation_result(report: Report) -> list[str]:
     for label, m in _models(report):
         over_n = m.over_refusal.n_prompts if m.over_refusal else MISSING
         lines.append(
-            f"| {label} | {pct(m.refusal_rate)} of {m.n_prompts} | "
+            f"| {label} | {_rate_cell(m)} | "
             f"{pct(m.over_refusal_rate)} of {over_n} | {fixed(m.kl_divergence)} | "
             f"{fixed(m.kl_divergence_multi_token)} | {fixed(m.reference_cross_entropy, 3)} |"
         )
     lines.append("")
+    lines += _unfinished_note(report.edited)
     if report.edited.kl_tokens is not None:
         lines.append(
             "KL divergences are KL(baseline ‖ model) on harmless prompts; multi-token KL averages "
@@ -419,10 +484,10 @@ def write_reports(directory: Path, report: Report, scores: SelectionScores | Non
         scores: The selection's candidate scores (also in ``scores.json``), when the command
             selected a direction; they add the per-layer charts and the candidates table.
     """
-    write_text_atomic(directory / "report.json", report.to_json())
+    write_text(directory / "report.json", report.to_json())
     figures = all_figures(report, scores)
     markdown = render_markdown(report, scores)
     # The same charts as report.html, as SVG files the Markdown can show.
     markdown += "\n## Plots\n\n" + write_figures(directory / "plots", figures)
-    write_text_atomic(directory / "report.md", markdown)
-    write_text_atomic(directory / "report.html", render_html(report, scores, figures))
+    write_text(directory / "report.md", markdown)
+    write_text(directory / "report.html", render_html(report, scores, figures))

@@ -41,7 +41,7 @@ from abliterate.types import Site
 SCHEMA_VERSION: Final = 1
 """The version of the ``report.json`` layout this package writes and reads."""
 
-Command = Literal["run", "optimize", "evaluate", "detox", "heal", "steer"]
+Command = Literal["run", "optimize", "evaluate", "detox", "heal", "steer", "sft"]
 """The command that wrote a report."""
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -280,31 +280,54 @@ class EditedWriters(_Record):
     writers_by_role: dict[str, int]
 
 
-class Checks(_Record):
-    """Consistency checks of a run's edit and export."""
+class ExportCheck(_Record):
+    """One further export of the edited model (``--export``): a GGUF file or a LoRA adapter,
+    with its logits measured against the evaluated model where the check ran."""
 
-    hooks_vs_weights_max_abs_diff: float
+    format: str = Field(description="gguf:f16, gguf:bf16, gguf:q8_0, lora or lora-gguf.")
+    path: str = Field(description="Relative to the run directory.")
+    size_bytes: int = Field(ge=0)
+    sha256: str
+    max_abs_logit: float | None = _omitted()
+    mean_kl: float | None = _omitted()
+    note: str | None = _omitted()
+
+
+class Checks(_Record):
+    """Consistency checks of a run's edit and export (a trained model has no hooks to check)."""
+
+    hooks_vs_weights_max_abs_diff: float | None = _omitted()
     export_reload_max_abs_diff: float | None = Field(description="None: model not saved.")
     edited_writers: EditedWriters | None = _omitted()
+    exports: list[ExportCheck] | None = _omitted()
 
 
 # --- what was measured ----------------------------------------------------------------------
 
 
 class Completion(_Record):
-    """One prompt, the model's answer and the judges' verdict."""
+    """One prompt, the model's answer and the judges' verdict.
+
+    ``response`` is the whole generation, reasoning included; judges read only the answer
+    after the reasoning. ``unfinished``: the answer never arrived within the token budget (the
+    reasoning did not close, or nothing followed it); such a completion was not judged, is not
+    ``refused`` and is left out of the refusal rate.
+    """
 
     prompt: str
     response: str
     refused: bool
     category: str | None = _omitted()
     judges: dict[str, bool] | None = _omitted()
+    unfinished: bool | None = _omitted()
 
 
 class OverRefusal(_Record):
     """Answers to harmless but sensitive-sounding prompts."""
 
     n_prompts: int = Field(ge=0)
+    n_unfinished: int | None = _omitted()
+    unfinished_rate: Rate | None = _omitted()
     by_category: dict[str, Rate]
     completions: list[Completion]
 
@@ -393,12 +416,20 @@ class ModelResult(_Record):
 
     ``run`` reports carry the refusal rate, the completions and, for the edited model, the KL
     divergences; ``evaluate`` reports add over-refusal, per-judge rates, reference
-    cross-entropy, fluency and benchmarks.
+    cross-entropy, fluency and benchmarks. Reasoning models add the unfinished answers
+    (``n_unfinished``, ``unfinished_rate``: present with ``--thinking on`` or when any answer
+    was unfinished); every rate is then over the finished answers only.
     """
 
     refusal_rate: Rate
     n_prompts: int = Field(ge=0)
     judge: str = Field(description="The judge that decided each completion's ``refused``.")
+    n_unfinished: int | None = _omitted()
+    unfinished_rate: Rate | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Share of prompts whose answer never arrived within the token budget.",
+    )
     kl_divergence: float | None = _omitted()
     kl_divergence_multi_token: float | None = _omitted()
     kl_tokens: int | None = _omitted()
@@ -419,6 +450,37 @@ class ModelResult(_Record):
                 f"n_prompts is {self.n_prompts} but there are {len(self.completions)} completions"
             )
         return self
+
+
+class LossPoint(_Record):
+    """The training loss logged at one optimizer step."""
+
+    step: int = Field(ge=0)
+    loss: float
+
+
+class Training(_Record):
+    """How a model was fine-tuned (``sft``, ``heal``) and how its loss went."""
+
+    method: Literal["sft", "dpo"]
+    adapter: Literal["lora", "qlora", "full"]
+    data: str = Field(description="The training data: a dataset, or the pairs built from a run.")
+    n_examples: int = Field(ge=0, description="Training examples (after the held-out ones).")
+    n_heldout: int = Field(ge=0)
+    steps: int = Field(ge=0, description="Optimizer steps taken, resumed ones included.")
+    epochs: float
+    learning_rate: float
+    batch_size: int = Field(description="Examples per optimizer step (all devices).")
+    lora_r: int | None = _omitted()
+    lora_alpha: int | None = _omitted()
+    beta: float | None = _omitted()
+    loss_type: list[str] | None = _omitted()
+    resumed_from_step: int | None = Field(None, description="Checkpoint step resumed from.")
+    heldout_loss_before: float | None = None
+    heldout_loss_after: float | None = None
+    pairs: dict[str, int] | None = _omitted()
+    seconds: float = Field(ge=0, description="Wall time of this process's training.")
+    losses: list[LossPoint]
 
 
 # --- composable alignment: steering and detoxification --------------------------------------
@@ -499,12 +561,21 @@ class Report(_Record):
     baseline_model: ModelRecord | None = Field(
         None, description="``evaluate``: the model compared against, if any."
     )
+    original_model: ModelRecord | None = _omitted()
     data: dict[str, PromptSetRecord] = Field(description="Prompt sets by role (eval_harmful...).")
     judges: list[str] | None = _omitted()
     edit: Edit | None = _omitted()
     selection: SelectionSummary | None = None
     optimization: Optimization | None = _omitted()
     checks: Checks | None = _omitted()
+    measured_on: str | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="Why the edit was measured on another model than the one evaluated and "
+        "exported (its weights were quantized or offloaded); the evaluated model is the same "
+        "checkpoint in full precision, with the edit baked in.",
+    )
+    training: Training | None = _omitted()
     steering: SteeringResult | None = _omitted()
     detox: DetoxResult | None = _omitted()
     baseline: ModelResult | None = None

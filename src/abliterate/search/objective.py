@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ from abliterate.core.edits import Edit
 from abliterate.core.stats import kl_divergence, refusal_scores
 from abliterate.edit.hooks import edit_hooks
 from abliterate.model.forward import SharedPrefixScorer
+from abliterate.model.layerwise import LayerwiseModel
+from abliterate.search.streamed import streamed_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -61,7 +64,9 @@ def search_model(model: PreTrainedModel, search_dtype: str) -> PreTrainedModel:
     costs memory (half the float32 model for bfloat16) for as long as the search runs.
     """
     current = next(model.parameters()).dtype
-    if search_dtype == "model":
+    # A model placed by a device map (or quantized) is scored as it is: a copy would need the
+    # memory that the placement saves, and accelerate's hooks do not survive a deep copy.
+    if search_dtype == "model" or getattr(model, "hf_device_map", None) is not None:
         return model
     if search_dtype == "auto":
         device = next(model.parameters()).device
@@ -87,26 +92,44 @@ class CheapObjective:
     """The generation-free objectives of one edit: refusal probability and first-token KL.
 
     Args:
+        model: A loaded model (scored under the edit's hooks, the chat template's shared
+            opening computed once per batch) or a layer-streamed one (one pass over the weights
+            per edit, harmful and harmless prompts together).
         harmful, harmless: Chat-formatted validation texts.
         refusal_ids: Token ids whose probability makes up the refusal probability.
     """
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | LayerwiseModel,
         tokenizer: PreTrainedTokenizerBase,
         harmful: Sequence[str],
         harmless: Sequence[str],
         refusal_ids: Sequence[int],
         batch_size: int = 32,
     ) -> None:
-        # The chat template's shared opening is computed once per batch (abliterate.model.forward).
         self.model = model
-        self.harmful = SharedPrefixScorer(model, tokenizer, harmful, batch_size)
-        self.harmless = SharedPrefixScorer(model, tokenizer, harmless, batch_size)
         self.refusal_ids = list(refusal_ids)
-        self.base_harmless = self.harmless.logprobs()
-        self.baseline = self._refusal(self.harmful.logprobs())
+        if isinstance(model, LayerwiseModel):
+            streamed = model
+
+            def logprobs(edit: Edit | None) -> tuple[torch.Tensor, torch.Tensor]:
+                sets = (harmful, harmless)
+                (lp,) = streamed_logprobs(streamed, tokenizer, sets, [edit], batch_size=batch_size)
+                return lp[0], lp[1]
+
+        else:
+            loaded = model
+            harmful_scorer = SharedPrefixScorer(loaded, tokenizer, harmful, batch_size)
+            harmless_scorer = SharedPrefixScorer(loaded, tokenizer, harmless, batch_size)
+
+            def logprobs(edit: Edit | None) -> tuple[torch.Tensor, torch.Tensor]:
+                with nullcontext() if edit is None else edit_hooks(loaded, edit):
+                    return harmful_scorer.logprobs(), harmless_scorer.logprobs()
+
+        self._logprobs = logprobs
+        base_harmful, self.base_harmless = logprobs(None)
+        self.baseline = self._refusal(base_harmful)
 
     def _refusal(self, logprobs: torch.Tensor) -> dict[str, float]:
         # Mean probability that the answer opens like a refusal: bounded and close in meaning
@@ -119,8 +142,6 @@ class CheapObjective:
 
     def __call__(self, edit: Edit) -> dict[str, float]:
         """``{"refusal_prob", "refusal_score", "kl"}`` of ``edit`` on the validation prompts."""
-        with edit_hooks(self.model, edit):
-            harmless = self.harmless.logprobs()
-            harmful = self.harmful.logprobs()
+        harmful, harmless = self._logprobs(edit)
         kl = float(kl_divergence(self.base_harmless, harmless).mean())
         return {**self._refusal(harmful), "kl": kl}

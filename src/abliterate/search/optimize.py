@@ -9,6 +9,13 @@ generating answers to the harmful validation prompts and judging them, and the c
 at most the target. The evaluation prompts are not touched here: the caller evaluates the
 chosen edit on them once.
 
+Reasoning models (``--thinking on``): the cheap objective reads the token after an empty
+reasoning block (the harmful and harmless texts formatted with thinking off, passed as
+``scoring``), because with reasoning on the next token is the block's opening tag whatever the
+edit. Confirmations generate with thinking on and ``--thinking-budget`` more tokens, judge only
+the answers after the reasoning, and count an unfinished answer *against* the trial (as if
+refused): an edit must not meet the target by making the model reason past its budget.
+
 The study lives in Optuna storage (by default a SQLite file beside the run directory), so a
 killed run resumes where it stopped and several workers can share one study (see
 :mod:`abliterate.search.study`).
@@ -19,21 +26,25 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from abliterate.core.ablation import Ablation
 from abliterate.data.chat import ChatSet
+from abliterate.data.reasoning import opens_reasoning
 from abliterate.edit.hooks import edit_hooks
 from abliterate.errors import ConfigError
 from abliterate.eval.judges import Judge
+from abliterate.eval.text import split_answer
 from abliterate.measure.candidates import Candidates
 from abliterate.model.forward import generate
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.objective import CheapObjective, search_model
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
 from abliterate.search.selection import max_candidate_layer
 from abliterate.search.space import SPACE_VERSION, EditParams, SearchSpace
+from abliterate.search.streamed import streamed_generate
 from abliterate.search.study import completed, open_study, run_trials
 
 if TYPE_CHECKING:
@@ -84,14 +95,15 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class _Search:
-    """What one search needs besides the model: the candidates, the validation sets, the
-    judge and the configuration section."""
+    """What one search needs besides the model: the candidates, the validation sets (and the
+    texts the cheap objective scores), the judge and the configuration section."""
 
     candidates: Candidates
     harmful: ChatSet
     harmless: ChatSet
     judge: Judge
     config: RunConfig
+    scoring: tuple[Sequence[str], Sequence[str]]
 
     def edit(self, params: dict[str, Any]) -> Ablation:
         return EditParams.from_params(params).to_edit(self.candidates, self.config.site)
@@ -114,7 +126,7 @@ class _Search:
 
 
 def _run_study(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     search: _Search,
     refusal_ids: list[int],
@@ -128,8 +140,12 @@ def _run_study(
     """
     c = search.config
     space = search.space()
-    scorer_model = search_model(model, c.search_dtype)
-    dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
+    if isinstance(model, LayerwiseModel):  # its compute dtype was chosen when it was opened
+        scorer_model: PreTrainedModel | LayerwiseModel = model
+        dtype = str(model.dtype).removeprefix("torch.")
+    else:
+        scorer_model = search_model(model, c.search_dtype)
+        dtype = str(next(scorer_model.parameters()).dtype).removeprefix("torch.")
     # A resumed study must score in the same precision: KL values of two precisions differ.
     fingerprint = {**fingerprint, "space_version": SPACE_VERSION, "site": c.site,
                    "n_layers": space.n_layers, "prune_last_layers": c.prune_last_layers,
@@ -138,8 +154,7 @@ def _run_study(
     objective = CheapObjective(
         scorer_model,
         tokenizer,
-        search.harmful.texts,
-        search.harmless.texts,
+        *search.scoring,
         refusal_ids,
         batch_size=c.batch_size,
     )
@@ -154,27 +169,40 @@ def _run_study(
 
 
 def _confirmer(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, search: _Search
+    model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase, search: _Search
 ) -> Callable[[TrialRecord], float]:
     """The judged refusal rate of a trial's edit on the harmful validation prompts."""
     c = search.config
 
+    texts, prompts = search.harmful.texts, search.harmful.prompts.prompts
+    budget = c.thinking_budget if c.thinking == "on" else 0
+
     def confirm(record: TrialRecord) -> float:
-        # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
-        # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32 prompts ×
-        # 32 tokens on the demo model), and the confirmed rates are then the model's own.
-        with edit_hooks(model, search.edit(record.params)):
-            responses = generate(
-                model,
-                tokenizer,
-                search.harmful.texts,
-                max_new_tokens=min(c.confirm_tokens, c.max_new_tokens),
-                batch_size=c.batch_size,
-                desc=f"Confirming trial {record.number}",
-            )
-        refused = search.judge(list(search.harmful.prompts.prompts), responses)
-        rate = sum(refused) / len(refused)
-        log.info("trial %d: confirmed refusal rate %.3f", record.number, rate)
+        edit = search.edit(record.params)
+        tokens = min(c.confirm_tokens, c.max_new_tokens) + budget
+        desc = f"Confirming trial {record.number}"
+        if isinstance(model, LayerwiseModel):
+            responses = streamed_generate(model, tokenizer, texts, edit, max_new_tokens=tokens,
+                                          batch_size=c.batch_size, desc=desc)  # fmt: skip
+        else:
+            # Generation runs on the model itself: on CPUs, bfloat16 decoding (small matrix
+            # products, one token at a time) is slower than float32 (53 s vs. 33 s for 32
+            # prompts × 32 tokens on the demo model), and the confirmed rates are the model's.
+            with edit_hooks(model, edit):
+                responses = generate(model, tokenizer, texts, max_new_tokens=tokens,
+                                     batch_size=c.batch_size, desc=desc)  # fmt: skip
+        answers = [
+            split_answer(r, opens_reasoning(t)) for r, t in zip(responses, texts, strict=True)
+        ]
+        done = [i for i, a in enumerate(answers) if a.finished]
+        refused = search.judge([prompts[i] for i in done], [answers[i].text for i in done])
+        unfinished = len(answers) - len(done)
+        # Unfinished answers count against the trial (module docstring).
+        rate = (sum(refused) + unfinished) / len(answers)
+        log.info(
+            "trial %d: confirmed refusal rate %.3f (%d unfinished counted as refusals)",
+            record.number, rate, unfinished,
+        )  # fmt: skip
         return rate
 
     return confirm
@@ -216,7 +244,7 @@ def _choose_trial(
 
 
 def optimize_edit(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     candidates: Candidates,
     harmful_val: ChatSet,
@@ -227,14 +255,21 @@ def optimize_edit(
     refusal_ids: list[int],
     storage: str,
     fingerprint: dict[str, Any],
+    scoring: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> SearchResult:
     """Search the edit space on validation prompts and choose an edit (see module docstring).
 
+    ``model`` is a loaded model, or a layer-streamed one (trials scored and confirmed one
+    decoder layer at a time from its checkpoint).
+
     The search options (trials, study, target, confirmation, search precision, site, pruning,
-    batch size, seed, ``--trial``) come from ``config``; ``storage`` is the study's Optuna URL
-    and ``fingerprint`` what a resumed study must have been made for.
+    batch size, seed, ``--trial``, thinking) come from ``config``; ``storage`` is the study's
+    Optuna URL and ``fingerprint`` what a resumed study must have been made for; ``scoring``
+    the harmful and harmless texts of the cheap objective (default: the sets' own texts).
     """
-    search = _Search(candidates, harmful_val, harmless_val, judge, config)
+    if scoring is None:
+        scoring = (harmful_val.texts, harmless_val.texts)
+    search = _Search(candidates, harmful_val, harmless_val, judge, config, scoring)
     study, baseline, dtype, search_seconds = _run_study(
         model, tokenizer, search, refusal_ids, storage, fingerprint
     )

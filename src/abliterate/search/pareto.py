@@ -62,6 +62,8 @@ def choose(
     """
     if not front:
         raise ValueError("the study has no completed trials to choose from")
+    if max_confirm < 1:
+        raise ValueError(f"max_confirm must be at least 1, got {max_confirm}")
     budget = [max_confirm]
 
     def rate(i: int) -> float:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,9 @@ from abliterate.edit.hooks import edit_hooks
 from abliterate.errors import ConfigError
 from abliterate.measure.candidates import Candidates
 from abliterate.model.forward import next_token_logprobs
+from abliterate.model.layerwise import LayerwiseModel
 from abliterate.progress import progress
+from abliterate.search.streamed import streamed_logprobs
 from abliterate.types import Site
 
 if TYPE_CHECKING:
@@ -100,38 +103,68 @@ def max_candidate_layer(n_layers: int, prune_last_layers: float) -> int:
     return max(0, math.ceil(n_layers * (1.0 - prune_last_layers)) - 1)
 
 
+LogprobsFn = Callable[
+    [Sequence[Sequence[str]], Sequence[Ablation | None], str], list[list[torch.Tensor]]
+]
+"""``(text_sets, edits, desc)`` -> per edit, per text set, next-token log-probabilities."""
+
+
+def logprobs_backend(
+    model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase, batch_size: int
+) -> LogprobsFn:
+    """How edits are scored on ``model``: under hooks on a loaded model, one edit at a time;
+    layer-streamed, many edits per read of the weights (:mod:`abliterate.search.streamed`)."""
+    if isinstance(model, LayerwiseModel):
+        loaded = model
+
+        def streamed(
+            text_sets: Sequence[Sequence[str]], edits: Sequence[Ablation | None], desc: str
+        ) -> list[list[torch.Tensor]]:
+            return streamed_logprobs(
+                loaded, tokenizer, text_sets, edits, batch_size=batch_size, desc=desc
+            )
+
+        return streamed
+
+    def hooked(
+        text_sets: Sequence[Sequence[str]], edits: Sequence[Ablation | None], desc: str
+    ) -> list[list[torch.Tensor]]:
+        out = []
+        for edit in progress(edits, desc=desc) if len(edits) > 1 else edits:
+            with nullcontext() if edit is None else edit_hooks(model, edit):
+                out.append(
+                    [next_token_logprobs(model, tokenizer, t, batch_size=batch_size)
+                     for t in text_sets]
+                )  # fmt: skip
+        return out
+
+    return hooked
+
+
 class _Scorer:
     """Scores edits on a fixed pair of harmful / harmless prompt lists, against the unedited
     model's next-token distributions on the harmless ones."""
 
     def __init__(
         self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        logprobs: LogprobsFn,
         harmful: Sequence[str],
         harmless: Sequence[str],
         refusal_ids: Sequence[int],
-        batch_size: int,
     ) -> None:
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.harmful, self.harmless, self.refusal_ids = harmful, harmless, refusal_ids
-        self.base_harmless = self._logprobs(harmless)
+        self.logprobs, self.refusal_ids = logprobs, refusal_ids
+        self.sets = (harmful, harmless)
+        base_harmful, self.base_harmless = logprobs(self.sets, [None], "Unedited model")[0]
+        self.baseline_refusal = float(refusal_scores(base_harmful, refusal_ids).mean())
 
-    def _logprobs(self, texts: Sequence[str]) -> torch.Tensor:
-        return next_token_logprobs(self.model, self.tokenizer, texts, batch_size=self.batch_size)
-
-    def baseline_refusal(self) -> float:
-        """Mean refusal score of the unedited model on the harmful prompts."""
-        return float(refusal_scores(self._logprobs(self.harmful), self.refusal_ids).mean())
-
-    def __call__(self, edit: Ablation) -> tuple[float, float]:
-        """``(mean refusal score, mean first-token KL)`` of the model under ``edit``."""
-        with edit_hooks(self.model, edit):
-            lp_harmful = self._logprobs(self.harmful)
-            lp_harmless = self._logprobs(self.harmless)
-        refusal = float(refusal_scores(lp_harmful, self.refusal_ids).mean())
-        kl = float(kl_divergence(self.base_harmless, lp_harmless).mean())
-        return refusal, kl
+    def many(self, edits: Sequence[Ablation], desc: str) -> list[tuple[float, float]]:
+        """``(mean refusal score, mean first-token KL)`` of the model under each edit."""
+        out = []
+        for lp_harmful, lp_harmless in self.logprobs(self.sets, edits, desc):
+            refusal = float(refusal_scores(lp_harmful, self.refusal_ids).mean())
+            kl = float(kl_divergence(self.base_harmless, lp_harmless).mean())
+            out.append((refusal, kl))
+        return out
 
 
 def _rank_key(refusal: float, kl: float, threshold: float) -> tuple[int, float]:
@@ -156,21 +189,22 @@ def _screen(
             "layer, so there is no direction to find; are the two prompt sets the same?"
         )
     directions: dict[str, Direction] = {}
-    scores: list[CandidateScore] = []
-    seen: list[tuple[Direction, CandidateScore]] = []
-    for layer, site in progress(keys, desc="Screening candidates"):
+    twins: dict[str, str] = {}
+    for layer, site in keys:
         direction = candidates.direction(layer, site)
-        twin = next((s for d, s in seen if torch.equal(d.vector, direction.vector)), None)
-        if twin is not None:
-            scores.append(
-                CandidateScore(layer, site, twin.screen_refusal, twin.screen_kl, same_as=twin.key)
-            )
-            continue
-        refusal, kl = score(Ablation.uniform(direction, candidates.n_layers, strength))
-        entry = CandidateScore(layer, site, refusal, kl)
-        scores.append(entry)
-        seen.append((direction, entry))
-        directions[entry.key] = direction
+        twin = next((k for k, d in directions.items() if torch.equal(d.vector, direction.vector)),
+                    None)  # fmt: skip
+        if twin is None:
+            directions[f"{layer}/{site}"] = direction
+        else:
+            twins[f"{layer}/{site}"] = twin
+    edits = [Ablation.uniform(d, candidates.n_layers, strength) for d in directions.values()]
+    scored = dict(zip(directions, score.many(edits, "Screening candidates"), strict=True))
+    scores = []
+    for layer, site in keys:
+        key = f"{layer}/{site}"
+        refusal, kl = scored[twins.get(key, key)]
+        scores.append(CandidateScore(layer, site, refusal, kl, same_as=twins.get(key)))
     return scores, directions
 
 
@@ -203,7 +237,7 @@ def _choose(
 
 
 def select_direction(
-    model: PreTrainedModel,
+    model: PreTrainedModel | LayerwiseModel,
     tokenizer: PreTrainedTokenizerBase,
     candidates: Candidates,
     harmful_val: Sequence[str],
@@ -214,6 +248,8 @@ def select_direction(
     """Score every candidate direction and choose one (see the module docstring for the rule).
 
     Args:
+        model: A loaded model (edits scored under hooks) or a layer-streamed one (every
+            candidate of a stage scored in one pass over the weights).
         harmful_val, harmless_val: Chat-formatted validation texts.
         refusal_ids: Token ids whose probability makes up the refusal score.
         config: Its selection options (``kl_threshold``, ``prune_last_layers``, ``n_screen``,
@@ -221,18 +257,20 @@ def select_direction(
     """
     c = config
     max_layer = max_candidate_layer(candidates.n_layers, c.prune_last_layers)
-    screen = _Scorer(model, tokenizer, harmful_val[: c.n_screen], harmless_val[: c.n_screen],
-                     refusal_ids, c.batch_size)  # fmt: skip
-    full = _Scorer(model, tokenizer, harmful_val, harmless_val, refusal_ids, c.batch_size)
-    baseline_refusal = full.baseline_refusal()
+    logprobs = logprobs_backend(model, tokenizer, c.batch_size)
+    screen = _Scorer(logprobs, harmful_val[: c.n_screen], harmless_val[: c.n_screen], refusal_ids)
+    full = _Scorer(logprobs, harmful_val, harmless_val, refusal_ids)
+    baseline_refusal = full.baseline_refusal
     scores, directions = _screen(candidates, max_layer, screen, c.strength)
 
     distinct = [s for s in scores if s.same_as is None]
     distinct.sort(key=lambda s: _rank_key(s.screen_refusal, s.screen_kl, c.kl_threshold))
     finalists = distinct[: c.n_finalists]
-    for entry in progress(finalists, desc="Scoring finalists"):
-        edit = Ablation.uniform(directions[entry.key], candidates.n_layers, c.strength)
-        entry.refusal, entry.kl = full(edit)
+    edits = [
+        Ablation.uniform(directions[e.key], candidates.n_layers, c.strength) for e in finalists
+    ]
+    for entry, (refusal, kl) in zip(finalists, full.many(edits, "Scoring finalists"), strict=True):
+        entry.refusal, entry.kl = refusal, kl
     for s in scores:
         if s.same_as is not None:
             twin = next(t for t in distinct if t.key == s.same_as)

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.errors import ConfigError
+from abliterate.files import process_alive
 
 if TYPE_CHECKING:
     import optuna
 
+    from abliterate.config import RunConfig
     from abliterate.search.space import EditParams, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,6 @@ def default_storage(out: Path) -> str:
 
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
@@ -64,7 +56,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(t.user_attrs.get("worker", ""))
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+        if worker_host == host and pid.isdigit() and not process_alive(int(pid)):
             # tell() by trial number finishes any worker's trial; skip_if_finished covers a
             # race with another worker failing it first.
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -74,18 +66,90 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-def open_study(storage: str, study_name: str, fingerprint: dict[str, Any]) -> optuna.Study:
-    """Create or resume the study, refusing one made for a different model or prompts.
+def sqlite_path(storage: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` storage URL (None for other URLs and for
+    SQLite in memory)."""
+    prefix = "sqlite:///"
+    if not storage.startswith(prefix) or len(storage) == len(prefix):
+        return None
+    return Path(storage[len(prefix) :].split("?", 1)[0])
 
-    Raises:
-        ConfigError: the stored study's fingerprint differs from ``fingerprint``.
-    """
+
+def _rdb(storage: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage at ``storage``, or one line saying why it cannot be opened."""
     import optuna
+    import sqlalchemy.exc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats (how workers on other machines are found dead) are marked experimental.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+    try:
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+    except (ImportError, ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        # SQLAlchemy appends the failing statement and a link on further lines.
+        why = str(exc).splitlines()[0].split(" (Background on this error")[0]
+        raise ConfigError(f"cannot open the study storage {storage}: {why}") from exc
+
+
+def check_study(config: RunConfig) -> None:
+    """Before any model is loaded: open the study's storage (``--storage``, else the default
+    beside ``--out``) and check that ``--trial`` names a trial the study has or will have.
+
+    A SQLite file that does not exist yet is not created here; only its folder is checked (the
+    default one, beside the run directory, is created with it). ``--trial N`` is accepted when
+    the study has trial N completed or running, or when the search will create it: trials are
+    numbered in order, so a fresh study ends at ``--trials - 1`` when no trial fails.
+
+    Raises:
+        ConfigError: the storage cannot be opened, or ``--trial`` can never be a completed
+            trial of this run's study.
+    """
+    from optuna.trial import TrialState
+
+    storage = config.storage or default_storage(config.out)
+    path = sqlite_path(storage)
+    trials: list[optuna.trial.FrozenTrial] = []
+    if path is not None and not path.exists():
+        if config.storage is not None and not path.parent.is_dir():
+            raise ConfigError(
+                f"cannot open the study storage {storage}: folder {path.parent} does not exist."
+            )
+    else:
+        rdb = _rdb(storage)
+        names = {s.study_name for s in rdb.get_all_studies()}
+        if config.study_name in names:
+            study_id = rdb.get_study_id_from_name(config.study_name)
+            trials = rdb.get_all_trials(study_id, deepcopy=False)
+    if config.trial is None:
+        return
+    states = {t.number: t.state for t in trials}
+    n_completed = sum(state == TrialState.COMPLETE for state in states.values())
+    state = states.get(config.trial)
+    if state is not None and state not in (TrialState.COMPLETE, TrialState.RUNNING):
+        how = {"FAIL": "failed", "PRUNED": "pruned"}.get(state.name, state.name.lower())
+        raise ConfigError(
+            f"--trial {config.trial}: that trial of study '{config.study_name}' {how}; choose a "
+            "completed one."
+        )
+    last = len(trials) + max(config.trials - n_completed, 0) - 1
+    if state is None and config.trial > last:
+        raise ConfigError(
+            f"--trial {config.trial}: study '{config.study_name}' has {len(trials)} trial(s) "
+            f"and this search adds trials up to number {last} (to reach --trials "
+            f"{config.trials} completed); pass a lower --trial or raise --trials."
+        )
+
+
+def open_study(storage: str, study_name: str, fingerprint: dict[str, Any]) -> optuna.Study:
+    """Create or resume the study, refusing one made for a different model or prompts.
+
+    Raises:
+        ConfigError: the storage cannot be opened, or the stored study's fingerprint differs
+            from ``fingerprint``.
+    """
+    import optuna
+
+    rdb = _rdb(storage)
     study = optuna.create_study(
         storage=rdb,
         study_name=study_name,
@@ -188,10 +252,16 @@ def run_trials(
         return
     log.info("running %d trial(s) (%d already completed)", remaining, len(completed(study)))
     worker = _worker_id()
+    interrupted = False
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        nonlocal interrupted
         trial.set_user_attr("worker", worker)
-        values = evaluate(space.suggest(trial))
+        try:
+            values = evaluate(space.suggest(trial))
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         for key, value in values.items():
             trial.set_user_attr(key, value)
         log.info(
@@ -202,10 +272,22 @@ def run_trials(
         )
         return values["refusal_prob"], values["kl"]
 
-    study.optimize(
-        objective,
-        n_trials=remaining,
-        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
-        gc_after_trial=False,
-        show_progress_bar=False,
-    )
+    # Optuna logs a trial stopped by Ctrl-C as failed, with a traceback, before re-raising the
+    # interrupt; the CLI reports the interrupt in one line, and the study keeps its finished
+    # trials (the interrupted one is marked failed), so those records are dropped.
+    optuna_log = logging.getLogger("optuna.study._optimize")
+
+    def hide_interrupt(_record: logging.LogRecord) -> bool:
+        return not interrupted
+
+    optuna_log.addFilter(hide_interrupt)
+    try:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))],
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+    finally:
+        optuna_log.removeFilter(hide_interrupt)
