@@ -202,3 +202,17 @@ def classifier_dir(tmp_path: Path, tokenizer: Any) -> Path:
     tok.padding_side = "right"
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record (and refuse) every model load of the run and evaluate commands."""
+    loads: list[str] = []
+
+    def load(name: str, **_kwargs: Any) -> Any:
+        loads.append(name)
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr("abliterate.commands.run.load_model", load)
+    monkeypatch.setattr("abliterate.commands.evaluate.load_model", load)
+    return loads

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from cli_errors import one_error
 
-from abliterate.cli import main
 from abliterate.core.ablation import Ablation
 from abliterate.core.directions import Direction
 from abliterate.data.prompts import load_prompts
@@ -34,16 +34,6 @@ from abliterate.progress import Stages
 
 TINY = ["--n-train", "4", "--n-val", "2", "--n-eval", "2", "--max-new-tokens", "2",
         "--batch-size", "4", "--no-save-model"]  # fmt: skip
-
-
-def _one_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("abliterate: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _copy(src: Path, dest: Path) -> Path:
@@ -72,7 +62,7 @@ def test_corrupt_safetensors_model_is_one_line(
     weights = model / "model.safetensors"
     weights.write_bytes(damage(weights.read_bytes()))
     out = tmp_path / "out"
-    msg = _one_error(["evaluate", str(model), "--out", str(out)], capsys)
+    msg = one_error(["evaluate", str(model), "--out", str(out)], capsys)
     assert "cannot load model" in msg and "SafetensorError" in msg
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
@@ -88,7 +78,7 @@ def test_corrupt_direction_file_is_one_line(
     out = tmp_path / "out"
     argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--direction", str(path),
             *TINY]  # fmt: skip
-    msg = _one_error(argv, capsys)
+    msg = one_error(argv, capsys)
     assert "cannot read the direction" in msg
     assert not out.exists()
 
@@ -163,7 +153,7 @@ def test_infinite_logits_with_finite_weights_are_refused_before_evaluation(
     monkeypatch.setattr("abliterate.eval.evaluator.Evaluator.assess",
                         lambda self, m, label: assessed.append(label))  # fmt: skip
     out = tmp_path / "out"
-    msg = _one_error(["evaluate", str(path), "--out", str(out), "--n-eval", "2"], capsys)
+    msg = one_error(["evaluate", str(path), "--out", str(out), "--n-eval", "2"], capsys)
     assert "non-finite logits" in msg
     assert assessed == [] and not out.exists()
 
@@ -215,7 +205,7 @@ def test_a_huge_prompt_is_refused_before_any_forward_pass(
     out = tmp_path / "out"
     argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--harmful", str(prompts),
             *TINY]  # fmt: skip
-    msg = _one_error(argv, capsys)
+    msg = one_error(argv, capsys)
     assert f"prompt 3 of {prompts}" in msg and "tokens long" in msg and "256" in msg
     assert "max_position_embeddings" in msg
     assert forwards == [] and not out.exists()
@@ -233,7 +223,7 @@ def test_bad_devices_fail_before_anything_loads(
     monkeypatch.setattr("abliterate.commands.run.load_prompt_sets",
                         lambda config: loads.append("prompts"))  # fmt: skip
     for command in (["run", "--model", str(tiny_model_dir)], ["evaluate", str(tiny_model_dir)]):
-        msg = _one_error([*command, "--out", str(tmp_path / "o"), "--device", device], capsys)
+        msg = one_error([*command, "--out", str(tmp_path / "o"), "--device", device], capsys)
         assert f"--device '{device}'" in msg
     assert loads == []
 
@@ -307,7 +297,7 @@ def test_chat_with_a_malformed_record_is_one_line_before_loading(
                         lambda name, **k: loads.append(name))  # fmt: skip
     for record in ("{not json", "[1, 2]", '{"base_model": "x"}', '{"base_model": {"name": 3}}'):
         (model / "abliteration.json").write_text(record)
-        msg = _one_error(["chat", str(model)], capsys)
+        msg = one_error(["chat", str(model)], capsys)
         assert "abliteration.json" in msg and "--baseline" in msg
     assert loads == []
 
@@ -373,7 +363,7 @@ def test_an_unreachable_endpoint_fails_before_any_answer(
                         lambda name, **k: loads.append(name))  # fmt: skip
     argv = ["evaluate", str(tiny_model_dir), "--out", str(tmp_path / "o"),
             "--judge", "markers,llm:http://127.0.0.1:9/v1#judge"]  # fmt: skip
-    msg = _one_error(argv, capsys)
+    msg = one_error(argv, capsys)
     assert "unreachable" in msg and loads == []
 
 
@@ -405,5 +395,5 @@ def test_identical_training_sets_are_one_line_for_every_way_of_choosing(
         out = tmp_path / "out"
         argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--harmful", str(same),
                 "--harmless", str(same), *TINY, *choice]  # fmt: skip
-        assert "identical activations" in _one_error(argv, capsys)
+        assert "identical activations" in one_error(argv, capsys)
         assert not out.exists()

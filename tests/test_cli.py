@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_errors import one_error
 from pydantic_core import PydanticUndefined
 
 from abliterate import __version__
@@ -269,7 +270,7 @@ def test_config_file_environment_and_flags_layer_through_the_cli(tmp_path: Path)
 def test_bad_command_lines_end_in_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _error_of(argv, capsys).startswith(f"abliterate: error: {message}")
+    assert one_error(argv, capsys).startswith(f"abliterate: error: {message}")
 
 
 @pytest.mark.parametrize(
@@ -308,7 +309,7 @@ def test_bad_config_file_is_refused_before_anything_is_touched(
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    msg = _error_of(["run", "--config", str(cfg), "--out", str(out)], capsys)
+    msg = one_error(["run", "--config", str(cfg), "--out", str(out)], capsys)
     assert msg == f"abliterate: error: {message.format(cfg)}"
     assert (out / "precious.txt").read_text() == "keep me"
 
@@ -317,26 +318,16 @@ def test_bad_environment_value_ends_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("ABLITERATE_N_TRAIN", "many")
-    msg = _error_of(["run"], capsys)
+    msg = one_error(["run"], capsys)
     assert msg == (
         "abliterate: error: --n-train (environment variable ABLITERATE_N_TRAIN) must be an "
         "integer, got 'many'"
     )
 
 
-def _error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("abliterate: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_missing_model_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    msg = _error_of(["run", "--model", str(tmp_path / "nope"), "--out", str(out)], capsys)
+    msg = one_error(["run", "--model", str(tmp_path / "nope"), "--out", str(out)], capsys)
     assert "does not exist" in msg
     assert not out.exists()
 
@@ -346,7 +337,7 @@ def test_model_without_chat_template(
 ) -> None:
     out = tmp_path / "out"
     argv = ["run", "--model", str(no_template_model_dir), "--out", str(out), *TINY_RUN]
-    msg = _error_of(argv, capsys)
+    msg = one_error(argv, capsys)
     assert "no chat template" in msg
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
@@ -358,10 +349,10 @@ def test_unknown_column_and_empty_file(
     (tmp_path / "empty.txt").write_text("")
     out = tmp_path / "out"
     base = ["run", "--model", str(tiny_model_dir), "--out", str(out)]
-    msg = _error_of([*base, "--eval-harmful", str(tmp_path / "p.csv"), "--prompt-column", "x"],
+    msg = one_error([*base, "--eval-harmful", str(tmp_path / "p.csv"), "--prompt-column", "x"],
                     capsys)  # fmt: skip
     assert "no column 'x'" in msg
-    msg = _error_of([*base, "--eval-harmless", str(tmp_path / "empty.txt")], capsys)
+    msg = one_error([*base, "--eval-harmless", str(tmp_path / "empty.txt")], capsys)
     assert "empty" in msg
     assert not out.exists()
 
@@ -376,7 +367,7 @@ def test_unsupported_architecture(
                     ).save_pretrained(path)  # fmt: skip
     tokenizer.save_pretrained(path)
     out = tmp_path / "out"
-    msg = _error_of(["run", "--model", str(path), "--out", str(out), *TINY_RUN], capsys)
+    msg = one_error(["run", "--model", str(path), "--out", str(out), *TINY_RUN], capsys)
     assert "unsupported architecture 'gpt2'" in msg and "qwen2" in msg
     assert not out.exists()
 
@@ -387,7 +378,7 @@ def test_existing_output_dir_is_kept(
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    msg = _error_of(["run", "--model", str(tiny_model_dir), "--out", str(out)], capsys)
+    msg = one_error(["run", "--model", str(tiny_model_dir), "--out", str(out)], capsys)
     assert "--overwrite" in msg
     assert (out / "precious.txt").read_text() == "keep me"
 
@@ -459,6 +450,6 @@ def test_saved_direction_is_reapplied_without_selection(
     assert a["edited"]["kl_divergence"] == pytest.approx(b["edited"]["kl_divergence"], rel=1e-5)
     assert not (second / "scores.json").exists() and not (second / "model").exists()
     assert b["checks"]["export_reload_max_abs_diff"] is None
-    msg = _error_of(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
+    msg = one_error(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
                      "--direction", str(tmp_path / "nope.safetensors")], capsys)  # fmt: skip
     assert "not found" in msg

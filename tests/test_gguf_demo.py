@@ -80,7 +80,9 @@ def test_in_place_on_the_shipped_gguf(demo: dict[str, Any]) -> None:
             d = deltas[f"blk.{i}.ffn_down.weight"]
             layer.mlp.down_proj.weight += d.b @ d.a
     diff = logit_difference(demo["edited"], model, demo["loaded"].tokenizer, demo["texts"])
-    assert diff.max_abs_logit < 6.0 and diff.mean_kl < 0.02, diff
+    # benchmarks/gguf_formats.py measured 0.72 and 0.0018 with the adapter, 5.2 and 0.063
+    # without it: the bound separates the two.
+    assert diff.max_abs_logit < 2.5 and diff.mean_kl < 0.01, diff
 
 
 def test_q8_0_out_reads_back(demo: dict[str, Any]) -> None:
@@ -89,7 +91,7 @@ def test_q8_0_out_reads_back(demo: dict[str, Any]) -> None:
                 tokenizer_gguf=demo["shipped"])  # fmt: skip
     diff = logit_difference(demo["edited"], load_gguf_model(path), demo["loaded"].tokenizer,
                             demo["texts"])  # fmt: skip
-    assert diff.max_abs_logit < 2.0 and diff.mean_kl < 5e-3, diff
+    assert diff.max_abs_logit < 1.0 and diff.mean_kl < 1e-3, diff  # measured: 0.31, 0.0002
 
 
 def test_lora_adapter_merges_to_the_edited_model(demo: dict[str, Any]) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_errors import one_error
 
-from abliterate.cli import main
 from abliterate.commands import rundir
 from abliterate.commands.rundir import (
     RUN_MARKER,
@@ -32,30 +32,6 @@ def _dead_pid() -> int:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     return int(done.stdout)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record (and refuse) every model load of the run and evaluate commands."""
-    loads: list[str] = []
-
-    def load(name: str, **_kwargs: Any) -> Any:
-        loads.append(name)
-        raise RuntimeError("the model was loaded")
-
-    monkeypatch.setattr("abliterate.commands.run.load_model", load)
-    monkeypatch.setattr("abliterate.commands.evaluate.load_model", load)
-    return loads
-
-
-def _one_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("abliterate: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _run(tmp: Path, out: Path, overwrite: bool = False, command: str = "run") -> None:
@@ -78,7 +54,7 @@ def test_out_that_is_or_contains_the_model_is_refused_even_with_overwrite(
     }[where]
     before = sorted(p.name for p in tiny_model_dir.iterdir())
     for command in (["run", "--model", str(tiny_model_dir)], ["evaluate", str(tiny_model_dir)]):
-        msg = _one_error([*command, "--out", str(out), "--overwrite"], capsys)
+        msg = one_error([*command, "--out", str(out), "--overwrite"], capsys)
         assert "input" in msg and str(tiny_model_dir) in msg
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
     assert no_model_load == []
@@ -92,17 +68,17 @@ def test_out_containing_a_prompt_file_direction_or_baseline_is_refused(
     data.mkdir()
     (data / "harm.txt").write_text("Pick a lock.\n")
     base = ["run", "--model", str(tiny_model_dir), "--overwrite"]
-    msg = _one_error([*base, "--out", str(data), "--harmful", str(data / "harm.txt")], capsys)
+    msg = one_error([*base, "--out", str(data), "--harmful", str(data / "harm.txt")], capsys)
     assert "contains the input" in msg and "harm.txt" in msg
     (data / "d.safetensors").write_bytes(b"x")
     (data / "d.json").write_text("{}")
-    msg = _one_error([*base, "--out", str(data), "--direction", str(data / "d.safetensors")],
+    msg = one_error([*base, "--out", str(data), "--direction", str(data / "d.safetensors")],
                      capsys)  # fmt: skip
     assert "d.safetensors" in msg
-    msg = _one_error(["evaluate", "demo", "--baseline", str(tiny_model_dir), "--out",
+    msg = one_error(["evaluate", "demo", "--baseline", str(tiny_model_dir), "--out",
                       str(tiny_model_dir.parent), "--overwrite"], capsys)  # fmt: skip
     assert str(tiny_model_dir) in msg
-    msg = _one_error(["evaluate", "demo", "--judge", f"classifier:{tiny_model_dir}",
+    msg = one_error(["evaluate", "demo", "--judge", f"classifier:{tiny_model_dir}",
                       "--out", str(tiny_model_dir)], capsys)  # fmt: skip
     assert str(tiny_model_dir) in msg
     assert (data / "harm.txt").read_text() == "Pick a lock.\n"
@@ -141,7 +117,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(
     out.mkdir()
     (out / "holiday.jpg").write_bytes(b"\xff\xd8")
     argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--overwrite"]
-    msg = _one_error(argv, capsys)
+    msg = one_error(argv, capsys)
     assert "not a run directory" in msg
     assert (out / "holiday.jpg").read_bytes() == b"\xff\xd8"
     assert no_model_load == []
@@ -186,7 +162,7 @@ def test_dot_and_dot_dot_fail_before_the_model_loads(
     work = tmp_path / "work" / "here"
     (work / "sub").mkdir(parents=True)
     monkeypatch.chdir(work)
-    msg = _one_error(["run", "--model", str(tiny_model_dir), "--out", form], capsys)
+    msg = one_error(["run", "--model", str(tiny_model_dir), "--out", form], capsys)
     assert "'.' or '..'" in msg
     assert no_model_load == []
     assert not [p for p in work.parent.rglob(".*") if "partial" in p.name]
@@ -204,7 +180,7 @@ def test_unwritable_paths_fail_before_the_model_loads(
         str(tmp_path / ("n" * 300) / "out"): "cannot create",
     }
     for out, message in cases.items():
-        msg = _one_error(["run", "--model", str(tiny_model_dir), "--out", out], capsys)
+        msg = one_error(["run", "--model", str(tiny_model_dir), "--out", out], capsys)
         assert message in msg, msg
     assert no_model_load == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "tiny-qwen2"]

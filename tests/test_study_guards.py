@@ -8,35 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_errors import one_error
 
-from abliterate.cli import main
 from abliterate.config import RunConfig
 from abliterate.errors import ConfigError
 from abliterate.search.space import EditParams
 from abliterate.search.study import check_study, completed, open_study, run_trials, sqlite_path
-
-
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record (and refuse) model loads of the run command."""
-    loads: list[str] = []
-
-    def load(name: str, **_kwargs: Any) -> Any:
-        loads.append(name)
-        raise RuntimeError("the model was loaded")
-
-    monkeypatch.setattr("abliterate.commands.run.load_model", load)
-    return loads
-
-
-def _one_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("abliterate: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_storage_errors_are_reported_before_the_model_loads(
@@ -53,7 +30,7 @@ def test_storage_errors_are_reported_before_the_model_loads(
     for storage, message in cases.items():
         argv = ["optimize", "--model", "demo", "--out", str(tmp_path / "out"),
                 "--storage", storage]  # fmt: skip
-        msg = _one_error(argv, capsys)
+        msg = one_error(argv, capsys)
         assert "study storage" in msg and message in msg, msg
     assert no_model_load == []
     assert corrupt.read_bytes().startswith(b"this is not")
@@ -71,7 +48,7 @@ def test_trial_numbers_the_search_will_never_have_are_refused_first(
 ) -> None:
     argv = ["optimize", "--model", "demo", "--out", str(tmp_path / "out"), "--trials", "4",
             "--trial", "999"]  # fmt: skip
-    msg = _one_error(argv, capsys)
+    msg = one_error(argv, capsys)
     assert "--trial 999" in msg and "up to number 3" in msg
     assert no_model_load == []
     # The last number a fresh study of four trials reaches is fine.

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from abliterate.core.steering import Steering
     from abliterate.data.prompts import PromptSet
+    from abliterate.eval.evaluator import Assessment
     from abliterate.eval.metrics import ReferenceAnswers
     from abliterate.model.loading import LoadedModel
     from abliterate.types import Thinking
@@ -152,6 +153,50 @@ def evaluate_inputs(config: EvaluateConfig) -> list[str | Path | None]:
     ]  # fmt: skip
 
 
+def _load(config: EvaluateConfig, name: str) -> LoadedModel:
+    """``name`` loaded as the config asks, its anatomy verified."""
+    loaded = load_model(
+        name,
+        revision=config.revision,
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        **config.placement(),
+    )
+    verify_anatomy(loaded.model, loaded.tokenizer)
+    return loaded
+
+
+def _against_baseline(
+    config: EvaluateConfig,
+    model: LoadedModel,
+    evaluator: Evaluator,
+    edited: Assessment,
+    stages: Stages,
+    steered: Callable[[], AbstractContextManager[Any]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate ``config.baseline`` and compare ``edited`` (the model as ``steered`` runs it)
+    with it (KL divergences); returns the baseline's report entry and its model record. The
+    same model named twice is loaded once: its baseline is itself, unsteered."""
+    assert config.baseline is not None
+    same = config.baseline == config.model
+    with stages.stage("load baseline"):
+        base_model = model if same else _load(config, config.baseline)
+    if not same:
+        check_ready(
+            base_model.model, base_model.tokenizer, evaluator.sets.chat_sets(), base_model.name
+        )
+    _check_same_vocabulary(base_model, model)
+    with stages.stage("baseline eval"):
+        baseline = evaluator.assess(base_model.model, "baseline")
+    with stages.stage("KL divergence"):
+        kl_multi, _ = evaluator.multi_token_kl(
+            base_model.model, model_q=None if same else model.model, q_context=steered
+        )
+    evaluator.compare(baseline, edited, kl_multi)
+    return baseline.to_dict(), model_record(base_model)
+
+
 def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Evaluate ``config.model`` (and ``config.baseline``) and write the run directory.
 
@@ -176,22 +221,10 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             config.judge, JudgeOptions(device=config.device, batch_size=config.batch_size)
         )
 
-    def load(name: str) -> LoadedModel:
-        loaded = load_model(
-            name,
-            revision=config.revision,
-            device=config.device,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            **config.placement(),
-        )
-        verify_anatomy(loaded.model, loaded.tokenizer)
-        return loaded
-
     with run_directory(config.out, config.overwrite, "evaluate") as tmp:
         write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
-            model = load(config.model)
+            model = _load(config, config.model)
         sets = format_sets(model, config, raw_sets, config.thinking)
         check_ready(model.model, model.tokenizer, sets.chat_sets(), model.name)
         steering, steered = _steering(config, model)
@@ -211,23 +244,9 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
         baseline_dict: dict[str, Any] | None = None
         baseline_record: dict[str, Any] | None = None
         if config.baseline is not None:
-            # The same model named twice is loaded once (its baseline is it, unsteered).
-            same = config.baseline == config.model
-            with stages.stage("load baseline"):
-                base_model = model if same else load(config.baseline)
-            if not same:
-                check_ready(
-                    base_model.model, base_model.tokenizer, sets.chat_sets(), base_model.name
-                )
-            _check_same_vocabulary(base_model, model)
-            with stages.stage("baseline eval"):
-                baseline = evaluator.assess(base_model.model, "baseline")
-            with stages.stage("KL divergence"):
-                kl_multi, _ = evaluator.multi_token_kl(
-                    base_model.model, model_q=None if same else model.model, q_context=steered
-                )
-            evaluator.compare(baseline, edited, kl_multi)
-            baseline_dict, baseline_record = baseline.to_dict(), model_record(base_model)
+            baseline_dict, baseline_record = _against_baseline(
+                config, model, evaluator, edited, stages, steered
+            )
         report: dict[str, Any] = {
             "abliterate_version": __version__,
             "command": "evaluate",

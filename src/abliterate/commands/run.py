@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,8 @@ from abliterate.search.study import check_study, default_storage, sqlite_path
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from abliterate.data.chat import ChatSet
+    from abliterate.eval.judges import Judge
     from abliterate.model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,88 @@ def run_inputs(config: RunConfig) -> list[str | Path | None]:
     ]  # fmt: skip
 
 
+def _checked_source(config: RunConfig, extra_inputs: Sequence[str | Path]) -> Path | None:
+    """Everything that can be checked without the model, before it is loaded; returns the
+    checkpoint the run streams, or None when it loads the model."""
+    check_output_dir(config.out, config.overwrite, [*run_inputs(config), *extra_inputs])
+    resolve_device(config.device)
+    if config.optimize:
+        check_study(config)
+    source = stream_source(config)
+    if source is not None and config.export:
+        raise ConfigError(
+            f"--export {','.join(config.export)} converts the edited model held in memory, and "
+            "this run streams the model layer by layer (--stream); drop --export, or apply the "
+            "run's edit to a GGUF of the model afterwards (abliterate apply --direction OUT)."
+        )
+    return source
+
+
+def _load(
+    config: RunConfig, source: Path | None, tmp: Path
+) -> tuple[LoadedModel, PreTrainedModel | LayerwiseModel]:
+    """The loaded model, and the model measured on: the same, or (``--stream``) the
+    layer-streamed checkpoint beside an offloaded original for the evaluation."""
+    if source is None:
+        loaded = load_model(
+            config.model,
+            revision=config.revision,
+            device=config.device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            **config.placement(),
+        )
+        return loaded, loaded.model
+    measured = open_layerwise(config, source)
+    loaded = load_offloaded(config.model, config, tmp / ".offload" / "original",
+                            resident_minimum(measured))  # fmt: skip
+    return loaded, measured
+
+
+@dataclass
+class _Finished:
+    """What the evaluation and export of an edit leave for the report."""
+
+    loaded: LoadedModel  # the model evaluated (a full-precision copy if measured on another)
+    outcome: EditOutcome
+    record: dict[str, Any]  # abliteration.json
+    export_diff: float | None = None
+    exports: list[dict[str, Any]] | None = None
+    measured_on: str | None = None
+
+
+def _evaluate_and_export(
+    config: RunConfig,
+    loaded: LoadedModel,
+    choice: EditChoice,
+    chats: dict[str, ChatSet],
+    judge: Judge,
+    stages: Stages,
+    tmp: Path,
+    data: dict[str, Any],
+) -> _Finished:
+    """Evaluate the in-memory model before and after the edit, and export it (``OUT/model``
+    and the ``--export`` formats)."""
+    measured_on = bake_blockers(loaded.model)
+    if measured_on is not None:
+        loaded = full_precision_model(config, loaded, measured_on, stages)
+    adapter = lora_before_bake(config, loaded, choice.edit)  # needs the unedited weights
+    outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
+    done = _Finished(loaded, outcome, _record(loaded, choice, outcome, data),
+                     measured_on=measured_on)  # fmt: skip
+    if measured_on is not None:
+        done.record["measured_on"] = measured_on
+    probe = chats[SCORED["eval_harmless"]].texts[:4]
+    if config.save_model:
+        with stages.stage("export"):
+            save_model(loaded.model, loaded.tokenizer, tmp / "model", done.record)
+            done.export_diff = verify_export(loaded.model, loaded.tokenizer, tmp / "model", probe)
+    if config.export:
+        with stages.stage("further exports"):
+            done.exports = write_exports(config, loaded, adapter, tmp, probe)
+    return done
+
+
 def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Run the whole pipeline and return the report (also written to ``config.out``).
 
@@ -195,19 +280,8 @@ def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str,
     """
     import torch
 
-    # Everything that can be checked without the model fails before it is loaded.
-    check_output_dir(config.out, config.overwrite, [*run_inputs(config), *extra_inputs])
-    resolve_device(config.device)
-    if config.optimize:
-        check_study(config)
+    source = _checked_source(config, extra_inputs)
     torch.manual_seed(config.seed)
-    source = stream_source(config)
-    if source is not None and config.export:
-        raise ConfigError(
-            f"--export {','.join(config.export)} converts the edited model held in memory, and "
-            "this run streams the model layer by layer (--stream); drop --export, or apply the "
-            "run's edit to a GGUF of the model afterwards (abliterate apply --direction OUT)."
-        )
     sets = load_prompt_sets(config)
     data = {k: {"name": s.name, "n": len(s), "sha256": s.sha256} for k, s in sets.items()}
     stages = Stages()
@@ -216,26 +290,12 @@ def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str,
     with run_directory(config.out, config.overwrite, command) as tmp:
         write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
-            if source is None:
-                loaded = load_model(
-                    config.model,
-                    revision=config.revision,
-                    device=config.device,
-                    dtype=config.dtype,
-                    trust_remote_code=config.trust_remote_code,
-                    **config.placement(),
-                )
-                measured: PreTrainedModel | LayerwiseModel = loaded.model
-            else:  # the original is evaluated offloaded; everything else is layer-streamed
-                measured = open_layerwise(config, source)
-                loaded = load_offloaded(config.model, config, tmp / ".offload" / "original",
-                                        resident_minimum(measured))  # fmt: skip
+            loaded, measured = _load(config, source, tmp)
         log.info("model: %s", anatomy_of(loaded.model).anatomy.describe())
         with stages.stage("verify anatomy"):
             verify_anatomy(loaded.model, loaded.tokenizer)
-        tok = loaded.tokenizer
-        chats = format_sets(config, tok, sets)
-        check_ready(loaded.model, tok, list(chats.values()), loaded.name)
+        chats = format_sets(config, loaded.tokenizer, sets)
+        check_ready(loaded.model, loaded.tokenizer, list(chats.values()), loaded.name)
         env = {**environment_record(str(loaded.device), config.seed, data),
                "model": {"name": loaded.name, "source": loaded.source,
                          "revision": loaded.revision},
@@ -244,40 +304,23 @@ def run(config: RunConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str,
         write_json(tmp / "environment.json", env)
         choice = choose_edit(config, loaded, chats, data, judge, stages, tmp, measured)
         choice.edit.save(tmp)
-        export_diff: float | None = None
-        exports = None
-        measured_on = None
         if isinstance(measured, LayerwiseModel):
             outcome = evaluate_streamed(
                 config, loaded, measured, choice.edit, chats, judge, stages, tmp
             )
-            record = _record(loaded, choice, outcome, data)
+            done = _Finished(loaded, outcome, _record(loaded, choice, outcome, data))
             _finish_streamed(config, tmp)
         else:
-            measured_on = bake_blockers(loaded.model)
-            if measured_on is not None:
-                loaded = full_precision_model(config, loaded, measured_on, stages)
-            adapter = lora_before_bake(config, loaded, choice.edit)  # needs the unedited weights
-            outcome = evaluate_edit(config, loaded, choice.edit, chats, judge, stages)
-            record = _record(loaded, choice, outcome, data)
-            if measured_on is not None:
-                record["measured_on"] = measured_on
-            probe = chats[SCORED["eval_harmless"]].texts[:4]
-            if config.save_model:
-                with stages.stage("export"):
-                    save_model(loaded.model, tok, tmp / "model", record)
-                    export_diff = verify_export(loaded.model, tok, tmp / "model", probe)
-            if config.export:
-                with stages.stage("further exports"):
-                    exports = write_exports(config, loaded, adapter, tmp, probe)
-        record["files"] = weight_files(tmp)
-        write_json(tmp / "abliteration.json", record)
+            done = _evaluate_and_export(config, loaded, choice, chats, judge, stages, tmp, data)
+        done.record["files"] = weight_files(tmp)
+        write_json(tmp / "abliteration.json", done.record)
         if config.save_model:
-            write_json(tmp / "model" / "abliteration.json", record)
-        report = Report.model_validate(
-            _report(config, loaded, choice, outcome, record, export_diff, stages, exports)
-            | ({} if measured_on is None else {"measured_on": measured_on})
-        )
+            write_json(tmp / "model" / "abliteration.json", done.record)
+        fields = _report(config, done.loaded, choice, done.outcome, done.record,
+                         done.export_diff, stages, done.exports)  # fmt: skip
+        if done.measured_on is not None:
+            fields["measured_on"] = done.measured_on
+        report = Report.model_validate(fields)
         scores = None
         if choice.selection is not None:
             scores = SelectionScores.model_validate(choice.selection.to_dict())

@@ -283,12 +283,14 @@ def run_directory(out: Path, overwrite: bool, command: str = "run") -> Iterator[
     sweep_stale(out)
     tmp = _temporary_name(out, "partial")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # mkdir (unlike mkdtemp's 0o700) gives the folder the permissions the umask allows.
-        os.mkdir(tmp)
-    except OSError as exc:
-        raise OutputDirError(f"cannot create {out}: {exc.strerror or exc}.") from exc
-    try:
+        # Created inside the block that removes it: a signal right after mkdir (Ctrl-C, SIGTERM
+        # turned into an exception) must not leave the folder behind.
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # mkdir (unlike mkdtemp's 0o700) gives the folder the permissions the umask allows.
+            os.mkdir(tmp)
+        except OSError as exc:
+            raise OutputDirError(f"cannot create {out}: {exc.strerror or exc}.") from exc
         write_json(tmp / RUN_MARKER, {
             "command": command,
             "abliterate": __version__,

@@ -261,9 +261,58 @@ def load_model(
 
     dev = resolve_device(device)
     src = resolve_source(name, revision, trust_remote_code)
-    kwargs = dict(src.model_kwargs)
+    kwargs = {
+        **src.model_kwargs,
+        **_placement(
+            name,
+            dev,
+            dtype,
+            device,
+            device_map,
+            max_memory,
+            load_in,
+            offload_folder,
+            gguf="gguf_file" in src.model_kwargs,
+        ),
+    }
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
+        config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
+        model: PreTrainedModel = auto_model_class(config).from_pretrained(
+            src.source, dtype=resolve_dtype(dtype, dev), **kwargs
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        # transformers reports a malformed or unsupported checkpoint with any of these, and
+        # safetensors a truncated or garbage weight file.
+        raise ModelLoadError(f"cannot load model '{name}': {type(exc).__name__}: {exc}") from exc
+    _check_loaded(model, name, gguf="gguf_file" in kwargs)
+    if "device_map" not in kwargs:
+        model.to(dev)  # type: ignore[arg-type]
+    model.eval()
+    prepare_tokenizer(tokenizer)
+    commit = getattr(model.config, "_commit_hash", None)
+    return LoadedModel(model, tokenizer, src.display, src.source, revision=commit or revision)
+
+
+def _placement(
+    name: str,
+    dev: str,
+    dtype: str,
+    device: str,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[int | str, int | str] | None,
+    load_in: str | None,
+    offload_folder: str | Path | None,
+    *,
+    gguf: bool,
+) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that place and quantize the model (see
+    :func:`load_model`)."""
+    kwargs: dict[str, Any] = {}
     if load_in is not None:
-        if "gguf_file" in kwargs:
+        if gguf:
             raise ConfigError(
                 f"--load-in {load_in} quantizes safetensors weights; {name} is a GGUF file, "
                 "already quantized (its weights are dequantized on loading)."
@@ -281,18 +330,11 @@ def load_model(
             kwargs["max_memory"] = max_memory
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src.source, **src.tokenizer_kwargs)
-        config = transformers.AutoConfig.from_pretrained(src.source, **src.tokenizer_kwargs)
-        model: PreTrainedModel = auto_model_class(config).from_pretrained(
-            src.source, dtype=resolve_dtype(dtype, dev), **kwargs
-        )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        # transformers reports a malformed or unsupported checkpoint with any of these, and
-        # safetensors a truncated or garbage weight file.
-        raise ModelLoadError(f"cannot load model '{name}': {type(exc).__name__}: {exc}") from exc
+    return kwargs
+
+
+def _check_loaded(model: PreTrainedModel, name: str, *, gguf: bool) -> None:
+    """Refuse non-finite weights; make a dequantized GGUF model savable as safetensors."""
     # A NaN or an infinity in the weights would spread through every measurement silently;
     # scanning costs little next to reading the weights (see first_nonfinite).
     bad = first_nonfinite(model.named_parameters())
@@ -301,18 +343,12 @@ def load_model(
             f"model '{name}' has non-finite values (NaN or inf) in {bad}; the checkpoint is "
             "corrupt or was saved from a broken edit."
         )
-    if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
+    if getattr(model, "hf_quantizer", None) is not None and gguf:
         # transformers has dequantized the GGUF weights into ordinary tensors; clear the marker
         # so the edited model can be saved as plain safetensors.
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    if "device_map" not in kwargs:
-        model.to(dev)  # type: ignore[arg-type]
-    model.eval()
-    prepare_tokenizer(tokenizer)
-    commit = getattr(model.config, "_commit_hash", None)
-    return LoadedModel(model, tokenizer, src.display, src.source, revision=commit or revision)
 
 
 # Ceiling on prompt length whatever the model claims: the prompt sets are instructions, and a
