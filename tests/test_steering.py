@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_errors import one_error
 
 from abliterate.core.directions import Direction, DirectionSet
 from abliterate.core.edits import load_edit
@@ -221,3 +222,14 @@ def test_export_refuses_biases_the_config_cannot_declare(make_model: Callable[[s
     bake(model, Steering(direction_set(model, "post"), 0.9, (1,)))
     with pytest.raises(EditError, match="'qwen2' config cannot declare"):
         declare_biases(model)
+
+
+@pytest.mark.parametrize("command", ["steer", "detox"])
+def test_commands_that_change_weights_refuse_a_quantized_load(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "--model", "demo", "--load-in", "4bit", "--out", str(tmp_path / "o")]
+    if command == "steer":
+        argv += ["--direction", str(tmp_path / "d.safetensors")]
+    msg = one_error(argv, capsys)
+    assert "--load-in 4bit" in msg and "full-precision" in msg

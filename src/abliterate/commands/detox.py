@@ -29,7 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
 from abliterate.commands.baking import apply_prior_edit, bake_checked, save_edited
-from abliterate.commands.evaluate import format_sets, load_prompt_sets, model_record
+from abliterate.commands.evaluate import (
+    format_sets,
+    load_checked,
+    load_prompt_sets,
+    model_record,
+)
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import DetoxConfig, to_dict
 from abliterate.core.stats import kl_divergence
@@ -42,8 +47,8 @@ from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.safeedit import SafeEditSets, knowledge_questions, safeedit_scores
 from abliterate.files import write_json
 from abliterate.measure.toxic import ToxicLayer, locate_toxic_layers
-from abliterate.model.forward import next_token_logprobs
-from abliterate.model.loading import load_model, local_path
+from abliterate.model.forward import check_ready, next_token_logprobs
+from abliterate.model.loading import local_path
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -184,11 +189,9 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
     with run_directory(config.out, config.overwrite, "detox") as tmp:
         write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
-            loaded = load_model(
-                config.model, revision=config.revision, device=config.device, dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code,
-            )  # fmt: skip
+            loaded = load_checked(config)
         sets = format_sets(loaded, config, raw_sets)
+        check_ready(loaded.model, loaded.tokenizer, sets.chat_sets(), loaded.name)
         original, references = None, None
         if config.edit is not None:  # the original's distributions, before the edit is baked
             original = next_token_logprobs(

@@ -16,13 +16,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from abliterate.commands.evaluate import load_checked
 from abliterate.config import DirectionCombineConfig, DirectionConfig
 from abliterate.core.directions import DirectionSet
 from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import load_prompts
 from abliterate.errors import ConfigError, OutputDirError
 from abliterate.measure.behaviour import behaviour_directions
-from abliterate.model.loading import load_model, local_path
+from abliterate.model.loading import local_path
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ def direction(config: DirectionConfig, extra_inputs: Sequence[str | Path] = ()) 
     target = _target(config.out, config.overwrite, inputs)
     positive = load_prompts(config.positive, config.prompt_column).head(config.n_prompts)
     negative = load_prompts(config.negative, config.prompt_column).head(config.n_prompts)
-    loaded = load_model(
-        config.model, revision=config.revision, device=config.device, dtype=config.dtype,
-        trust_remote_code=config.trust_remote_code,
-    )  # fmt: skip
+    loaded = load_checked(config)
     tok = loaded.tokenizer
     try:
         directions = behaviour_directions(

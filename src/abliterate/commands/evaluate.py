@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from abliterate import __version__
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
-from abliterate.config import EvaluateConfig, to_dict
+from abliterate.config import EvaluateConfig, ModelOptions, to_dict
 from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
 from abliterate.edit.hooks import edit_hooks
@@ -153,10 +153,11 @@ def evaluate_inputs(config: EvaluateConfig) -> list[str | Path | None]:
     ]  # fmt: skip
 
 
-def _load(config: EvaluateConfig, name: str) -> LoadedModel:
-    """``name`` loaded as the config asks, its anatomy verified."""
+def load_checked(config: ModelOptions, name: str | None = None) -> LoadedModel:
+    """``name`` (default: ``config.model``) loaded as the config asks (device, dtype, placement
+    over several devices, quantization), its anatomy verified."""
     loaded = load_model(
-        name,
+        config.model if name is None else name,
         revision=config.revision,
         device=config.device,
         dtype=config.dtype,
@@ -181,7 +182,7 @@ def _against_baseline(
     assert config.baseline is not None
     same = config.baseline == config.model
     with stages.stage("load baseline"):
-        base_model = model if same else _load(config, config.baseline)
+        base_model = model if same else load_checked(config, config.baseline)
     if not same:
         check_ready(
             base_model.model, base_model.tokenizer, evaluator.sets.chat_sets(), base_model.name
@@ -224,7 +225,7 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
     with run_directory(config.out, config.overwrite, "evaluate") as tmp:
         write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
-            model = _load(config, config.model)
+            model = load_checked(config, config.model)
         sets = format_sets(model, config, raw_sets, config.thinking)
         check_ready(model.model, model.tokenizer, sets.chat_sets(), model.name)
         steering, steered = _steering(config, model)

@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from abliterate import __version__
 from abliterate.commands.baking import apply_prior_edit, bake_checked, save_edited
-from abliterate.commands.evaluate import format_sets, load_prompt_sets, model_record
+from abliterate.commands.evaluate import (
+    format_sets,
+    load_checked,
+    load_prompt_sets,
+    model_record,
+)
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import SteerConfig, to_dict
 from abliterate.core.edits import Edit
@@ -44,7 +49,8 @@ from abliterate.eval.evaluator import Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.files import write_json
 from abliterate.model.anatomy import anatomy_of
-from abliterate.model.loading import load_model, local_path
+from abliterate.model.forward import check_ready
+from abliterate.model.loading import local_path
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
 from abliterate.report.schema import Report
@@ -208,10 +214,7 @@ def steer(config: SteerConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
     with run_directory(config.out, config.overwrite, "steer") as tmp:
         write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
-            loaded = load_model(
-                config.model, revision=config.revision, device=config.device, dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code,
-            )  # fmt: skip
+            loaded = load_checked(config)
             prior = apply_prior_edit(config.edit, loaded)
         bound = anatomy_of(loaded.model)
         steering = read_directions(config.direction, config.strength, config.layers or None)
@@ -219,6 +222,7 @@ def steer(config: SteerConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
         edit = removal(steering, bound.n_layers) if config.remove else steering
         tok = loaded.tokenizer
         sets = format_sets(loaded, config, raw_sets)
+        check_ready(loaded.model, loaded.tokenizer, sets.chat_sets(), loaded.name)
         metric_chats = ChatSet.format(tok, metric_set, config.system_prompt)
         metric_record = {"name": metric_set.name, "n": len(metric_set), "sha256": metric_set.sha256}
         data = {**sets.record(), "metric_prompts": metric_record}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import CliPositionalArg
 
 from abliterate.config.options import (
@@ -24,6 +24,7 @@ from abliterate.config.values import (
     Strengths,
     Text,
     check_judges,
+    problem,
 )
 from abliterate.errors import ConfigError
 from abliterate.types import Site
@@ -163,6 +164,16 @@ class SteerConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, Mo
     out: PathOption = Field(Path("runs/steer"), description="Run directory to create.")
     batch_size: Count = Field(32, description="Prompts per forward pass or generation batch.")
 
+    @model_validator(mode="after")
+    def _full_precision(self) -> SteerConfig:
+        if self.load_in is not None:
+            raise problem(
+                "steer bakes the steering into the model's full-precision weights, which a "
+                f"--load-in {self.load_in} model does not hold; load it unquantized "
+                "(--device-map auto spreads it over the devices)."
+            )
+        return self
+
 
 class DetoxConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, ModelOptions):
     """Configuration of ``abliterate detox``: DINM detoxification by knowledge editing."""
@@ -213,3 +224,13 @@ class DetoxConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, Mo
     save_model: bool = Field(True, description="Write the detoxified model to OUT/model.")
     out: PathOption = Field(Path("runs/detox"), description="Run directory to create.")
     batch_size: Count = Field(32, description="Prompts per forward pass or generation batch.")
+
+    @model_validator(mode="after")
+    def _full_precision(self) -> DetoxConfig:
+        if self.load_in is not None:
+            raise problem(
+                f"detox tunes the model's full-precision weights, which a --load-in "
+                f"{self.load_in} model does not hold; load it unquantized (--device-map auto "
+                "spreads it over the devices)."
+            )
+        return self
