@@ -15,6 +15,7 @@ from abliterate.config.values import (
     DeviceMap,
     FiniteFloat,
     Index,
+    Indices,
     MaxMemory,
     Names,
     PathOption,
@@ -330,6 +331,25 @@ class OutputOptions(Options):
     )
 
 
+class SteerHookOptions(Options):
+    """Steering applied with hooks while a model answers (``chat``, ``evaluate``)."""
+
+    steer: PathOption | None = Field(
+        None,
+        description="Steer the model while it runs (hooks; its weights are not changed): a "
+        "direction set written by 'abliterate direction', or a run's direction.safetensors (the "
+        "refusal direction, added back at its layer).",
+    )
+    strength: FiniteFloat = Field(
+        1.0,
+        description="Strength of --steer: the direction's vectors are multiplied by it (0: no "
+        "change; negative: the opposite behaviour).",
+    )
+    steer_layers: Indices = Field(
+        (), description="Layers --steer adds at (default: every layer of the direction set)."
+    )
+
+
 EXPORT_FORMATS = ("gguf:f16", "gguf:bf16", "gguf:q8_0", "gguf:f32", "lora", "lora-gguf")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -424,7 +444,9 @@ class OptimizeConfig(RunConfig):
     optimize: bool = Field(True, description="Search the edit space (always on for this command).")
 
 
-class EvaluateConfig(OutputOptions, EvalOptions, ThinkingOptions, EvalPromptOptions, ModelOptions):
+class EvaluateConfig(
+    OutputOptions, EvalOptions, ThinkingOptions, EvalPromptOptions, SteerHookOptions, ModelOptions
+):
     """Configuration of ``abliterate evaluate``: measure a model, optionally against a baseline."""
 
     model: CliPositionalArg[Text] = Field(
@@ -465,7 +487,7 @@ class EvaluateConfig(OutputOptions, EvalOptions, ThinkingOptions, EvalPromptOpti
     batch_size: Count = Field(32, description="Prompts per forward pass.")
 
 
-class ChatConfig(ThinkingOptions, ModelOptions):
+class ChatConfig(ThinkingOptions, SteerHookOptions, ModelOptions):
     """Configuration of ``abliterate chat``: an edited model and its original, side by side."""
 
     model: CliPositionalArg[Text] = Field(

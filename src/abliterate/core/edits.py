@@ -103,6 +103,11 @@ class WriterEdit(ABC):
         """The edited bias (``(d_model,)``) of a writer that has one."""
         return b
 
+    def needs_bias(self) -> bool:
+        """Whether the weight form needs a bias on a writer that has none (a constant added to
+        the output, as steering does); the weight store then creates a zero bias first."""
+        return False
+
 
 class Edit(ABC):
     """A change of a model's residual writers (see the module docstring)."""
@@ -176,7 +181,16 @@ class Edit(ABC):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in self.tensors().items():
+            t = v.detach().cpu().contiguous()
+            # safetensors refuses tensors sharing memory (one direction set in two steerings
+            # of a composite): such a tensor is written as a copy.
+            if t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[k] = t
         write_bytes(d / TENSORS_FILE, save(tensors))
         write_json(d / EDIT_FILE, self.to_dict())
 

@@ -21,7 +21,7 @@ from abliterate.core.finite import first_nonfinite
 from abliterate.errors import NonFiniteError, UnsupportedArchitectureError
 from abliterate.model.anatomy import Anatomy, Writer, anatomy_of, canonical
 from abliterate.model.devices import bake_blockers
-from abliterate.model.stores import ModuleStore, WeightStore
+from abliterate.model.stores import BiasStore, ModuleStore, WeightStore
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,6 +62,25 @@ def _rewrite(weight: torch.Tensor, edits: list[WriterEdit], chunk: int | None) -
         cols.copy_(edited.to(cols.dtype))
 
 
+def _ensure_bias(store: WeightStore, writer: Writer, d_model: int) -> None:
+    """Create a zero bias on ``writer`` when an edit adds a constant to its output and it has
+    none, or say why that is impossible."""
+    if writer.bias is not None and store.has(writer.bias):
+        return
+    if writer.bias is None or writer.expert is not None:
+        raise ValueError(
+            f"{writer.name} cannot carry an output bias, so a constant added to its output "
+            "cannot be baked into the weights; apply the edit with hooks instead"
+        )
+    if not isinstance(store, BiasStore):
+        raise ValueError(
+            f"{writer.name} has no bias and {type(store).__name__} cannot create one, so a "
+            "constant added to its output cannot be baked into these weights; apply the edit "
+            "with hooks, or bake it into the in-memory model"
+        )
+    store.create_bias(writer.bias, d_model, like=writer.tensor)
+
+
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     # An edited weight with a NaN would be evaluated as garbage and exported as such.
     if first_nonfinite([(name, tensor)]) is not None:
@@ -80,7 +99,8 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     model) ever keeps a NaN that an edit produced.
 
     Raises:
-        ValueError: the edit does not fit the model's shape.
+        ValueError: the edit does not fit the model's shape, or adds a constant to the output
+            of a writer that has no bias and cannot be given one (checked before any write).
         NonFiniteError: the edit produced NaN or infinite values in a tensor (named).
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
@@ -93,6 +113,8 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
             continue
         stored = store.locate(writer)
         weights.setdefault(stored.tensor, []).append((stored, edits))
+        if any(e.needs_bias() for e in edits):
+            _ensure_bias(store, stored, anatomy.d_model)
         if stored.bias is not None and store.has(stored.bias):
             biases.setdefault(stored.bias, []).append((stored, edits))
         summary.writers_by_role[writer.role] = summary.writers_by_role.get(writer.role, 0) + 1
