@@ -102,6 +102,16 @@ class DirectionCombineConfig(Options):
     overwrite: bool = Field(False, description="Replace --out if it exists.")
 
 
+def _refuse_quantized(config: ModelOptions, change: str) -> None:
+    """Commands that change full-precision weights cannot run on a --load-in model."""
+    if config.load_in is not None:
+        raise problem(
+            f"{change} the model's full-precision weights, which a --load-in {config.load_in} "
+            "model does not hold; load it unquantized (--device-map auto spreads it over the "
+            "devices)."
+        )
+
+
 class SteerConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, ModelOptions):
     """Configuration of ``abliterate steer``: add (or remove) a direction, sweep its strength,
     evaluate, and export it as an edit, a llama.cpp control vector and optionally a model."""
@@ -166,12 +176,7 @@ class SteerConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, Mo
 
     @model_validator(mode="after")
     def _full_precision(self) -> SteerConfig:
-        if self.load_in is not None:
-            raise problem(
-                "steer bakes the steering into the model's full-precision weights, which a "
-                f"--load-in {self.load_in} model does not hold; load it unquantized "
-                "(--device-map auto spreads it over the devices)."
-            )
+        _refuse_quantized(self, "steer bakes the steering into")
         return self
 
 
@@ -227,10 +232,5 @@ class DetoxConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, Mo
 
     @model_validator(mode="after")
     def _full_precision(self) -> DetoxConfig:
-        if self.load_in is not None:
-            raise problem(
-                f"detox tunes the model's full-precision weights, which a --load-in "
-                f"{self.load_in} model does not hold; load it unquantized (--device-map auto "
-                "spreads it over the devices)."
-            )
+        _refuse_quantized(self, "detox tunes")
         return self
