@@ -190,16 +190,6 @@ class Steering(Edit):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Steering:
-        meta = data["directions"]
-        directions = DirectionSet(
-            vectors=tensors["vectors"],
-            layers=tuple(meta["layers"]),
-            site=meta["site"],
-            scales=tuple(meta["scales"]),
-            model=meta["model"],
-            revision=meta["revision"],
-            dataset_hashes=dict(meta["dataset_hashes"]),
-            description=meta.get("description", ""),
-        )
+        directions = DirectionSet.from_record(tensors["vectors"], data["directions"])
         layers = data.get("layers")
         return cls(directions, float(data["strength"]), None if layers is None else tuple(layers))
