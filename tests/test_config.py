@@ -46,12 +46,13 @@ EVALUATE_DEFAULTS = {
     "eval_harmful": None, "eval_harmless": None, "over_refusal": None, "prompt_column": None,
     "system_prompt": None, "n_eval": None, "judge": "markers", "benchmarks": [],
     "benchmark_limit": None, "batch_size": 32, "max_new_tokens": 64, "kl_tokens": 16,
-    "n_examples": 4, "seed": 0,
+    "n_examples": 4, "seed": 0, "steer": None, "strength": 1.0, "steer_layers": [],
 }  # fmt: skip
 CHAT_DEFAULTS = {
     "model": "m", "revision": None, "device": "auto", "dtype": "auto",
     "trust_remote_code": False, "baseline": None, "system_prompt": None,
-    "max_new_tokens": 256, "temperature": None,
+    "max_new_tokens": 256, "temperature": None, "steer": None, "strength": 1.0,
+    "steer_layers": [],
 }  # fmt: skip
 
 

@@ -68,10 +68,10 @@ def test_load_refuses_another_kind_and_unreadable_directories(tmp_path: Path) ->
         Ablation.load(tmp_path / "composite")
     with pytest.raises(ValueError, match="holds a 'directional_ablation' edit, not a 'composite'"):
         Composite.load(tmp_path / "ablation")
-    with pytest.raises(ValueError, match=r"unknown edit kind 'steering'.*directional_ablation"):
-        edit_from_dict({"kind": "steering"}, {})
+    with pytest.raises(ValueError, match=r"unknown edit kind 'unknown_kind'.*directional_ablation"):
+        edit_from_dict({"kind": "unknown_kind"}, {})
     (tmp_path / "odd").mkdir()
-    (tmp_path / "odd" / "edit_spec.json").write_text('{"kind": "steering"}')
+    (tmp_path / "odd" / "edit_spec.json").write_text('{"kind": "unknown_kind"}')
     with pytest.raises(ValueError, match="unknown edit kind"):
         load_edit(tmp_path / "odd")
     (tmp_path / "odd" / "edit_spec.json").write_text("[1, 2]")

@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ from abliterate import __version__
 from abliterate.config import (
     ApplyConfig,
     ChatConfig,
+    DetoxConfig,
+    DirectionCombineConfig,
+    DirectionConfig,
     EvaluateConfig,
     FilterDatasetConfig,
     HealConfig,
@@ -48,6 +51,7 @@ from abliterate.config import (
     ReportConfig,
     RunConfig,
     SftConfig,
+    SteerConfig,
     load_config,
     option_name,
 )
@@ -83,6 +87,34 @@ def _cmd_chat(config: ChatConfig, _inputs: Sequence[Path]) -> int:
         and sys.stdout.isatty()
     )
     return chat(config, interactive=interactive)
+
+
+def _cmd_direction(config: DirectionConfig, inputs: Sequence[Path]) -> int:
+    from abliterate.commands.direction import direction
+
+    direction(config, extra_inputs=inputs)
+    return 0
+
+
+def _cmd_direction_combine(config: DirectionCombineConfig, inputs: Sequence[Path]) -> int:
+    from abliterate.commands.direction import combine
+
+    combine(config, extra_inputs=inputs)
+    return 0
+
+
+def _cmd_steer(config: SteerConfig, inputs: Sequence[Path]) -> int:
+    from abliterate.commands.steer import steer
+
+    steer(config, extra_inputs=inputs)
+    return 0
+
+
+def _cmd_detox(config: DetoxConfig, inputs: Sequence[Path]) -> int:
+    from abliterate.commands.detox import detox
+
+    detox(config, extra_inputs=inputs)
+    return 0
 
 
 def _cmd_apply(config: ApplyConfig, _inputs: Sequence[Path]) -> int:
@@ -129,13 +161,15 @@ def _cmd_report(config: ReportConfig, _inputs: Sequence[Path]) -> int:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its config class, the function that runs it, and its one-paragraph help."""
+    """A subcommand: its config class, the function that runs it, its one-paragraph help, and
+    the commands nested under it (``direction combine``), which take their own options."""
 
     config: type[Options]
     # Runs the command with its config and the files the command line read besides the
     # config's own inputs (the --config file), which outputs must not overwrite.
     func: Callable[[Any, Sequence[Path]], int]
     help: str
+    subcommands: Mapping[str, Command] = field(default_factory=dict)
 
 
 COMMANDS: dict[str, Command] = {
@@ -164,6 +198,35 @@ COMMANDS: dict[str, Command] = {
         _cmd_chat,
         "Chat in the terminal with an edited model and its original; their answers stream "
         "side by side.",
+    ),
+    "direction": Command(
+        DirectionConfig,
+        _cmd_direction,
+        "Compute a behaviour direction per layer from two prompt sets (--positive minus "
+        "--negative; read at the responses' tokens when the sets have responses) and save it as "
+        "a direction set; 'direction combine' adds, subtracts, scales and normalizes saved sets.",
+        {
+            "combine": Command(
+                DirectionCombineConfig,
+                _cmd_direction_combine,
+                "Combine saved direction sets: a sum of NUMBER*FILE terms, optionally normalized "
+                "or restricted to some layers, saved as a new direction set.",
+            )
+        },
+    ),
+    "steer": Command(
+        SteerConfig,
+        _cmd_steer,
+        "Steer MODEL with a direction (add it, or --remove it): measure a metric against "
+        "strength (--sweep), evaluate the steered model against the unsteered one, and export "
+        "the edit, a llama.cpp control vector and optionally the baked model.",
+    ),
+    "detox": Command(
+        DetoxConfig,
+        _cmd_detox,
+        "Detoxify MODEL by knowledge editing (DINM): per instance, locate the toxic layer and "
+        "tune its MLP output projection on a safe answer with a KL constraint; evaluate "
+        "SafeEdit-style before and after, and save the learned weight delta and the model.",
     ),
     "apply": Command(
         ApplyConfig,
@@ -235,18 +298,23 @@ class _Root(BaseSettings):
 @cache
 def _root_model() -> type[BaseSettings]:
     """The CLI's model: one subcommand field per command, each with the command's options."""
-    subcommand: Any = (
-        CliSubCommand  # applied to classes built at run time, which mypy cannot follow
-    )
+    return create_model("abliterate", __base__=_Root, __doc__=_Root.__doc__,
+                        **_command_fields(COMMANDS, "abliterate"))  # fmt: skip
+
+
+def _command_fields(commands: Mapping[str, Command], prefix: str) -> dict[str, Any]:
+    """One subcommand field per command, each with its options and its own subcommands."""
+    subcommand: Any = CliSubCommand  # applied to classes built at run time
     fields: dict[str, Any] = {}
-    for name, command in COMMANDS.items():
+    for name, command in commands.items():
         options = create_model(
-            f"abliterate {name}",
+            f"{prefix} {name}",
             __base__=(command.config, CommandLineOptions),
             __doc__=f"{command.help}\n\n{_SOURCES}",
+            **_command_fields(command.subcommands, f"{prefix} {name}"),
         )
         fields[name] = (subcommand[options], Field(description=command.help))
-    return create_model("abliterate", __base__=_Root, __doc__=_Root.__doc__, **fields)
+    return fields
 
 
 def _parser_source() -> CliSettingsSource[argparse.ArgumentParser]:
@@ -324,14 +392,25 @@ def parse_command(argv: Sequence[str], environ: Mapping[str, str] | None = None)
         raise ConfigError(
             f"choose a command: {', '.join(COMMANDS)} (abliterate --help describes them)."
         )
-    values = dict(parsed[name])
+    command, values = COMMANDS[name], dict(parsed[name])
+    for sub, nested in command.subcommands.items():
+        chosen = values.pop(sub, None)
+        if chosen is not None:
+            name, command, values = f"{name} {sub}", nested, dict(chosen)
+            break
     extra = CommandLineOptions(
         config=values.pop("config", None), verbose=values.pop("verbose", False)
     )
     config = load_config(
-        COMMANDS[name].config, command_line=values, config_file=extra.config, environ=environ
+        command.config, command_line=values, config_file=extra.config, environ=environ
     )
     return Invocation(name, config, extra.verbose, extra.config)
+
+
+def command_of(name: str) -> Command:
+    """The command called ``name`` (``"direction combine"`` for a nested one)."""
+    head, _, sub = name.partition(" ")
+    return COMMANDS[head].subcommands[sub] if sub else COMMANDS[head]
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -372,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         invocation = parse_command(argv, os.environ)
         _configure_logging(invocation.verbose)
         inputs = [invocation.config_file] if invocation.config_file is not None else []
-        return int(COMMANDS[invocation.command].func(invocation.config, inputs))
+        return int(command_of(invocation.command).func(invocation.config, inputs))
     except AbliterateError as exc:
         # One line, whatever the message holds (a path or a value may carry a newline).
         print(f"abliterate: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)

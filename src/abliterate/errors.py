@@ -72,6 +72,11 @@ class ReportError(AbliterateError):
     """A ``report.json`` or ``scores.json`` is missing, malformed, or of an unknown version."""
 
 
+class EditError(AbliterateError):
+    """An edit cannot be applied, baked or exported as asked (the message says why and what
+    works instead)."""
+
+
 class ExportError(AbliterateError):
     """An edit or a model cannot be written in the requested format: an unsupported family or
     tokenizer, a GGUF type that cannot be requantized, an edit that is not low-rank."""

@@ -8,6 +8,9 @@ and transcripts.
 
 Commands: ``/reset`` clears both histories, ``/quit`` (or EOF, or Ctrl-C at the prompt) ends
 the session; Ctrl-C while the models answer stops the answers and drops that turn.
+
+``--steer FILE --strength S`` steers the edited model (the first column) for the whole session
+with hooks (:mod:`abliterate.edit.steering`); the original answers unsteered beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from abliterate.config import ChatConfig
 from abliterate.data.chat import format_chat, format_messages
+from abliterate.edit.hooks import edit_hooks
+from abliterate.edit.steering import read_directions, require_targets
 from abliterate.errors import ModelLoadError
+from abliterate.model.anatomy import anatomy_of
 from abliterate.model.loading import context_limit, load_model
 
 if TYPE_CHECKING:
@@ -291,6 +297,16 @@ def _read(console: Console | None, prompt: str) -> str:
     return console.input(prompt)
 
 
+def steered(config: ChatConfig, side: ChatModel) -> contextlib.AbstractContextManager[Any]:
+    """``--steer``'s hooks on ``side``'s model (its label says so), or nothing."""
+    if config.steer is None:
+        return contextlib.nullcontext()
+    steering = read_directions(config.steer, config.strength, config.steer_layers or None)
+    require_targets(steering, anatomy_of(side.loaded.model))
+    side.label += f" · steered ×{config.strength:g}"
+    return edit_hooks(side.loaded.model, steering)
+
+
 def _too_long(sides: Sequence[ChatModel], user: str) -> str | None:
     """Why the conversation plus ``user`` cannot be answered (longer than a model's context),
     or None when it can."""
@@ -320,13 +336,20 @@ def chat(
         console: The rich console to draw on (default: a new one on stdout).
         sides: Already loaded models (default: :func:`load_sides` of ``config``).
     """
-    from rich.console import Console
-    from rich.text import Text
-
     if sides is None:
         if sys.stdin is None or sys.stdin.closed:
             return 0  # nothing will ever be read: do not load the models for nothing
         sides = load_sides(config)
+    with steered(config, sides[0]):
+        return _chat_loop(config, interactive, console, sides)
+
+
+def _chat_loop(
+    config: ChatConfig, interactive: bool, console: Console | None, sides: Sequence[ChatModel]
+) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
     for side in sides:
         # Fail now, with the usual one-line error, if a model cannot be prompted at all.
         format_chat(side.loaded.tokenizer, ["hello"], config.system_prompt, config.thinking)

@@ -26,6 +26,12 @@ Invalid values raise :class:`~abliterate.errors.ConfigError` with one line of te
 This module is imported by ``abliterate --help``: it must not import torch or transformers.
 """
 
+from abliterate.config.alignment import (
+    DetoxConfig,
+    DirectionCombineConfig,
+    DirectionConfig,
+    SteerConfig,
+)
 from abliterate.config.messages import describe_errors, option_name
 from abliterate.config.options import (
     ApplyConfig,
@@ -45,6 +51,7 @@ from abliterate.config.options import (
     RunConfig,
     SearchOptions,
     SelectionOptions,
+    SteerHookOptions,
     ThinkingOptions,
     to_dict,
 )
@@ -62,6 +69,9 @@ __all__ = [
     "ApplyConfig",
     "BaselineCacheOptions",
     "ChatConfig",
+    "DetoxConfig",
+    "DirectionCombineConfig",
+    "DirectionConfig",
     "EvalOptions",
     "EvalPromptOptions",
     "EvaluateConfig",
@@ -80,6 +90,8 @@ __all__ = [
     "SearchOptions",
     "SelectionOptions",
     "SftConfig",
+    "SteerConfig",
+    "SteerHookOptions",
     "ThinkingOptions",
     "TrainOptions",
     "describe_errors",

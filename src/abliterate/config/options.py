@@ -15,6 +15,7 @@ from abliterate.config.values import (
     DeviceMap,
     FiniteFloat,
     Index,
+    Indices,
     MaxMemory,
     Names,
     PathOption,
@@ -372,7 +373,8 @@ class EvalOptions(Options):
 
 
 class BaselineCacheOptions(Options):
-    """Whether the unedited model's evaluation is reused between runs (``run``, ``evaluate``)."""
+    """Whether the unedited model's evaluation is reused between runs (``run``, ``evaluate``,
+    ``steer`` and ``detox``)."""
 
     baseline_cache: bool = Field(
         True,
@@ -393,6 +395,25 @@ class OutputOptions(Options):
     # torch.manual_seed takes at most 64 bits; a larger seed would fail only after the model load.
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = Field(
         0, description="Random seed (used by torch; selection and generation are greedy)."
+    )
+
+
+class SteerHookOptions(Options):
+    """Steering applied with hooks while a model answers (``chat``, ``evaluate``)."""
+
+    steer: PathOption | None = Field(
+        None,
+        description="Steer the model while it runs (hooks; its weights are not changed): a "
+        "direction set written by 'abliterate direction', or a run's direction.safetensors (the "
+        "refusal direction, added back at its layer).",
+    )
+    strength: FiniteFloat = Field(
+        1.0,
+        description="Strength of --steer: the direction's vectors are multiplied by it (0: no "
+        "change; negative: the opposite behaviour).",
+    )
+    steer_layers: Indices = Field(
+        (), description="Layers --steer adds at (default: every layer of the direction set)."
     )
 
 
@@ -497,6 +518,7 @@ class EvaluateConfig(
     EvalOptions,
     ThinkingOptions,
     EvalPromptOptions,
+    SteerHookOptions,
     ModelOptions,
 ):
     """Configuration of ``abliterate evaluate``: measure a model, optionally against a baseline."""
@@ -539,7 +561,7 @@ class EvaluateConfig(
     batch_size: Count = Field(32, description="Prompts per forward pass.")
 
 
-class ChatConfig(ThinkingOptions, ModelOptions):
+class ChatConfig(ThinkingOptions, SteerHookOptions, ModelOptions):
     """Configuration of ``abliterate chat``: an edited model and its original, side by side."""
 
     model: CliPositionalArg[Text] = Field(

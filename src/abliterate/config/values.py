@@ -161,3 +161,21 @@ MaxMemory = Annotated[str, AfterValidator(_no_nul), AfterValidator(_check_max_me
 """``--max-memory``: checked by :func:`parse_max_memory`, kept as written."""
 Names = CliVariadicArg[Annotated[tuple[Text, ...], BeforeValidator(_split_names)]]
 """A list of names: comma- or space-separated text, or a TOML/JSON list."""
+
+
+def _split_numbers(value: Any) -> Any:
+    """``"1,2"``, ``"1 2"``, ``["1", "2,3"]`` -> ``("1", "2", "3")`` for the number check; lists
+    of numbers (config files) pass as tuples."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        return value
+    if not all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return tuple(part for item in value for part in re.split(r"[,\s]+", item) if part)
+
+
+Indices = CliVariadicArg[Annotated[tuple[Index, ...], BeforeValidator(_split_numbers)]]
+"""Layer numbers: a list (``10 11 12``, ``10,11,12`` or a TOML/JSON list); may be empty."""
+Strengths = CliVariadicArg[Annotated[tuple[FiniteFloat, ...], BeforeValidator(_split_numbers)]]
+"""Finite numbers: a list (``-2 0 2 4``, ``0,2`` or a TOML/JSON list); may be empty."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -423,6 +423,12 @@ class DirectionSet:
                 f"{path} has unknown format {meta.get('format')!r} (this version reads "
                 f"{_SET_FORMAT})"
             )
+        return cls.from_record(vectors, meta)
+
+    @classmethod
+    def from_record(cls, vectors: torch.Tensor, meta: Mapping[str, Any]) -> DirectionSet:
+        """The set of ``vectors`` described by ``meta`` (the metadata its file or an edit's
+        record stores: layers, site, scales, provenance)."""
         return cls(
             vectors=vectors,
             layers=tuple(meta["layers"]),

@@ -107,8 +107,18 @@ class WriterEdit(ABC):
     def needs_bias(self) -> bool:
         """Whether the weight form of a linear writer must change its bias even where the hook
         adds nothing to a zero bias: the edit adds a constant to the writer's output, which
-        only a bias can hold (:func:`abliterate.edit.weights.apply_edit` refuses writers without
-        one, so hooks and weights never disagree silently)."""
+        only a bias can hold. A writer without one is refused before anything changes
+        (:func:`abliterate.edit.weights.planned_edits`), so hooks and weights never disagree
+        silently, unless :attr:`creates_bias` allows a zero bias to be created for it."""
+        return False
+
+    @property
+    def creates_bias(self) -> bool:
+        """Whether, for :attr:`needs_bias`, a writer that has no bias may be given a zero one
+        by a weight store that can create it (the in-memory model: steering, whose ``steer``
+        command declares the created biases in an exported config,
+        :mod:`abliterate.edit.biases`). False (affine ablation) refuses such writers instead,
+        as every other store does (LoRA, GGUF, streamed checkpoints)."""
         return False
 
 
@@ -184,7 +194,16 @@ class Edit(ABC):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in self.tensors().items():
+            t = v.detach().cpu().contiguous()
+            # safetensors refuses tensors sharing memory (one direction set in two steerings
+            # of a composite): such a tensor is written as a copy.
+            if t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[k] = t
         write_bytes(d / TENSORS_FILE, save(tensors))
         write_json(d / EDIT_FILE, self.to_dict())
 

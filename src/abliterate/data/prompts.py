@@ -1,7 +1,9 @@
 """Prompt sets: built-in instruction sets, loaders for user data, chat formatting and batching.
 
 The package ships project-written harmful, harmless and over-refusal instruction sets with fixed
-train / val / eval splits (``prompt_data/*.jsonl``), so the tool works offline. The harmless
+train / val / eval splits (``prompt_data/*.jsonl``), so the tool works offline, and two style
+sets whose prompts come with answers (``terse`` and ``verbose``: the same questions answered in a
+few words and at length) for behaviour directions read at the response tokens. The harmless
 set's train split is short English requests on 12 topics, in the style of the harmful ones, so
 that the difference of their means is about harm and not about style; its val and eval splits
 are instructions as users write them, in 12 style categories (multi-part requests, code to
@@ -9,7 +11,8 @@ write, fix or explain, formatting, rewriting, creative writing, role-play, summa
 passage, advice, and requests in 12 other languages), so that the damage selection and search
 minimise, and the damage reported, is measured where users live. User sets come
 from ``.txt`` (one prompt a line), ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files or hub
-datasets written ``hf:ORG/NAME[:split[:column]]``.
+datasets written ``hf:ORG/NAME[:split[:column]]``; a ``response`` column, when a file has one,
+gives each prompt its answer. ``builtin:NAME[:split]`` names a shipped set.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from typing import Any, Literal
 
 from abliterate.errors import PromptSetError
 
-BuiltinKind = Literal["harmful", "harmless", "over_refusal"]
+BuiltinKind = Literal["harmful", "harmless", "over_refusal", "terse", "verbose"]
+BUILTIN_SETS: tuple[BuiltinKind, ...] = ("harmful", "harmless", "over_refusal", "terse", "verbose")
 Split = Literal["train", "val", "eval", "all"]
 
 # Column names tried, in order, when a file's prompt column is not given.
+RESPONSE_COLUMN = "response"  # only this exact name: other files' "answer" columns stay data
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "behavior", "question", "query", "text", "input")
 
 
@@ -40,17 +45,22 @@ class PromptSet:
         name: Where the set came from (``builtin:harmful:train``, a path, ``hf:...``).
         prompts: The instructions.
         categories: One category per prompt, or None when the source has none.
+        responses: One answer per prompt, or None: directions from a set with answers are read
+            at the answers' tokens.
     """
 
     name: str
     prompts: tuple[str, ...]
     categories: tuple[str, ...] | None = None
+    responses: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise PromptSetError(f"prompt set '{self.name}' is empty.")
         if self.categories is not None and len(self.categories) != len(self.prompts):
             raise ValueError("categories must have one entry per prompt")
+        if self.responses is not None and len(self.responses) != len(self.prompts):
+            raise ValueError("responses must have one entry per prompt")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -62,7 +72,20 @@ class PromptSet:
         for p in self.prompts:
             h.update(p.encode("utf-8"))
             h.update(b"\0")
+        # Sets without answers keep the hash they always had.
+        for r in self.responses or ():
+            h.update(r.encode("utf-8"))
+            h.update(b"\1")
         return h.hexdigest()
+
+    def _subset(self, name: str, picked: Sequence[int]) -> PromptSet:
+        def pick(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+            return None if values is None else tuple(values[i] for i in picked)
+
+        return PromptSet(
+            name, tuple(self.prompts[i] for i in picked), pick(self.categories),
+            pick(self.responses),
+        )  # fmt: skip
 
     def spread(self, n: int | None) -> PromptSet:
         """At most ``n`` prompts taken round-robin across categories, in order within each.
@@ -81,35 +104,51 @@ class PromptSet:
                 if queue and len(picked) < n:
                     picked.append(queue.pop(0))
         picked.sort()
-        return PromptSet(
-            f"{self.name}[spread:{n}]",
-            tuple(self.prompts[i] for i in picked),
-            tuple(self.categories[i] for i in picked),
-        )
+        return self._subset(f"{self.name}[spread:{n}]", picked)
 
     def head(self, n: int | None) -> PromptSet:
         """The first ``n`` prompts (all of them when ``n`` is None or larger than the set)."""
         if n is None or n >= len(self.prompts):
             return self
-        cats = self.categories[:n] if self.categories is not None else None
-        return PromptSet(f"{self.name}[:{n}]", self.prompts[:n], cats)
+        return self._subset(f"{self.name}[:{n}]", range(n))
 
 
 def builtin(kind: BuiltinKind, split: Split = "all") -> PromptSet:
     """A built-in prompt set, optionally restricted to one split.
 
-    The over-refusal set has no splits: it is only ever used for evaluation.
+    The over-refusal set has no splits: it is only ever used for evaluation; the style sets
+    (``terse``, ``verbose``) have answers and no splits.
+
+    Raises:
+        PromptSetError: there is no such set, or the split is empty.
     """
+    if kind not in BUILTIN_SETS:
+        raise PromptSetError(
+            f"there is no built-in prompt set '{kind}'; built-in sets: {', '.join(BUILTIN_SETS)}."
+        )
     path = resources.files("abliterate.data") / "prompt_data" / f"{kind}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     if split != "all":
         rows = [r for r in rows if r.get("split") == split]
     rows = _interleave_categories(rows)
+    responses = None
+    if rows and RESPONSE_COLUMN in rows[0]:
+        responses = tuple(str(r[RESPONSE_COLUMN]) for r in rows)
     return PromptSet(
         name=f"builtin:{kind}:{split}",
         prompts=tuple(r["prompt"] for r in rows),
         categories=tuple(r.get("category", "") for r in rows),
+        responses=responses,
     )
+
+
+def _load_builtin(spec: str) -> PromptSet:
+    """``builtin:NAME[:split]`` as a prompt source."""
+    name, _, split = spec.partition(":")
+    splits = ("train", "val", "eval", "all")
+    if split and split not in splits:
+        raise PromptSetError(f"'builtin:{spec}': the split must be one of {', '.join(splits)}.")
+    return builtin(name, split or "all")  # type: ignore[arg-type]
 
 
 def _interleave_categories(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -217,7 +256,15 @@ def _rows_to_set(
         raise PromptSetError(
             f"prompt file {name} has no non-empty prompts in column {_show(col)!r}."
         )
-    return PromptSet(name, tuple(prompts), cats)
+    responses = None
+    if RESPONSE_COLUMN in rows[0]:
+        responses = tuple(str(r.get(RESPONSE_COLUMN) or "").strip() for r in rows)
+        if len(prompts) != len(rows) or not all(responses):
+            raise PromptSetError(
+                f"prompt file {name} has a '{RESPONSE_COLUMN}' column, but not every row has "
+                "both a prompt and a response."
+            )
+    return PromptSet(name, tuple(prompts), cats, responses)
 
 
 def _read_txt(path: Path, column: str | None) -> PromptSet:
@@ -295,7 +342,8 @@ _READERS: dict[str, Callable[[Path, str | None], PromptSet]] = {
 
 
 def load_prompts(source: str, column: str | None = None) -> PromptSet:
-    """Load a prompt set from a file path or ``hf:ORG/NAME[:split[:column]]``.
+    """Load a prompt set from a file path, ``hf:ORG/NAME[:split[:column]]`` or
+    ``builtin:NAME[:split]``.
 
     A file holds prompts as ``.txt`` lines, or as strings or objects (with a prompt column) in
     ``.jsonl``, ``.json``, ``.csv`` or ``.parquet``; prompts must be text.
@@ -306,6 +354,8 @@ def load_prompts(source: str, column: str | None = None) -> PromptSet:
     """
     if source.startswith("hf:"):
         return _load_hub(source[3:], column)
+    if source.startswith("builtin:"):
+        return _load_builtin(source[len("builtin:") :])
     path = Path(source)
     if not path.is_file():
         raise PromptSetError(f"prompt file {path} does not exist.")

@@ -125,8 +125,10 @@ def apply_gguf(edit: Edit, src: Path, out: Path, row_chunk: int = ROW_CHUNK) -> 
 
     Raises:
         ExportError: an edit that must go into the adapter is not low-rank; ``out`` is ``src``.
-        ValueError: the edit does not fit the model's shape.
-        UnsupportedArchitectureError: the edit adds a constant to a writer without a bias.
+        ValueError: the edit does not fit the model's shape, or adds a constant (steering) to a
+            writer without a bias, which only a model baked in memory can be given.
+        UnsupportedArchitectureError: the edit (affine) adds a constant to a writer without a
+            bias.
     """
     store = GGUFStore(src)
     anatomy = store.anatomy()

@@ -158,8 +158,10 @@ def lora_from_edit(
 
     Raises:
         ExportError: the edit is not low-rank.
-        ValueError: the edit does not fit the model's shape.
-        UnsupportedArchitectureError: the edit adds a constant to a writer without a bias.
+        ValueError: the edit does not fit the model's shape, or adds a constant (steering) to a
+            writer without a bias, which only a model baked in memory can be given.
+        UnsupportedArchitectureError: the edit (affine) adds a constant to a writer without a
+            bias.
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
     adapter = LoraAdapter(base_model=base_model, revision=revision)

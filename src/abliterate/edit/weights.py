@@ -21,7 +21,7 @@ from abliterate.core.finite import first_nonfinite
 from abliterate.errors import NonFiniteError, UnsupportedArchitectureError
 from abliterate.model.anatomy import Anatomy, Writer, anatomy_of, canonical
 from abliterate.model.devices import bake_blockers
-from abliterate.model.stores import ModuleStore, WeightStore
+from abliterate.model.stores import BiasStore, ModuleStore, WeightStore
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,6 +62,34 @@ def _rewrite(weight: torch.Tensor, edits: list[WriterEdit], chunk: int | None) -
         cols.copy_(edited.to(cols.dtype))
 
 
+def _check_bias(store: WeightStore, writer: Writer, edits: list[WriterEdit], create: bool) -> bool:
+    """Whether ``writer`` (as ``store`` names it) needs a zero bias created before ``edits``
+    are written: they add a constant to its output (:attr:`~abliterate.core.edits.WriterEdit.
+    needs_bias`) and it has no bias. Raises when that bias cannot or may not be created."""
+    has_bias = writer.bias is not None and store.has(writer.bias)
+    needing = [e for e in edits if e.needs_bias]
+    if has_bias or writer.role == "embedding" or not needing:
+        return False
+    if not all(e.creates_bias for e in needing):
+        raise UnsupportedArchitectureError(
+            f"the edit adds a constant to the output of {writer.tensor}, which has no bias "
+            "to hold it (affine mode needs writers with biases); use another edit mode."
+        )
+    if writer.bias is None or writer.expert is not None:
+        raise ValueError(
+            f"{writer.name} cannot carry an output bias, so a constant added to its output "
+            "cannot be baked into the weights; apply the edit with hooks instead"
+        )
+    if not create or not isinstance(store, BiasStore):
+        raise ValueError(
+            f"{writer.name} has no bias, and a constant added to its output can be baked only "
+            "into an in-memory model (given a zero bias first), not through "
+            f"{type(store).__name__} here; apply the edit with hooks, or bake it into the "
+            "in-memory model"
+        )
+    return True
+
+
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     # An edited weight with a NaN would be evaluated as garbage and exported as such.
     if first_nonfinite([(name, tensor)]) is not None:
@@ -72,24 +100,25 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 def planned_edits(
-    edit: Edit, store: WeightStore, anatomy: Anatomy
+    edit: Edit, store: WeightStore, anatomy: Anatomy, *, create_biases: bool = False
 ) -> list[tuple[Writer, list[WriterEdit]]]:
     """Every writer of ``anatomy`` with its :class:`~abliterate.core.edits.WriterEdit` list
     (empty: unchanged), checked before any is written, so that a refused edit changes nothing.
 
+    Args:
+        create_biases: The caller creates a zero bias (:class:`~abliterate.model.stores.
+            BiasStore`) on writers without one whose edits add a constant and allow it
+            (:attr:`~abliterate.core.edits.WriterEdit.creates_bias`: steering);
+            :func:`apply_edit` does. Without it such writers are refused too.
+
     Raises:
         UnsupportedArchitectureError: the edit adds a constant to a writer that has no bias
-            (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`).
+            and the edit does not allow one to be created (affine ablation).
+        ValueError: it allows one, but this writer or store cannot have one created.
     """
     planned = [(w, edit.writer_edits(writer_info(w, store, anatomy))) for w in anatomy.writers]
     for writer, edits in planned:
-        bias = store.locate(writer).bias
-        has_bias = bias is not None and store.has(bias)
-        if not has_bias and writer.role != "embedding" and any(e.needs_bias for e in edits):
-            raise UnsupportedArchitectureError(
-                f"the edit adds a constant to the output of {writer.tensor}, which has no bias "
-                "to hold it (affine mode needs writers with biases); use another edit mode."
-            )
+        _check_bias(store, store.locate(writer), edits, create_biases)
     return planned
 
 
@@ -102,13 +131,15 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
     model) ever keeps a NaN that an edit produced.
 
     Raises:
-        ValueError: the edit does not fit the model's shape.
+        ValueError: the edit does not fit the model's shape, or adds a constant to the output
+            of a writer that has no bias and cannot be given one (checked before any write).
         NonFiniteError: the edit produced NaN or infinite values in a tensor (named).
         UnsupportedArchitectureError: the edit adds a constant to a writer that has no bias
-            (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`); nothing is changed.
+            (:attr:`~abliterate.core.edits.WriterEdit.needs_bias`) and may not be given one
+            (affine ablation; steering's get a zero bias created first); nothing is changed.
     """
     edit.check(anatomy.d_model, anatomy.n_layers)
-    planned = planned_edits(edit, store, anatomy)
+    planned = planned_edits(edit, store, anatomy, create_biases=True)
     summary = EditSummary()
     weights: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
     biases: dict[str, list[tuple[Writer, list[WriterEdit]]]] = {}
@@ -117,6 +148,9 @@ def apply_edit(edit: Edit, store: WeightStore, anatomy: Anatomy) -> EditSummary:
             continue
         stored = store.locate(writer)
         weights.setdefault(stored.tensor, []).append((stored, edits))
+        if _check_bias(store, stored, edits, create=True):
+            assert isinstance(store, BiasStore) and stored.bias is not None
+            store.create_bias(stored.bias, anatomy.d_model, like=stored.tensor)
         if stored.bias is not None and store.has(stored.bias):
             biases.setdefault(stored.bias, []).append((stored, edits))
         summary.writers_by_role[writer.role] = summary.writers_by_role.get(writer.role, 0) + 1

@@ -12,7 +12,7 @@ directions beyond the mean difference
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -33,13 +33,49 @@ def _hidden(value: Any) -> torch.Tensor:
 
 
 @contextmanager
+def site_hooks(
+    arch: BoundAnatomy, sites: Sequence[Site], on_hidden: Callable[[int, int, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``on_hidden(layer, site_index, hidden)`` with every residual state ``(batch, pos,
+    d_model)`` at ``sites`` of every layer while active; the hooks are removed on exit."""
+    handles = []
+    try:
+        for i, layer in enumerate(arch.layers):
+            for s, site in enumerate(sites):
+                if site == "pre":
+
+                    def pre_hook(_m: Any, args: Any, kwargs: Any, i: int = i, s: int = s) -> None:
+                        on_hidden(i, s, args[0] if args else kwargs["hidden_states"])
+
+                    handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                elif site == "mid":
+
+                    def mid_hook(_m: Any, args: Any, i: int = i, s: int = s) -> None:
+                        on_hidden(i, s, args[0])
+
+                    mid = arch.mid_modules[i]
+                    if mid is None:
+                        raise ValueError(f"'{arch.anatomy.family}' layers have no 'mid' site")
+                    handles.append(mid.register_forward_pre_hook(mid_hook))
+                else:
+
+                    def post_hook(_m: Any, _a: Any, out: Any, i: int = i, s: int = s) -> None:
+                        on_hidden(i, s, _hidden(out))
+
+                    handles.append(layer.register_forward_hook(post_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def capture_last_token(
     arch: BoundAnatomy,
     sites: Sequence[Site],
     sink: torch.Tensor,
     keep: tuple[Site, torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """Add the last-token residual of each batch to ``sink[layer, site]`` while active.
 
     ``sink`` is ``(n_layers, len(sites), d_model)`` float64; hooks are removed on exit. The
@@ -47,7 +83,6 @@ def capture_last_token(
     padding). With ``keep = (site, rows)``, the batch's last-token residuals at that site are
     also written into ``rows[:, layer]`` (``rows``: ``(batch, n_layers, d_model)``, one batch).
     """
-    handles = []
     keep_index = sites.index(keep[0]) if keep is not None else -1
 
     def add(layer: int, site_index: int, hidden: torch.Tensor) -> None:
@@ -61,35 +96,7 @@ def capture_last_token(
         if keep is not None and site_index == keep_index:
             keep[1][:, layer] = last
 
-    try:
-        for i, layer in enumerate(arch.layers):
-            for s, site in enumerate(sites):
-                if site == "pre":
-
-                    def pre_hook(_m: Any, args: Any, kwargs: Any, i: int = i, s: int = s) -> None:
-                        hidden = args[0] if args else kwargs["hidden_states"]
-                        add(i, s, hidden)
-
-                    handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
-                elif site == "mid":
-
-                    def mid_hook(_m: Any, args: Any, i: int = i, s: int = s) -> None:
-                        add(i, s, args[0])
-
-                    mid = arch.mid_modules[i]
-                    if mid is None:
-                        raise ValueError(f"'{arch.anatomy.family}' layers have no 'mid' site")
-                    handles.append(mid.register_forward_pre_hook(mid_hook))
-                else:
-
-                    def post_hook(_m: Any, _a: Any, out: Any, i: int = i, s: int = s) -> None:
-                        add(i, s, _hidden(out))
-
-                    handles.append(layer.register_forward_hook(post_hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return site_hooks(arch, sites, add)
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -65,6 +65,23 @@ class CheckpointStore(WeightStore, Protocol):
         ...
 
 
+@runtime_checkable
+class BiasStore(WeightStore, Protocol):
+    """A store that can also give a writer a bias it does not have (all zeros), so that an
+    edit adding a constant to the writer's output (steering) can be baked.
+
+    The in-memory model can (:class:`ModuleStore`). A streamed safetensors checkpoint would
+    add the zero tensor to its output and declare it in ``config.json`` the way
+    :mod:`abliterate.edit.biases` does for exports; a GGUF file would add an ``F32`` tensor
+    named like the other biases of the architecture (``blk.N.ffn_down.bias``), which only
+    architectures whose llama.cpp graph reads that bias can use.
+    """
+
+    def create_bias(self, name: str, size: int, like: str) -> None:
+        """Create the zero ``(size,)`` tensor ``name`` with the dtype and device of ``like``."""
+        ...
+
+
 class ModuleStore:
     """The parameters of an in-memory model, edited in place.
 
@@ -100,6 +117,20 @@ class ModuleStore:
             self._untie(name, param)
             param = self.model.get_parameter(name)
         yield param.data
+
+    def create_bias(self, name: str, size: int, like: str) -> None:
+        """Give the module holding ``name`` a zero bias parameter (an ``nn.Linear`` built
+        without one then adds it in its forward pass)."""
+        import torch
+        from torch import nn
+
+        if self.has(name):
+            raise ValueError(f"{name} already exists")
+        weight = self.model.get_parameter(like)
+        module_path, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_path)
+        zeros = torch.zeros(size, dtype=weight.dtype, device=weight.device)
+        setattr(module, attr, nn.Parameter(zeros, requires_grad=weight.requires_grad))
 
     def _shared(self, name: str, param: nn.Parameter) -> bool:
         return any(

@@ -470,6 +470,67 @@ def strength_figure(report: Report) -> Figure | None:
         return _finish(fig, ax, "strengths", "Ablation strength by layer", caption)
 
 
+def steering_figure(report: Report) -> Figure | None:
+    """The steering metric against strength (``steer --sweep``), the evaluated strength ringed."""
+    steering = report.steering
+    if steering is None or not steering.sweep:
+        return None
+    points = sorted(steering.sweep, key=lambda p: p.strength)
+    with _canvas("steering_sweep", 3.6) as (fig, ax):
+        ax.plot(
+            [p.strength for p in points],
+            [p.value for p in points],
+            marker="o",
+            markersize=4,
+            linewidth=1.6,
+            color=PALETTE[0],
+            label=steering.metric,
+            gid="steering-sweep",
+        )
+        chosen = [p for p in points if p.strength == steering.strength]
+        for p in chosen:
+            _ring(ax, p.strength, p.value, f"evaluated: {p.strength:g}")
+        if steering.metric == "refusal":
+            ax.set_ylim(-0.02, 1.05)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_xlabel("strength" + (" (ablation)" if steering.mode == "remove" else ""))
+        ax.set_ylabel(steering.metric_unit)
+        caption = (
+            f"{steering.metric.capitalize()} ({steering.metric_unit}) of greedy answers to "
+            f"{steering.metric_prompts.n} prompts ({steering.metric_prompts.name}) at each "
+            f"strength; strength 0 is the model without steering."
+        )
+        return _finish(fig, ax, "steering_sweep", "Steering: metric against strength", caption)
+
+
+def detox_figure(report: Report) -> Figure | None:
+    """DINM's loss terms at every Adam step, instance after instance (``detox``)."""
+    detox = report.detox
+    if detox is None or not detox.records:
+        return None
+    records = detox.records if detox.mode == "sequence" else detox.records[:1]
+    nll = [v for r in records for v in r.nll]
+    kl = [v for r in records for v in r.kl]
+    with _canvas("detox_losses", 3.6) as (fig, ax):
+        steps = range(1, len(nll) + 1)
+        ax.plot(steps, nll, linewidth=1.4, color=PALETTE[0], label="safe answer NLL", gid="nll")
+        ax.plot(steps, kl, linewidth=1.4, color=PALETTE[1], label="knowledge KL", gid="kl")
+        for i in range(1, len(records)):
+            ax.axvline(i * detox.steps + 0.5, color=MUTED_COLOR, linewidth=0.6)
+        if min([*nll, *kl]) > 0:
+            _log_scale(ax, "y")
+        ax.set_xlabel("Adam step" + (" (instance after instance)" if len(records) > 1 else ""))
+        ax.set_ylabel("nats per token")
+        _legend_above(ax)
+        layers = sorted({r.layer for r in detox.records})
+        caption = (
+            f"DINM on {len(detox.records)} instances ({detox.mode}): the safe answer's negative "
+            f"log-likelihood and the KL on the general-knowledge answer at each step; tuned "
+            f"layers {', '.join(map(str, layers))}."
+        )
+        return _finish(fig, ax, "detox_losses", "Detoxification: DINM losses", caption)
+
+
 def all_figures(report: Report, scores: SelectionScores | None = None) -> list[Figure]:
     """Every figure the report's data supports, in reading order."""
     optional = [
@@ -481,5 +542,7 @@ def all_figures(report: Report, scores: SelectionScores | None = None) -> list[F
         *candidate_figures(scores),
         pareto_figure(report),
         strength_figure(report),
+        steering_figure(report),
+        detox_figure(report),
     ]
     return [rates_figure(report), *(f for f in optional if f is not None)]

@@ -54,6 +54,8 @@ def leaf(value: object) -> str:
 _SIDES = {
     "heal": ("before healing", "healed"),
     "sft": ("before", "fine-tuned"),
+    "detox": ("baseline", "detoxified"),
+    "steer": ("baseline", "steered"),
 }
 
 

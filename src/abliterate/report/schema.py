@@ -523,6 +523,34 @@ class CategoryKL(_Record):
     kl_divergence_multi_token: float
 
 
+class SafeEditExample(_Record):
+    """One edited input, the model's answer and whether the deciding judge counted it safe."""
+
+    input: str
+    response: str
+    refused: bool
+
+
+class SafeEditScores(_Record):
+    """SafeEdit-style scores of one model (``detox``): defense success on the edited inputs,
+    defense generalization on four kinds of unseen input and their average, fluency of the
+    answers to the edited inputs, and general-knowledge accuracy."""
+
+    defense_success: Rate
+    dg_only_question: Rate
+    dg_other_attack: Rate
+    dg_other_question: Rate
+    dg_other_both: Rate
+    dg_average: Rate
+    knowledge_accuracy: Rate
+    fluency: Fluency
+    n_instances: int = Field(ge=0)
+    n_knowledge: int = Field(ge=0)
+    judge: str = Field(description="The judge whose refusal verdict counts as safe.")
+    judges: dict[str, dict[str, Rate]] | None = _omitted()
+    examples: list[SafeEditExample]
+
+
 class ModelResult(_Record):
     """Everything measured on one model (``baseline`` or ``edited``).
 
@@ -564,6 +592,7 @@ class ModelResult(_Record):
     reference_cross_entropy: float | None = _omitted()
     fluency: ByPromptSet[Fluency] | None = _omitted()
     benchmarks: dict[str, BenchmarkScores] | None = _omitted()
+    safeedit: SafeEditScores | None = _omitted()
     completions: list[Completion]
 
     @model_validator(mode="after")
@@ -614,6 +643,67 @@ class Training(_Record):
     losses: list[LossPoint]
 
 
+# --- composable alignment: steering and detoxification --------------------------------------
+
+
+class SweepPoint(_Record):
+    """A steering's metric at one strength, with the first prompt's answer as an example."""
+
+    strength: float
+    value: float
+    example: str
+
+
+class SteeringResult(_Record):
+    """What ``steer`` applied and its strength sweep."""
+
+    direction: str = Field(description="The direction file.")
+    description: str
+    site: Site
+    layers: list[int]
+    strength: float
+    mode: Literal["add", "remove"]
+    metric: Literal["length", "refusal"]
+    metric_unit: str
+    metric_prompts: PromptSetRecord
+    sweep: list[SweepPoint]
+    prior_edit: str | None = _omitted()
+    control_vector: str | None = _omitted()
+    control_vector_refused: str | None = _omitted()
+    bake_refused: str | None = _omitted()
+
+
+class DinmInstanceRecord(_Record):
+    """DINM on one instance: the located layer, the per-layer distances between its safe and
+    unsafe answers' mean states, and the loss terms at each Adam step."""
+
+    id: str
+    layer: int
+    distances: list[float]
+    nll: list[float]
+    kl: list[float]
+
+
+class DetoxResult(_Record):
+    """What ``detox`` did: the instances, the DINM settings and each instance's record."""
+
+    instances: PromptSetRecord
+    mode: Literal["sequence", "batch"]
+    steps: int
+    lr: float
+    kl_weight: float
+    records: list[DinmInstanceRecord]
+    edited_tensors: list[str]
+    prior_edit: str | None = _omitted()
+    kl_to_original: float | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="First-token KL(original ‖ detoxified) on the harmless prompts, the "
+        "original being MODEL without --edit.",
+    )
+    baseline_kl_to_original: float | None = _omitted()
+
+
 class StageTiming(_Record):
     """Wall time and peak resident memory of one stage."""
 
@@ -646,6 +736,8 @@ class Report(_Record):
         "checkpoint in full precision, with the edit baked in.",
     )
     training: Training | None = _omitted()
+    steering: SteeringResult | None = _omitted()
+    detox: DetoxResult | None = _omitted()
     baseline: ModelResult | None = None
     baseline_cache: BaselineCache | None = _omitted()
     edited: ModelResult = Field(description="The edited (or evaluated) model.")
