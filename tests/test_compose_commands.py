@@ -43,6 +43,10 @@ def test_steer_sweeps_evaluates_and_exports(tiny_model_dir: Path, tmp_path: Path
     steering = report.steering
     assert steering is not None and steering.layers == [1, 2] and steering.metric == "length"
     assert [p.strength for p in steering.sweep] == [0.0, 2.0]
+    for point in steering.sweep:  # the answers' repetitiveness beside the metric
+        assert point.distinct_3 is None or 0 < point.distinct_3 <= 1
+    markdown = (out / "report.md").read_text()
+    assert "## Steering" in markdown and "| strength | length | distinct 3-grams |" in markdown
     assert report.checks is not None and report.checks.hooks_vs_weights_max_abs_diff < 1e-4
     assert report.edited.kl_divergence is not None and report.edited.kl_divergence > 0
     edit = load_edit(out)

@@ -28,9 +28,9 @@ from abliterate.edit.dinm import (
 )
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
-from abliterate.errors import PromptSetError
+from abliterate.errors import ConfigError, PromptSetError
 from abliterate.measure.responses import response_means
-from abliterate.measure.toxic import locate_toxic_layers
+from abliterate.measure.toxic import Distance, locate_toxic_layers
 from abliterate.model.anatomy import anatomy_of
 
 
@@ -178,20 +178,42 @@ def test_batch_mode_tunes_every_located_layer_at_once(
     assert result.records[0].nll == result.records[1].nll  # one loss for the whole batch
 
 
+@pytest.mark.parametrize("distance", ["euclidean", "relative"])
 def test_location_takes_the_layer_of_largest_distance(
-    make_model: Callable[[str], Any], tokenizer: Any
+    make_model: Callable[[str], Any], tokenizer: Any, distance: Distance
 ) -> None:
     model = make_model("gemma")
     insts = [instance(0), instance(1)]
     prompts = format_chat(tokenizer, [i.prompt for i in insts])
-    located = locate_toxic_layers(model, tokenizer, prompts, [i.safe for i in insts],
-                                  [i.unsafe for i in insts])  # fmt: skip
-    means = response_means(model, tokenizer, [*prompts, *prompts],
-                           [*(i.safe for i in insts), *(i.unsafe for i in insts)])  # fmt: skip
-    for k, found in enumerate(located):
-        distances = (means[k, :, 0] - means[2 + k, :, 0]).norm(dim=-1)
+    safe, unsafe = [i.safe for i in insts], [i.unsafe for i in insts]
+    means = response_means(model, tokenizer, [*prompts, *prompts], [*safe, *unsafe])[:, :, 0]
+    n_layers = means.shape[1]
+    everywhere = tuple(range(n_layers))
+    located = locate_toxic_layers(model, tokenizer, prompts, safe, unsafe, distance=distance,
+                                  layers=everywhere)  # fmt: skip
+    inner = locate_toxic_layers(model, tokenizer, prompts, safe, unsafe, distance=distance)
+    for k, (found, found_inner) in enumerate(zip(located, inner, strict=True)):
+        s, u = means[k].double(), means[2 + k].double()
+        distances = (s - u).norm(dim=-1)
+        if distance == "relative":
+            distances = distances / ((s.norm(dim=-1) + u.norm(dim=-1)) / 2)
         assert found.layer == int(distances.argmax())
-        assert torch.allclose(torch.tensor(found.distances).float(), distances, rtol=1e-5)
+        assert torch.allclose(
+            torch.tensor(found.distances, dtype=torch.float64), distances, rtol=1e-5
+        )
+        # By default the first and the last layer are not searched.
+        assert found_inner.layer == 1 + int(distances[1:-1].argmax())
+        assert found_inner.distances == found.distances
+
+
+def test_location_refuses_layers_the_model_does_not_have(
+    make_model: Callable[[str], Any], tokenizer: Any
+) -> None:
+    model = make_model("llama")
+    inst = instance()
+    prompts = format_chat(tokenizer, [inst.prompt])
+    with pytest.raises(ConfigError, match="not all within the model's"):
+        locate_toxic_layers(model, tokenizer, prompts, [inst.safe], [inst.unsafe], layers=(0, 99))
 
 
 def test_response_means_ignore_padding_and_the_prompt(

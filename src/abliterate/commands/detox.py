@@ -85,7 +85,10 @@ def _detoxify(
     def locate(
         prompts: Sequence[str], safe: Sequence[str], unsafe: Sequence[str]
     ) -> list[ToxicLayer]:
-        return locate_toxic_layers(model, tok, prompts, safe, unsafe, batch_size=config.batch_size)
+        return locate_toxic_layers(
+            model, tok, prompts, safe, unsafe, distance=config.distance,
+            layers=config.locate_layers, batch_size=config.batch_size,
+        )  # fmt: skip
 
     settings = DinmSettings(
         steps=config.steps, lr=config.lr, kl_weight=config.kl_weight, mode=config.mode,

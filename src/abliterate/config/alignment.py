@@ -200,6 +200,18 @@ class DetoxConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, Mo
         description="'sequence': locate and tune each instance in turn on the model edited so "
         "far; 'batch': locate every instance, then tune all located layers on the whole batch.",
     )
+    distance: Literal["relative", "euclidean"] = Field(
+        "relative",
+        description="Distance that locates the toxic layer between the mean states of the safe "
+        "and the unsafe answer: 'relative' divides the Euclidean distance by the layer's state "
+        "norm (depths compare fairly); 'euclidean' is the paper's, which the residual stream's "
+        "growth with depth pulls to the last layer.",
+    )
+    locate_layers: Indices = Field(
+        (),
+        description="Layers the toxic layer is searched in (default: all but the first and the "
+        "last).",
+    )
     steps: Count = Field(10, description="Adam steps per instance (per batch in batch mode).")
     lr: FiniteFloat = Field(1e-4, gt=0, description="Adam learning rate.")
     kl_weight: FiniteFloat = Field(

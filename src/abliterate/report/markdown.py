@@ -15,7 +15,6 @@ them stays text in any Markdown viewer, and their pipes cannot split a table row
 from __future__ import annotations
 
 from collections.abc import Sequence
-from html import escape
 from pathlib import Path
 
 from abliterate.files import write_text
@@ -27,23 +26,11 @@ from abliterate.report.breakdown import (
 )
 from abliterate.report.charts import all_figures
 from abliterate.report.files import write_figures
-from abliterate.report.format import MISSING, fixed, pct, sci, side_labels
+from abliterate.report.format import MISSING, code, fixed, pct, sci, side_labels, text
 from abliterate.report.html import kl_meaning, render_html, training_facts
 from abliterate.report.optimization import describe_edit, front_plot, pareto_table
 from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
-
-
-def text(value: object) -> str:
-    """Untrusted text for a Markdown table cell: HTML-escaped, pipes as entities (an escaped
-    ``\\|`` can still split a row in some renderers), line breaks as ``<br>``."""
-    escaped = escape(str(value), quote=False).replace("|", "&#124;")
-    return "<br>".join(escaped.splitlines())
-
-
-def code(value: object) -> str:
-    """Untrusted text in code style: an HTML ``<code>`` element around escaped text (a
-    Markdown code span would show entities literally and could be closed by a backtick)."""
-    return f"<code>{text(value)}</code>"
+from abliterate.report.steering import steering_lines
 
 
 def _quote(response: str) -> str:
@@ -328,6 +315,7 @@ def _render_run(report: Report, scores: SelectionScores | None) -> str:
         *_result_lines(report),
         *_edit_lines(report),
         *_training_lines(report),
+        *steering_lines(report),
         *_check_lines(report),
     ]
     categories = refusal_by_category(report)

@@ -487,11 +487,14 @@ class Training(_Record):
 
 
 class SweepPoint(_Record):
-    """A steering's metric at one strength, with the first prompt's answer as an example."""
+    """A steering's metric at one strength, with the first prompt's answer as an example and
+    the answers' repetitiveness (``distinct_3``: the mean share of distinct word 3-grams; 1 is
+    no repetition, a steering too strong for the model falls toward 0 as it loops)."""
 
     strength: float
     value: float
     example: str
+    distinct_3: float | None = _omitted()
 
 
 class SteeringResult(_Record):
