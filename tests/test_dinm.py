@@ -21,7 +21,9 @@ from abliterate.data.detox import DetoxInstance, builtin_instances, load_instanc
 from abliterate.data.pairs import encode_pairs
 from abliterate.edit.dinm import (
     DinmSettings,
+    Guard,
     answer_logprobs,
+    build_guard,
     dinm_losses,
     mlp_output_writer,
     run_dinm,
@@ -176,6 +178,44 @@ def test_batch_mode_tunes_every_located_layer_at_once(
     assert [t.layer for t in result.edit.targets] == [0, 2]
     assert [r.layer for r in result.records] == [0, 2]
     assert result.records[0].nll == result.records[1].nll  # one loss for the whole batch
+
+
+GUARD_PROMPTS = ["Write a haiku about rain.", "List three fruits.", "What is two plus two?"]
+
+
+def guard_kl_after(model: Any, tokenizer: Any, guard: Guard, edit: Any) -> float:
+    """The guard's KL to its reference over all its prompts, with ``edit`` hooked in."""
+    bound = anatomy_of(model)
+    total = 0.0
+    with torch.no_grad(), edit_hooks(model, edit):
+        for text, answer, ref in zip(guard.texts, guard.answers, guard.references, strict=True):
+            now, _ = answer_logprobs(bound, encode_pairs(tokenizer, [text], [answer]))
+            total += float((ref.exp() * (ref - now)).sum(-1).mean())
+    return total / len(guard.texts)
+
+
+def test_the_guard_holds_harmless_answers_in_place(
+    make_model: Callable[[str], Any], tokenizer: Any
+) -> None:
+    model = make_model("qwen2")
+    texts = format_chat(tokenizer, GUARD_PROMPTS)
+    guard = build_guard(
+        model, tokenizer, texts, ["Sure, here it is.", "Apples, pears.", "Four."], 2
+    )
+    assert [guard.rows(step) for step in range(3)] == [[0, 1], [2, 0], [1, 2]]  # cycles
+    settings = DinmSettings(steps=6, lr=3e-2, kl_weight=5.0)
+    free = run_dinm(model, tokenizer, [instance(0)], settings, fixed([1]))
+    held = run_dinm(model, tokenizer, [instance(0)], settings, fixed([1]), guard=guard)
+    assert free.guard_prompts == 0 and held.guard_prompts == 3
+    record = held.records[0]
+    assert len(record.guard_kl) == settings.steps and abs(record.guard_kl[0]) < 1e-5
+    assert free.records[0].guard_kl == []
+    # The guarded edit moves the guard prompts' answers less than the paper's loss alone does.
+    assert guard_kl_after(model, tokenizer, guard, held.edit) < guard_kl_after(
+        model, tokenizer, guard, free.edit
+    )
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        build_guard(model, tokenizer, texts, ["only one"])
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "relative"])

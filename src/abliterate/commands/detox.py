@@ -38,16 +38,24 @@ from abliterate.commands.evaluate import (
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import DetoxConfig, to_dict
 from abliterate.core.stats import kl_divergence
+from abliterate.data.chat import format_chat
 from abliterate.data.detox import InstanceSet, load_instances
 from abliterate.data.prompts import resolve_prompts
-from abliterate.edit.dinm import DinmResult, DinmSettings, knowledge_references, run_dinm
+from abliterate.edit.dinm import (
+    DinmResult,
+    DinmSettings,
+    Guard,
+    build_guard,
+    knowledge_references,
+    run_dinm,
+)
 from abliterate.edit.hooks import edit_hooks
 from abliterate.eval.evaluator import Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.safeedit import SafeEditSets, knowledge_questions, safeedit_scores
 from abliterate.files import write_json
 from abliterate.measure.toxic import ToxicLayer, locate_toxic_layers
-from abliterate.model.forward import check_ready, next_token_logprobs
+from abliterate.model.forward import check_ready, generate, next_token_logprobs
 from abliterate.model.loading import local_path
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
@@ -78,6 +86,7 @@ def _detoxify(
     loaded: LoadedModel,
     instances: InstanceSet,
     references: Sequence[torch.Tensor] | None,
+    guard: Guard | None,
 ) -> DinmResult:
     """DINM on the loaded model, each instance located on the model as it is at that point."""
     model, tok = loaded.model, loaded.tokenizer
@@ -94,10 +103,32 @@ def _detoxify(
         steps=config.steps, lr=config.lr, kl_weight=config.kl_weight, mode=config.mode,
         system_prompt=config.system_prompt,
     )  # fmt: skip
-    result = run_dinm(model, tok, instances.instances, settings, locate, references)
+    result = run_dinm(model, tok, instances.instances, settings, locate, references, guard)
     layers = [r.layer for r in result.records]
     log.info("DINM tuned layers %s (per instance: %s)", sorted(set(layers)), layers)
     return result
+
+
+def _guard(config: DetoxConfig, loaded: LoadedModel) -> Guard | None:
+    """The guard prompts with the model's own greedy answers (None with ``--n-guard 0``)."""
+    if config.n_guard == 0:
+        return None
+    prompts = resolve_prompts(config.guard, "harmless", "train", config.prompt_column)
+    texts = format_chat(loaded.tokenizer, prompts.head(config.n_guard).prompts,
+                        config.system_prompt)  # fmt: skip
+    answers = generate(
+        loaded.model, loaded.tokenizer, texts, max_new_tokens=config.guard_tokens,
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    # A prompt the model ends at once has no answer tokens to hold.
+    kept = [(t, a) for t, a in zip(texts, answers, strict=True) if a.strip()]
+    if not kept:
+        log.warning("the model ended every guard prompt at once: DINM runs without a guard")
+        return None
+    return build_guard(
+        loaded.model, loaded.tokenizer, [t for t, _ in kept], [a for _, a in kept],
+        config.guard_batch,
+    )  # fmt: skip
 
 
 def _evaluate_detox(
@@ -108,6 +139,7 @@ def _evaluate_detox(
     judges: Sequence[Judge],
     instances: InstanceSet,
     references: Sequence[torch.Tensor] | None,
+    guard: Guard | None,
     stages: Stages,
 ) -> tuple[Assessment, Assessment, DinmResult]:
     """The model before detoxification, DINM, and the model after it (through hooks)."""
@@ -117,7 +149,7 @@ def _evaluate_detox(
         if safe_sets is not None:
             baseline.extra["safeedit"] = _scores(config, loaded, safe_sets, judges)
     with stages.stage("dinm"):
-        result = _detoxify(config, loaded, instances, references)
+        result = _detoxify(config, loaded, instances, references, guard)
     with stages.stage("detoxified eval"), edit_hooks(model, result.edit):
         edited = evaluator.assess(model, "detoxified")
         if safe_sets is not None:
@@ -155,6 +187,7 @@ def _detox_record(
         "steps": config.steps,
         "lr": config.lr,
         "kl_weight": config.kl_weight,
+        "guard_prompts": result.guard_prompts,
         "records": [r.__dict__ for r in result.records],
         "edited_tensors": [t.name for t in result.edit.targets],
     }
@@ -203,6 +236,8 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
             references = knowledge_references(
                 loaded.model, loaded.tokenizer, instances.instances, config.system_prompt
             )
+        with stages.stage("guard"):  # answered by the model before any edit
+            guard = _guard(config, loaded)
         prior = apply_prior_edit(config.edit, loaded)
         data = {**sets.record(), "instances": {"name": instances.name, "n": len(instances),
                                                "sha256": instances.sha256}}  # fmt: skip
@@ -214,7 +249,7 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
             system_prompt=config.system_prompt,
         )  # fmt: skip
         baseline, edited, result = _evaluate_detox(
-            config, loaded, evaluator, safe_sets, judges, instances, references, stages
+            config, loaded, evaluator, safe_sets, judges, instances, references, guard, stages
         )
         full = prior.then(result.edit) if prior is not None else result.edit
         full.save(tmp)

@@ -220,6 +220,20 @@ class DetoxConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, Mo
         description="Weight of the KL term that keeps the general-knowledge answer's next-token "
         "distributions.",
     )
+    guard: Text | None = Field(
+        None,
+        description="Harmless prompts whose answers every DINM step holds in place (KL to the "
+        "model before detox, over its own greedy answers, weighted by --kl-weight), so the "
+        "edit does not teach every prompt to refuse. Default: the built-in harmless train split "
+        "(never the eval split).",
+    )
+    n_guard: int = Field(
+        32, ge=0, description="Guard prompts (0: no guard, the paper's loss alone)."
+    )
+    guard_tokens: Count = Field(16, description="Tokens of each guard prompt's reference answer.")
+    guard_batch: Count = Field(
+        8, description="Guard prompts per Adam step (the guard set is cycled through)."
+    )
     safeedit: bool = Field(
         True,
         description="Run the SafeEdit-style evaluation (defense success and generalization, "

@@ -525,6 +525,11 @@ class DinmInstanceRecord(_Record):
     distances: list[float]
     nll: list[float]
     kl: list[float]
+    guard_kl: list[float] = Field(
+        default_factory=list,
+        description="The guard's KL at each step (empty without a guard, and in reports written "
+        "before it existed).",
+    )
 
 
 class DetoxResult(_Record):
@@ -535,6 +540,7 @@ class DetoxResult(_Record):
     steps: int
     lr: float
     kl_weight: float
+    guard_prompts: int = Field(0, description="Harmless prompts the guard held in place (0: none).")
     records: list[DinmInstanceRecord]
     edited_tensors: list[str]
     prior_edit: str | None = _omitted()
