@@ -230,9 +230,9 @@ class DetoxConfig(OutputOptions, EvalOptions, EvalPromptOptions, JudgeOption, Mo
     n_guard: int = Field(
         32, ge=0, description="Guard prompts (0: no guard, the paper's loss alone)."
     )
-    guard_tokens: Count = Field(16, description="Tokens of each guard prompt's reference answer.")
+    guard_tokens: Count = Field(4, description="Tokens of each guard prompt's reference answer.")
     guard_batch: Count = Field(
-        8, description="Guard prompts per Adam step (the guard set is cycled through)."
+        2, description="Guard prompts per Adam step (the guard set is cycled through)."
     )
     safeedit: bool = Field(
         True,

@@ -119,7 +119,7 @@ class Guard:
     texts: tuple[str, ...]
     answers: tuple[str, ...]
     references: tuple[torch.Tensor, ...]
-    batch: int = 8
+    batch: int = 2
 
     def rows(self, step: int) -> list[int]:
         """The prompts of Adam step ``step`` (counted over the whole run)."""
@@ -132,7 +132,7 @@ def build_guard(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     answers: Sequence[str],
-    batch: int = 8,
+    batch: int = 2,
 ) -> Guard:
     """A :class:`Guard` with ``model``'s log-probabilities over ``answers`` as the reference.
 
