@@ -380,9 +380,11 @@ def _distill(models: dict[str, Path], original: str, tmp_path: Path) -> Any:
     student = AutoModelForCausalLM.from_pretrained(models["abliterated"])
     teacher = AutoModelForCausalLM.from_pretrained(models[original])
     tok = AutoTokenizer.from_pretrained(models["abliterated"])
-    arguments = {"output_dir": str(tmp_path / "ckpt"), "use_cpu": True, "report_to": "none",
-                 "remove_unused_columns": False, "learning_rate": 1e-2, "max_steps": 6,
-                 "per_device_train_batch_size": 2, "disable_tqdm": True, "save_strategy": "no"}  # fmt: skip
+    arguments = {
+        "output_dir": str(tmp_path / "ckpt"), "use_cpu": True, "report_to": "none",
+        "remove_unused_columns": False, "learning_rate": 1e-2, "max_steps": 6,
+        "per_device_train_batch_size": 2, "disable_tqdm": True, "save_strategy": "no",
+    }  # fmt: skip
     options = HealConfig(model="m", adapter="lora", lora_r=4, lora_alpha=8)
     return distill_trainer(
         student, teacher, tok, None, None, arguments, max_length=64,  # type: ignore[arg-type]
