@@ -284,7 +284,8 @@ def test_heal_lowers_its_loss_reports_kl_to_the_original_and_resumes(
     out = tmp_path / "heal"
     options = {
         "model": str(models["abliterated"]), "original": str(models["original"]), "out": out,
-        "max_steps": 6, "n_pairs": 12, "pair_tokens": 6, "learning_rate": 1e-2, **FAST,
+        "loss": "dpo+sft", "max_steps": 6, "n_pairs": 12, "pair_tokens": 6, "learning_rate": 1e-2,
+        **FAST,
     }  # fmt: skip
     interrupt_after(3)
     with pytest.raises(Interrupt):

@@ -154,7 +154,9 @@ def heal(config: HealConfig) -> dict[str, Any]:
     if state.is_main_process:
         return _heal(config, target, prompts, sources, checkpoints, resume)
     loaded = load_trainable(target.model, config, config.adapter)
-    teacher = _load_original(config, target).model if config.loss == "distill" else None
+    # distill's teacher, on this process's device (the one its copy of the model trains on)
+    device = str(loaded.device)
+    teacher = _load_original(config, target, device).model if config.loss == "distill" else None
     with state.main_process_first():  # the main process builds the pairs first
         spec = config.preferences or str(checkpoints.path / PAIRS_FILE)
     _train(config, loaded, spec, None, checkpoints, resume, Stages(), teacher)
@@ -236,9 +238,9 @@ def _heal(
     return report.model_dump(mode="json")
 
 
-def _load_original(config: HealConfig, target: Target) -> LoadedModel:
+def _load_original(config: HealConfig, target: Target, device: str | None = None) -> LoadedModel:
     return load_model(
-        target.original, revision=target.original_revision, device=config.device,
+        target.original, revision=target.original_revision, device=device or config.device,
         dtype=config.dtype, trust_remote_code=config.trust_remote_code,
     )  # fmt: skip
 
