@@ -462,7 +462,7 @@ class LossPoint(_Record):
 class Training(_Record):
     """How a model was fine-tuned (``sft``, ``heal``) and how its loss went."""
 
-    method: Literal["sft", "dpo"]
+    method: Literal["sft", "dpo", "distill"]
     adapter: Literal["lora", "qlora", "full"]
     data: str = Field(description="The training data: a dataset, or the pairs built from a run.")
     n_examples: int = Field(ge=0, description="Training examples (after the held-out ones).")
