@@ -120,7 +120,7 @@ def test_detox_config_checks_its_values() -> None:
         DetoxConfig(mode="parallel")
     with pytest.raises(ConfigError, match="distance"):
         DetoxConfig(distance="cosine")
-    with pytest.raises(ConfigError, match="n_guard|n-guard"):
+    with pytest.raises(ConfigError, match=r"n_guard|n-guard"):
         DetoxConfig(n_guard=-1)
     assert SteerConfig(direction="d.safetensors", sweep="-2,0,2").sweep == (-2.0, 0.0, 2.0)
 

@@ -4,8 +4,9 @@ The stages: read the instances (built-in, a JSONL file or SafeEdit's JSON) and t
 sets before loading anything; load the model and, with ``--edit``, bake an earlier edit (an
 abliteration) into it, keeping the original's next-token distributions on the harmless prompts
 (for the KL to the original) and on the instances' general-knowledge answers (DINM's KL
-reference: the detox holds those answers to the original model, not to the abliterated one);
-evaluate the model before detoxification (``baseline``: refusal and
+reference: the detox holds those answers to the original model, not to the abliterated one)
+and the guard (harmless prompts with the original's own short answers, held by every DINM step;
+:class:`~abliterate.edit.dinm.Guard`); evaluate the model before detoxification (``baseline``: refusal and
 over-refusal rates, SafeEdit-style scores); run DINM (:func:`~abliterate.edit.dinm.run_dinm`,
 with the toxic layer of every instance located by
 :func:`~abliterate.measure.toxic.locate_toxic_layers`); evaluate the detoxified model through
