@@ -43,6 +43,10 @@ def test_steer_sweeps_evaluates_and_exports(tiny_model_dir: Path, tmp_path: Path
     steering = report.steering
     assert steering is not None and steering.layers == [1, 2] and steering.metric == "length"
     assert [p.strength for p in steering.sweep] == [0.0, 2.0]
+    for point in steering.sweep:  # the answers' repetitiveness beside the metric
+        assert point.distinct_3 is None or 0 < point.distinct_3 <= 1
+    markdown = (out / "report.md").read_text()
+    assert "## Steering" in markdown and "| strength | length | distinct 3-grams |" in markdown
     assert report.checks is not None and report.checks.hooks_vs_weights_max_abs_diff < 1e-4
     assert report.edited.kl_divergence is not None and report.edited.kl_divergence > 0
     edit = load_edit(out)
@@ -89,12 +93,15 @@ def test_detox_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "detox"
     args = ["detox", "--model", str(tiny_model_dir), "--edit", str(tmp_path / "a"),
             "--n-instances", "2", "--steps", "2", "--lr", "0.01", "--n-knowledge", "3",
-            "--out", str(out), *SMALL]  # fmt: skip
+            "--n-guard", "3", "--guard-tokens", "4", "--out", str(out), *SMALL]  # fmt: skip
     assert main(args) == 0
     report = load_report(out / "report.json")
     detox = report.detox
     assert detox is not None and len(detox.records) == 2 and detox.kl_to_original is not None
     assert all(len(r.nll) == 2 and len(r.distances) == 4 for r in detox.records)
+    assert detox.guard_prompts == 3 and all(len(r.guard_kl) == 2 for r in detox.records)
+    # By default neither the first nor the last of the 4 layers is where DINM tunes.
+    assert all(r.layer in (1, 2) for r in detox.records)
     assert report.baseline is not None and report.baseline.safeedit is not None
     assert report.baseline_cache is None  # the model before detox carries --edit
     assert report.edited.safeedit is not None and report.edited.safeedit.n_instances == 2
@@ -152,6 +159,10 @@ def test_detox_config_checks_its_values() -> None:
         DetoxConfig(lr=0)
     with pytest.raises(ConfigError, match="mode"):
         DetoxConfig(mode="parallel")
+    with pytest.raises(ConfigError, match="distance"):
+        DetoxConfig(distance="cosine")
+    with pytest.raises(ConfigError, match=r"n_guard|n-guard"):
+        DetoxConfig(n_guard=-1)
     assert SteerConfig(direction="d.safetensors", sweep="-2,0,2").sweep == (-2.0, 0.0, 2.0)
 
 

@@ -21,16 +21,18 @@ from abliterate.data.detox import DetoxInstance, builtin_instances, load_instanc
 from abliterate.data.pairs import encode_pairs
 from abliterate.edit.dinm import (
     DinmSettings,
+    Guard,
     answer_logprobs,
+    build_guard,
     dinm_losses,
     mlp_output_writer,
     run_dinm,
 )
 from abliterate.edit.hooks import edit_hooks
 from abliterate.edit.weights import bake
-from abliterate.errors import PromptSetError
+from abliterate.errors import ConfigError, PromptSetError
 from abliterate.measure.responses import response_means
-from abliterate.measure.toxic import locate_toxic_layers
+from abliterate.measure.toxic import Distance, locate_toxic_layers
 from abliterate.model.anatomy import anatomy_of
 
 
@@ -178,20 +180,80 @@ def test_batch_mode_tunes_every_located_layer_at_once(
     assert result.records[0].nll == result.records[1].nll  # one loss for the whole batch
 
 
-def test_location_takes_the_layer_of_largest_distance(
+GUARD_PROMPTS = ["Write a haiku about rain.", "List three fruits.", "What is two plus two?"]
+
+
+def guard_kl_after(model: Any, tokenizer: Any, guard: Guard, edit: Any) -> float:
+    """The guard's KL to its reference over all its prompts, with ``edit`` hooked in."""
+    bound = anatomy_of(model)
+    total = 0.0
+    with torch.no_grad(), edit_hooks(model, edit):
+        for text, answer, ref in zip(guard.texts, guard.answers, guard.references, strict=True):
+            now, _ = answer_logprobs(bound, encode_pairs(tokenizer, [text], [answer]))
+            total += float((ref.exp() * (ref - now)).sum(-1).mean())
+    return total / len(guard.texts)
+
+
+def test_the_guard_holds_harmless_answers_in_place(
     make_model: Callable[[str], Any], tokenizer: Any
+) -> None:
+    model = make_model("qwen2")
+    texts = format_chat(tokenizer, GUARD_PROMPTS)
+    guard = build_guard(
+        model, tokenizer, texts, ["Sure, here it is.", "Apples, pears.", "Four."], 2
+    )
+    assert [guard.rows(step) for step in range(3)] == [[0, 1], [2, 0], [1, 2]]  # cycles
+    settings = DinmSettings(steps=6, lr=3e-2, kl_weight=5.0)
+    free = run_dinm(model, tokenizer, [instance(0)], settings, fixed([1]))
+    held = run_dinm(model, tokenizer, [instance(0)], settings, fixed([1]), guard=guard)
+    assert free.guard_prompts == 0 and held.guard_prompts == 3
+    record = held.records[0]
+    assert len(record.guard_kl) == settings.steps and abs(record.guard_kl[0]) < 1e-5
+    assert free.records[0].guard_kl == []
+    # The guarded edit moves the guard prompts' answers less than the paper's loss alone does.
+    assert guard_kl_after(model, tokenizer, guard, held.edit) < guard_kl_after(
+        model, tokenizer, guard, free.edit
+    )
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        build_guard(model, tokenizer, texts, ["only one"])
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "relative"])
+def test_location_takes_the_layer_of_largest_distance(
+    make_model: Callable[[str], Any], tokenizer: Any, distance: Distance
 ) -> None:
     model = make_model("gemma")
     insts = [instance(0), instance(1)]
     prompts = format_chat(tokenizer, [i.prompt for i in insts])
-    located = locate_toxic_layers(model, tokenizer, prompts, [i.safe for i in insts],
-                                  [i.unsafe for i in insts])  # fmt: skip
-    means = response_means(model, tokenizer, [*prompts, *prompts],
-                           [*(i.safe for i in insts), *(i.unsafe for i in insts)])  # fmt: skip
-    for k, found in enumerate(located):
-        distances = (means[k, :, 0] - means[2 + k, :, 0]).norm(dim=-1)
+    safe, unsafe = [i.safe for i in insts], [i.unsafe for i in insts]
+    means = response_means(model, tokenizer, [*prompts, *prompts], [*safe, *unsafe])[:, :, 0]
+    n_layers = means.shape[1]
+    everywhere = tuple(range(n_layers))
+    located = locate_toxic_layers(model, tokenizer, prompts, safe, unsafe, distance=distance,
+                                  layers=everywhere)  # fmt: skip
+    inner = locate_toxic_layers(model, tokenizer, prompts, safe, unsafe, distance=distance)
+    for k, (found, found_inner) in enumerate(zip(located, inner, strict=True)):
+        s, u = means[k].double(), means[2 + k].double()
+        distances = (s - u).norm(dim=-1)
+        if distance == "relative":
+            distances = distances / ((s.norm(dim=-1) + u.norm(dim=-1)) / 2)
         assert found.layer == int(distances.argmax())
-        assert torch.allclose(torch.tensor(found.distances).float(), distances, rtol=1e-5)
+        assert torch.allclose(
+            torch.tensor(found.distances, dtype=torch.float64), distances, rtol=1e-5
+        )
+        # By default the first and the last layer are not searched.
+        assert found_inner.layer == 1 + int(distances[1:-1].argmax())
+        assert found_inner.distances == found.distances
+
+
+def test_location_refuses_layers_the_model_does_not_have(
+    make_model: Callable[[str], Any], tokenizer: Any
+) -> None:
+    model = make_model("llama")
+    inst = instance()
+    prompts = format_chat(tokenizer, [inst.prompt])
+    with pytest.raises(ConfigError, match="not all within the model's"):
+        locate_toxic_layers(model, tokenizer, prompts, [inst.safe], [inst.unsafe], layers=(0, 99))
 
 
 def test_response_means_ignore_padding_and_the_prompt(

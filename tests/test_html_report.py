@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from report_samples import INJECTION, LLM_JUDGE, report_dicts, sample_report, sample_scores
 
 from abliterate.report.breakdown import Pair, pick_examples, refusal_by_category
+from abliterate.report.format import text
 from abliterate.report.html import flatten, render_html, without_completions
 from abliterate.report.markdown import render_markdown, summary_table, write_reports
 from abliterate.report.optimization import describe_edit
 from abliterate.report.schema import AblationEdit, Completion, Report, SelectionScores, migrate
-from abliterate.report.tables import text
 
 FIGURES_RUN = ["rates", "kl", "categories", "candidates_refusal", "candidates_kl"]
 FIGURES_ALL = [*FIGURES_RUN[:3], "over_refusal", *FIGURES_RUN[3:], "pareto", "strengths"]

@@ -285,7 +285,8 @@ def test_heal_lowers_its_loss_reports_kl_to_the_original_and_resumes(
     out = tmp_path / "heal"
     options = {
         "model": str(models["abliterated"]), "original": str(models["original"]), "out": out,
-        "max_steps": 6, "n_pairs": 12, "pair_tokens": 6, "learning_rate": 1e-2, **FAST,
+        "loss": "dpo+sft", "max_steps": 6, "n_pairs": 12, "pair_tokens": 6, "learning_rate": 1e-2,
+        **FAST,
     }  # fmt: skip
     interrupt_after(3)
     with pytest.raises(Interrupt):
@@ -379,3 +380,111 @@ def test_a_run_directory_names_the_model_and_its_original(tmp_path: Path) -> Non
     assert (given.model, given.original) == (str(model), "demo")
     with pytest.raises(ConfigError, match="--harmful/--harmless"):
         HealConfig(model="m", preferences="p.jsonl", harmful="h.txt")
+
+
+# --- heal --loss distill ------------------------------------------------------------------
+
+
+def _distill(models: dict[str, Path], original: str, tmp_path: Path) -> Any:
+    """A DistillTrainer on the abliterated model (LoRA at init) with ``original`` as teacher."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abliterate.train.distill import distill_trainer
+    from abliterate.train.trainer import lora_config
+
+    student = AutoModelForCausalLM.from_pretrained(models["abliterated"])
+    teacher = AutoModelForCausalLM.from_pretrained(models[original])
+    tok = AutoTokenizer.from_pretrained(models["abliterated"])
+    arguments = {
+        "output_dir": str(tmp_path / "ckpt"), "use_cpu": True, "report_to": "none",
+        "remove_unused_columns": False, "learning_rate": 1e-2, "max_steps": 6,
+        "per_device_train_batch_size": 2, "disable_tqdm": True, "save_strategy": "no",
+    }  # fmt: skip
+    options = HealConfig(model="m", adapter="lora", lora_r=4, lora_alpha=8)
+    return distill_trainer(
+        student, teacher, tok, None, None, arguments, max_length=64,  # type: ignore[arg-type]
+        peft_config=lora_config(options),
+    )  # fmt: skip
+
+
+def _rows(kind: str | None, n: int = 2) -> list[dict[str, Any]]:
+    return [
+        {"prompt": [{"role": "user", "content": f"bake bread {i}"}],
+         "chosen": [{"role": "assistant", "content": f"Sure, flour and water {i}."}],
+         "chosen_truncated": i == 0, "kind": kind}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_distill_uses_the_original_on_harmless_rows_and_itself_on_harmful_ones(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    trainer = _distill(models, "original", tmp_path)
+    model, collate = trainer.model, trainer.data_collator
+    harmful, harmless = collate(_rows("harmful")), collate(_rows("harmless"))
+    assert collate(_rows(None))["from_original"].all()  # no kind: the original teaches
+    # LoRA at init (B = 0): the student is its own teacher exactly on harmful rows.
+    assert trainer.compute_loss(model, harmful).item() == 0.0
+    loss = trainer.compute_loss(model, harmless)
+    assert loss.item() > 0
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # With the abliterated model as "original", harmless rows have nothing to learn either.
+    same = _distill(models, "abliterated", tmp_path)
+    assert same.compute_loss(same.model, harmless).item() < 1e-6
+
+
+def test_distill_answer_mask_leaves_a_cut_answers_end_of_turn_out(
+    tmp_path: Path, models: dict[str, Path], tokenizer: Any
+) -> None:
+    from abliterate.train.distill import DistillCollator
+
+    collate = DistillCollator(tokenizer, max_length=64, end_tokens=end_of_turn_length(tokenizer))
+    cut, whole = _rows("harmless")
+    ids, mask, original = collate.encode(cut)
+    _, full_mask, _ = collate.encode(whole)
+    assert original and len(ids) == len(mask) and mask[-1] == 0  # "</s>" of the cut answer
+    assert full_mask[-1] == 1 and sum(full_mask) == sum(mask) + 1
+    with pytest.raises(DatasetError, match="kind 'other'"):
+        collate.encode({**cut, "kind": "other"})
+
+
+def test_distill_steps_lower_the_loss(tmp_path: Path, models: dict[str, Path]) -> None:
+    trainer = _distill(models, "original", tmp_path)
+    batch = trainer.data_collator(_rows("harmless", 4) + _rows("harmful", 2))
+    before = trainer.compute_loss(trainer.model, batch).item()
+    optimizer = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], 1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        trainer.compute_loss(trainer.model, batch).backward()
+        optimizer.step()
+    assert trainer.compute_loss(trainer.model, batch).item() < before
+
+
+def test_heal_distill_writes_a_healed_model_and_resumes(
+    tmp_path: Path, models: dict[str, Path], interrupt_after: Callable[[int], None]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "heal"
+    options = {
+        "model": str(models["abliterated"]), "original": str(models["original"]), "out": out,
+        "loss": "distill", "max_steps": 6, "n_pairs": 12, "pair_tokens": 6,
+        "learning_rate": 1e-2, **FAST,
+    }  # fmt: skip
+    interrupt_after(3)
+    with pytest.raises(Interrupt):
+        heal(HealConfig(**options))
+    heal(HealConfig(**options))
+    report = load_report(out / "report.json")
+    training = report.training
+    assert training is not None and training.method == "distill" and training.beta is None
+    assert training.loss_type == ["forward_kl"] and len(training.losses) == 6
+    assert training.resumed_from_step == 2 and training.steps == 6
+    assert training.heldout_loss_after < training.heldout_loss_before  # type: ignore[operator]
+    for side in (report.baseline, report.edited):
+        assert side is not None and side.kl_divergence is not None
+    AutoModelForCausalLM.from_pretrained(out / "model")
+    with pytest.raises(ValueError, match="needs --adapter lora"):
+        HealConfig(**{**options, "adapter": "full"})

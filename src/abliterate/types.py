@@ -22,5 +22,5 @@ RowFormatOption = Literal["auto", "alpaca", "sharegpt", "messages"]
 """The row format of an instruction dataset, or ``auto`` to detect it."""
 AdapterKind = Literal["lora", "qlora", "full"]
 """How a model is fine-tuned: LoRA adapters, LoRA on a 4-bit model, or every weight."""
-PreferenceLoss = Literal["dpo", "dpo+sft"]
+PreferenceLoss = Literal["dpo", "dpo+sft", "distill"]
 """The preference loss of ``heal``."""

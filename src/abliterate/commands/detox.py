@@ -4,10 +4,11 @@ The stages: read the instances (built-in, a JSONL file or SafeEdit's JSON) and t
 sets before loading anything; load the model and, with ``--edit``, bake an earlier edit (an
 abliteration) into it, keeping the original's next-token distributions on the harmless prompts
 (for the KL to the original) and on the instances' general-knowledge answers (DINM's KL
-reference: the detox holds those answers to the original model, not to the abliterated one);
-evaluate the model before detoxification (``baseline``: refusal and
-over-refusal rates, read from the baseline cache without ``--edit`` when an entry matches;
-SafeEdit-style scores); run DINM (:func:`~abliterate.edit.dinm.run_dinm`,
+reference: the detox holds those answers to the original model, not to the abliterated one)
+and the guard (harmless prompts with the original's own short answers, held by every DINM step;
+:class:`~abliterate.edit.dinm.Guard`); evaluate the model before detoxification (``baseline``:
+refusal and over-refusal rates, read from the baseline cache without ``--edit`` when an entry
+matches; SafeEdit-style scores); run DINM (:func:`~abliterate.edit.dinm.run_dinm`,
 with the toxic layer of every instance located by
 :func:`~abliterate.measure.toxic.locate_toxic_layers`); evaluate the detoxified model through
 the learned edit's hooks (``edited``: the same measures, plus KL to the model before); bake the
@@ -40,9 +41,17 @@ from abliterate.commands.evaluate import (
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import DetoxConfig, to_dict
 from abliterate.core.stats import kl_divergence
+from abliterate.data.chat import format_chat
 from abliterate.data.detox import InstanceSet, load_instances
 from abliterate.data.prompts import resolve_prompts
-from abliterate.edit.dinm import DinmResult, DinmSettings, knowledge_references, run_dinm
+from abliterate.edit.dinm import (
+    DinmResult,
+    DinmSettings,
+    Guard,
+    build_guard,
+    knowledge_references,
+    run_dinm,
+)
 from abliterate.edit.hooks import edit_hooks
 from abliterate.eval.cache import baseline_assessment
 from abliterate.eval.evaluator import Evaluator
@@ -50,7 +59,7 @@ from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
 from abliterate.eval.safeedit import SafeEditSets, knowledge_questions, safeedit_scores
 from abliterate.files import write_json
 from abliterate.measure.toxic import ToxicLayer, locate_toxic_layers
-from abliterate.model.forward import check_ready, next_token_logprobs
+from abliterate.model.forward import check_ready, generate, next_token_logprobs
 from abliterate.model.loading import local_path
 from abliterate.progress import Stages
 from abliterate.report.markdown import summary_table, write_reports
@@ -81,6 +90,7 @@ def _detoxify(
     loaded: LoadedModel,
     instances: InstanceSet,
     references: Sequence[torch.Tensor] | None,
+    guard: Guard | None,
 ) -> DinmResult:
     """DINM on the loaded model, each instance located on the model as it is at that point."""
     model, tok = loaded.model, loaded.tokenizer
@@ -88,13 +98,16 @@ def _detoxify(
     def locate(
         prompts: Sequence[str], safe: Sequence[str], unsafe: Sequence[str]
     ) -> list[ToxicLayer]:
-        return locate_toxic_layers(model, tok, prompts, safe, unsafe, batch_size=config.batch_size)
+        return locate_toxic_layers(
+            model, tok, prompts, safe, unsafe, distance=config.distance,
+            layers=config.locate_layers, batch_size=config.batch_size,
+        )  # fmt: skip
 
     settings = DinmSettings(
         steps=config.steps, lr=config.lr, kl_weight=config.kl_weight, mode=config.mode,
         system_prompt=config.system_prompt,
     )  # fmt: skip
-    result = run_dinm(model, tok, instances.instances, settings, locate, references)
+    result = run_dinm(model, tok, instances.instances, settings, locate, references, guard)
     layers = [r.layer for r in result.records]
     log.info("DINM tuned layers %s (per instance: %s)", sorted(set(layers)), layers)
     return result
@@ -123,6 +136,28 @@ class _Detoxed:
     to_original: dict[str, float]
 
 
+def _guard(config: DetoxConfig, loaded: LoadedModel) -> Guard | None:
+    """The guard prompts with the model's own greedy answers (None with ``--n-guard 0``)."""
+    if config.n_guard == 0:
+        return None
+    prompts = resolve_prompts(config.guard, "harmless", "train", config.prompt_column)
+    texts = format_chat(loaded.tokenizer, prompts.head(config.n_guard).prompts,
+                        config.system_prompt)  # fmt: skip
+    answers = generate(
+        loaded.model, loaded.tokenizer, texts, max_new_tokens=config.guard_tokens,
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    # A prompt the model ends at once has no answer tokens to hold.
+    kept = [(t, a) for t, a in zip(texts, answers, strict=True) if a.strip()]
+    if not kept:
+        log.warning("the model ended every guard prompt at once: DINM runs without a guard")
+        return None
+    return build_guard(
+        loaded.model, loaded.tokenizer, [t for t, _ in kept], [a for _, a in kept],
+        config.guard_batch,
+    )  # fmt: skip
+
+
 def _evaluate_detox(
     config: DetoxConfig,
     loaded: LoadedModel,
@@ -131,6 +166,7 @@ def _evaluate_detox(
     judges: Sequence[Judge],
     instances: InstanceSet,
     original: _Original | None,
+    guard: Guard | None,
     stages: Stages,
 ) -> _Detoxed:
     """The model before detoxification, DINM, and the model after it (through hooks).
@@ -150,7 +186,7 @@ def _evaluate_detox(
             to_original["baseline_kl_to_original"] = _kl(original, before)
     with stages.stage("dinm"):
         references = None if original is None else original.references
-        result = _detoxify(config, loaded, instances, references)
+        result = _detoxify(config, loaded, instances, references, guard)
     with stages.stage("detoxified eval"), edit_hooks(model, result.edit):
         edited = evaluator.assess(model, "detoxified")
         if safe_sets is not None:
@@ -193,6 +229,7 @@ def _detox_record(
         "steps": config.steps,
         "lr": config.lr,
         "kl_weight": config.kl_weight,
+        "guard_prompts": result.guard_prompts,
         "records": [r.__dict__ for r in result.records],
         "edited_tensors": [t.name for t in result.edit.targets],
     }
@@ -243,6 +280,8 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
                     loaded.model, loaded.tokenizer, instances.instances, config.system_prompt
                 ),
             )  # fmt: skip
+        with stages.stage("guard"):  # answered by the model before any edit
+            guard = _guard(config, loaded)
         prior = apply_prior_edit(config.edit, loaded)
         data = {**sets.record(), "instances": {"name": instances.name, "n": len(instances),
                                                "sha256": instances.sha256}}  # fmt: skip
@@ -254,7 +293,7 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
             system_prompt=config.system_prompt,
         )  # fmt: skip
         detoxed = _evaluate_detox(
-            config, loaded, evaluator, safe_sets, judges, instances, original, stages
+            config, loaded, evaluator, safe_sets, judges, instances, original, guard, stages
         )
         result = detoxed.result
         full = prior.then(result.edit) if prior is not None else result.edit

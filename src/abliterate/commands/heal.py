@@ -1,11 +1,16 @@
-"""``abliterate heal --model RUN_OR_MODEL``: DPO that heals an abliterated model.
+"""``abliterate heal --model RUN_OR_MODEL``: self-distillation or DPO that heals an abliterated
+model.
 
 The stages: resolve the abliterated model and its original (a run directory's ``model/`` and the
 base model its ``abliteration.json`` records, unless ``--original`` says otherwise); build the
 preference pairs from both models (:func:`abliterate.train.preferences.build_pairs`; or read
 ``--preferences``); evaluate the abliterated model and its KL to the original; train LoRA (or
-QLoRA, or every weight) with DPO, the reference being the model with its adapters disabled;
-merge; evaluate the healed model and its KL to the original; export.
+QLoRA, or every weight) with ``--loss distill`` (:mod:`abliterate.train.distill`: the chosen
+answers, matching the original's next-token distributions on harmless pairs and the model's own
+with its adapters disabled on harmful ones; the original stays in memory while training, e.g.
+2 GB more for the demo's 0.5B float32) or with DPO (:mod:`abliterate.train.dpo`, the reference
+being the model with its adapters disabled); merge; evaluate the healed model and its KL to the
+original; export.
 
 The run directory holds ``model/`` (the healed, merged model), ``adapter/``, ``preferences.jsonl``
 (the self-built pairs, reusable with ``--preferences``), ``config.json``, ``environment.json``
@@ -149,9 +154,12 @@ def heal(config: HealConfig) -> dict[str, Any]:
     if state.is_main_process:
         return _heal(config, target, prompts, sources, checkpoints, resume)
     loaded = load_trainable(target.model, config, config.adapter)
+    # distill's teacher, on this process's device (the one its copy of the model trains on)
+    device = str(loaded.device)
+    teacher = _load_original(config, target, device).model if config.loss == "distill" else None
     with state.main_process_first():  # the main process builds the pairs first
         spec = config.preferences or str(checkpoints.path / PAIRS_FILE)
-    _train(config, loaded, spec, None, checkpoints, resume, Stages())
+    _train(config, loaded, spec, None, checkpoints, resume, Stages(), teacher)
     return {}
 
 
@@ -187,13 +195,19 @@ def _heal(
             shutil.copyfile(spec, tmp / PAIRS_FILE)
         with stages.stage("eval before"):
             before = evaluator.assess(loaded.model, "before healing")
-            # The original's continuations are the reference of both comparisons (it is loaded
-            # again after training, so they are generated once).
+            # The original's continuations are the reference of both comparisons (generated
+            # once: the original is loaded again after training, or kept as distill's teacher).
             reference = record_kl(evaluator, original.model, loaded.model, before)
         original_record = model_record(original)
+        # distill's teacher of harmless pairs: kept in memory through training (and reused for
+        # the KL after it); the DPO losses do not need it, so its memory is freed meanwhile.
+        kept = original if config.loss == "distill" else None
         del original
         gc.collect()
-        trainer, training = _train(config, loaded, spec, counts, checkpoints, resume, stages)
+        teacher = None if kept is None else kept.model
+        trainer, training = _train(
+            config, loaded, spec, counts, checkpoints, resume, stages, teacher
+        )
         with stages.stage("merge"):
             model = merged_model(
                 trainer, config.adapter, tmp / "adapter", lambda: load_model(
@@ -201,14 +215,14 @@ def _heal(
                     trust_remote_code=config.trust_remote_code,
                 ),
             )  # fmt: skip
-            del trainer
+            del trainer, teacher
             gc.collect()
         prepare_tokenizer(loaded.tokenizer)
         with stages.stage("eval after"):
             after = evaluator.assess(model, "healed")
-            original = _load_original(config, target)
+            original = kept if kept is not None else _load_original(config, target)
             record_kl(evaluator, original.model, model, after, reference)
-            del original
+            del original, kept
         record = _record(config, target, original_record, training, before, after)
         with stages.stage("export"):
             probe = list(evaluator.sets.harmless.texts[:4])
@@ -226,9 +240,9 @@ def _heal(
     return report.model_dump(mode="json")
 
 
-def _load_original(config: HealConfig, target: Target) -> LoadedModel:
+def _load_original(config: HealConfig, target: Target, device: str | None = None) -> LoadedModel:
     return load_model(
-        target.original, revision=target.original_revision, device=config.device,
+        target.original, revision=target.original_revision, device=device or config.device,
         dtype=config.dtype, trust_remote_code=config.trust_remote_code,
     )  # fmt: skip
 
@@ -286,8 +300,11 @@ def _train(
     checkpoints: Checkpoints,
     resume: Path | None,
     stages: Stages,
+    teacher: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """DPO on the pairs (every process); the trainer and the training record."""
+    """DPO or self-distillation (``teacher``: the original, for ``distill``) on the pairs (every
+    process); the trainer and the training record."""
+    from abliterate.train.distill import distill_trainer
     from abliterate.train.dpo import LOSS_TYPES, dpo_trainer  # needs trl (checked at the start)
 
     with stages.stage("train"):
@@ -297,15 +314,23 @@ def _train(
         arguments = trainer_arguments(
             config, output_dir=checkpoints.path, model=loaded.model, seed=config.seed
         )
-        trainer = dpo_trainer(
-            loaded.model, loaded.tokenizer, train, heldout, arguments,
-            max_length=config.max_length, beta=config.beta, loss=config.loss,
-            peft_config=lora_config(config),
-        )  # fmt: skip
-        result = run_training(trainer, checkpoints, resume, "DPO")
+        distill = config.loss == "distill"
+        if distill:
+            assert teacher is not None
+            trainer = distill_trainer(
+                loaded.model, teacher, loaded.tokenizer, train, heldout, arguments,
+                max_length=config.max_length, peft_config=lora_config(config),
+            )  # fmt: skip
+        else:
+            trainer = dpo_trainer(
+                loaded.model, loaded.tokenizer, train, heldout, arguments,
+                max_length=config.max_length, beta=config.beta, loss=config.loss,
+                peft_config=lora_config(config),
+            )  # fmt: skip
+        result = run_training(trainer, checkpoints, resume, "Distill" if distill else "DPO")
     lora = config.adapter != "full"
     training = {
-        "method": "dpo",
+        "method": "distill" if distill else "dpo",
         "adapter": config.adapter,
         "data": config.preferences or f"pairs built from {config.model}",
         "n_examples": len(train),
@@ -317,8 +342,8 @@ def _train(
         ),
         "lora_r": config.lora_r if lora else None,
         "lora_alpha": config.lora_alpha if lora else None,
-        "beta": config.beta,
-        "loss_type": LOSS_TYPES[config.loss],
+        "beta": None if distill else config.beta,
+        "loss_type": ["forward_kl"] if distill else LOSS_TYPES[config.loss],
         "pairs": counts,
         **result,
     }

@@ -50,6 +50,7 @@ from abliterate.eval.behaviour import UNITS, measure_behaviour
 from abliterate.eval.cache import baseline_assessment
 from abliterate.eval.evaluator import Evaluator
 from abliterate.eval.judges import JudgeOptions, build_judges, judge_sources
+from abliterate.eval.metrics import ngram_fluency
 from abliterate.files import write_json
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.forward import check_ready
@@ -100,7 +101,10 @@ def _sweep(
                 label=f"strength {strength:g}",
             )  # fmt: skip
         log.info("strength %g: %s = %.4g", strength, config.metric, value)
-        points.append({"strength": strength, "value": value, "example": answers[0]})
+        fluency = ngram_fluency(answers)["distinct_3"]
+        points.append(
+            {"strength": strength, "value": value, "example": answers[0], "distinct_3": fluency}
+        )
     return points
 
 

@@ -205,6 +205,18 @@ class DetoxConfig(
         description="'sequence': locate and tune each instance in turn on the model edited so "
         "far; 'batch': locate every instance, then tune all located layers on the whole batch.",
     )
+    distance: Literal["relative", "euclidean"] = Field(
+        "relative",
+        description="Distance that locates the toxic layer between the mean states of the safe "
+        "and the unsafe answer: 'relative' divides the Euclidean distance by the layer's state "
+        "norm (depths compare fairly); 'euclidean' is the paper's, which the residual stream's "
+        "growth with depth pulls to the last layer.",
+    )
+    locate_layers: Indices = Field(
+        (),
+        description="Layers the toxic layer is searched in (default: all but the first and the "
+        "last).",
+    )
     steps: Count = Field(10, description="Adam steps per instance (per batch in batch mode).")
     lr: FiniteFloat = Field(1e-4, gt=0, description="Adam learning rate.")
     kl_weight: FiniteFloat = Field(
@@ -212,6 +224,20 @@ class DetoxConfig(
         ge=0,
         description="Weight of the KL term that keeps the general-knowledge answer's next-token "
         "distributions.",
+    )
+    guard: Text | None = Field(
+        None,
+        description="Harmless prompts whose answers every DINM step holds in place (KL to the "
+        "model before detox, over its own greedy answers, weighted by --kl-weight), so the "
+        "edit does not teach every prompt to refuse. Default: the built-in harmless train split "
+        "(never the eval split).",
+    )
+    n_guard: int = Field(
+        32, ge=0, description="Guard prompts (0: no guard, the paper's loss alone)."
+    )
+    guard_tokens: Count = Field(4, description="Tokens of each guard prompt's reference answer.")
+    guard_batch: Count = Field(
+        2, description="Guard prompts per Adam step (the guard set is cycled through)."
     )
     safeedit: bool = Field(
         True,

@@ -10,6 +10,12 @@ located on the model as it is at that moment (the locator is passed in; see
   distributions over the general-knowledge answer's tokens, where ``p_now`` is the model being
   tuned, *with* gradient — so the KL term actually holds the general answer in place (the
   reference implementation computes both sides under ``no_grad``, which makes it a constant);
+* with a :class:`Guard` (``abliterate detox`` builds one by default), the loss also holds a set of
+  harmless prompts' answers in place: ``kl_weight`` times ``KL(p_ref ‖ p_now)`` over the reference
+  model's own answers to them, ``guard_batch`` prompts a step, cycling through the set. One
+  general-knowledge answer per instance does not stop a tuned projection from teaching *every*
+  prompt to open with a refusal (on the demo model the paper's loss alone took the over-refusal
+  rate from 12% to 74%); the guard is this project's addition and ``--n-guard 0`` turns it off;
 * Adam takes ``steps`` steps with learning rate ``lr``.
 
 ``p_ref`` is computed once, before any instance is edited (:func:`knowledge_references`): by
@@ -86,14 +92,61 @@ class InstanceRecord:
     distances: list[float]
     nll: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
+    guard_kl: list[float] = field(default_factory=list)
 
 
 @dataclass
 class DinmResult:
-    """The learned edit and the per-instance records."""
+    """The learned edit, the per-instance records and how many guard prompts were held."""
 
     edit: WeightDelta
     records: list[InstanceRecord]
+    guard_prompts: int = 0
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Harmless prompts whose answers DINM holds in place (module docstring).
+
+    Attributes:
+        texts: Chat-formatted harmless prompts.
+        answers: The reference model's answers to them (what the KL is taken over).
+        references: Per prompt, the reference model's log-probabilities over its answer:
+            ``(answer tokens, vocab)`` float32 on the CPU.
+        batch: Prompts per Adam step (the set is cycled through, step after step).
+    """
+
+    texts: tuple[str, ...]
+    answers: tuple[str, ...]
+    references: tuple[torch.Tensor, ...]
+    batch: int = 2
+
+    def rows(self, step: int) -> list[int]:
+        """The prompts of Adam step ``step`` (counted over the whole run)."""
+        n = len(self.texts)
+        return [(step * self.batch + k) % n for k in range(min(self.batch, n))]
+
+
+def build_guard(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    answers: Sequence[str],
+    batch: int = 2,
+) -> Guard:
+    """A :class:`Guard` with ``model``'s log-probabilities over ``answers`` as the reference.
+
+    Raises:
+        ValueError: no prompts, or not one answer per prompt.
+    """
+    if not texts or len(texts) != len(answers):
+        raise ValueError("a guard needs at least one prompt and one answer per prompt")
+    bound = anatomy_of(model)
+    refs = []
+    for text, answer in zip(texts, answers, strict=True):
+        with torch.no_grad():
+            refs.append(answer_logprobs(bound, encode_pairs(tokenizer, [text], [answer]))[0].cpu())
+    return Guard(tuple(texts), tuple(answers), tuple(refs), batch)
 
 
 def mlp_output_writer(bound: BoundAnatomy, layer: int) -> BoundWriter:
@@ -168,23 +221,31 @@ def tune_mlp_outputs(
     knowledge: PairBatch,
     reference: torch.Tensor,
     settings: DinmSettings,
-) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
+    guard: tuple[Guard, PreTrainedTokenizerBase, int] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[list[float]]]:
     """Tune ``writers`` with Adam on :func:`dinm_losses` (``reference``: the knowledge answer's
-    reference log-probabilities); return their canonical ``ΔW`` by tensor name and the loss
-    terms per step. The weights are restored before returning."""
+    reference log-probabilities), plus the guard's KL when ``guard`` (the guard, the tokenizer
+    and the number of steps taken before) is given; return their canonical ``ΔW`` by tensor
+    name and the loss terms per step (NLL, knowledge KL, guard KL). The weights are restored
+    before returning."""
     params = [w.module.get_parameter(w.writer.tensor.rsplit(".", 1)[-1]) for w in writers]
     originals = [p.detach().clone() for p in params]
-    nll_log, kl_log = [], []
+    logs: list[list[float]] = [[], [], []]
     try:
         with _trainable(bound.model, params):
             optimizer = torch.optim.Adam(params, lr=settings.lr)
-            for _ in range(settings.steps):
+            for step in range(settings.steps):
                 optimizer.zero_grad(set_to_none=True)
                 nll, kl = dinm_losses(bound, edit, knowledge, reference)
-                (nll + settings.kl_weight * kl).backward()
+                loss = nll + settings.kl_weight * kl
+                if guard is not None:
+                    guard_kl = _guard_kl(bound, *guard, step)
+                    loss = loss + settings.kl_weight * guard_kl
+                    logs[2].append(float(guard_kl.detach()))
+                loss.backward()
                 optimizer.step()
-                nll_log.append(float(nll.detach()))
-                kl_log.append(float(kl.detach()))
+                logs[0].append(float(nll.detach()))
+                logs[1].append(float(kl.detach()))
         deltas = {
             w.writer.tensor: canonical(p.detach() - o, w.writer.layout).float().cpu().clone()
             for w, p, o in zip(writers, params, originals, strict=True)
@@ -193,7 +254,20 @@ def tune_mlp_outputs(
         with torch.no_grad():
             for p, o in zip(params, originals, strict=True):
                 p.copy_(o)
-    return deltas, nll_log, kl_log
+    return deltas, logs
+
+
+def _guard_kl(
+    bound: BoundAnatomy, guard: Guard, tokenizer: PreTrainedTokenizerBase, before: int, step: int
+) -> torch.Tensor:
+    """``KL(reference ‖ model)`` averaged over the answer tokens of this step's guard prompts."""
+    rows = guard.rows(before + step)
+    batch = encode_pairs(
+        tokenizer, [guard.texts[i] for i in rows], [guard.answers[i] for i in rows]
+    )
+    current, _ = answer_logprobs(bound, batch)
+    ref = torch.cat([guard.references[i] for i in rows]).to(current.device)
+    return (ref.exp() * (ref - current)).sum(-1).mean()
 
 
 @dataclass(frozen=True)
@@ -257,12 +331,15 @@ def run_dinm(
     settings: DinmSettings,
     locate: Locator,
     references: Sequence[torch.Tensor] | None = None,
+    guard: Guard | None = None,
 ) -> DinmResult:
     """Detoxify ``model`` on ``instances`` (module docstring); the model is left unchanged.
 
     Args:
         references: Per instance, the KL reference over its knowledge answer (default:
             :func:`knowledge_references` of ``model`` as given).
+        guard: Harmless prompts held in place at every step (:func:`build_guard`), or None
+            for the paper's loss.
 
     Raises:
         UnsupportedArchitectureError: a located layer has no dense MLP output projection.
@@ -276,17 +353,18 @@ def run_dinm(
     touched: dict[str, torch.Tensor] = {}  # originals of every baked weight, to restore
     try:
         if settings.mode == "batch":
-            _batch(bound, tokenizer, texts, references, settings, locate, parts, records)
+            _batch(bound, tokenizer, texts, references, settings, locate, parts, records, guard)
         else:
-            pairs = zip(texts, references, strict=True)
-            for t, reference in progress(pairs, total=len(texts), desc="DINM (instances)"):
+            pairs = enumerate(zip(texts, references, strict=True))
+            for i, (t, reference) in progress(pairs, total=len(texts), desc="DINM (instances)"):
                 layer, distances = locate([t.prompt], [t.safe], [t.unsafe])[0]
                 writer = mlp_output_writer(bound, layer)
                 edit, knowledge = _batches(tokenizer, [t])
-                deltas, nll, kl = tune_mlp_outputs(
-                    bound, [writer], edit, knowledge, reference, settings
+                held = None if guard is None else (guard, tokenizer, i * settings.steps)
+                deltas, logs = tune_mlp_outputs(
+                    bound, [writer], edit, knowledge, reference, settings, held
                 )
-                records.append(InstanceRecord(t.id, layer, list(distances), nll, kl))
+                records.append(InstanceRecord(t.id, layer, list(distances), *logs))
                 target = _target(writer)
                 param = writer.module.get_parameter(writer.writer.tensor.rsplit(".", 1)[-1])
                 touched.setdefault(target.name, param.detach().clone())
@@ -304,10 +382,13 @@ def run_dinm(
         "steps": settings.steps,
         "lr": settings.lr,
         "kl_weight": settings.kl_weight,
+        "guard_prompts": 0 if guard is None else len(guard.texts),
         "instances": [r.id for r in records],
         "layers": [r.layer for r in records],
     }
-    return DinmResult(WeightDelta.accumulate(parts, provenance), records)
+    return DinmResult(
+        WeightDelta.accumulate(parts, provenance), records, 0 if guard is None else len(guard.texts)
+    )
 
 
 def _batch(
@@ -319,6 +400,7 @@ def _batch(
     locate: Locator,
     parts: dict[DeltaTarget, torch.Tensor],
     records: list[InstanceRecord],
+    guard: Guard | None,
 ) -> None:
     """Batch mode: locate every instance first, then tune every located layer together."""
     located = locate([t.prompt for t in texts], [t.safe for t in texts], [t.unsafe for t in texts])
@@ -327,8 +409,9 @@ def _batch(
     edit, knowledge = _batches(tokenizer, texts)
     # The batch's answer tokens come in instance order, as the references do.
     reference = torch.cat(list(references))
-    deltas, nll, kl = tune_mlp_outputs(bound, writers, edit, knowledge, reference, settings)
+    held = None if guard is None else (guard, tokenizer, 0)
+    deltas, logs = tune_mlp_outputs(bound, writers, edit, knowledge, reference, settings, held)
     for t, (layer, distances) in zip(texts, located, strict=True):
-        records.append(InstanceRecord(t.id, layer, list(distances), nll, kl))
+        records.append(InstanceRecord(t.id, layer, list(distances), *logs))
     for writer in writers:
         parts[_target(writer)] = deltas[writer.writer.tensor]

@@ -7,6 +7,7 @@ table printed at the end of a run. A missing value (None) is shown as an en dash
 from __future__ import annotations
 
 import math
+from html import escape
 
 MISSING = "–"
 
@@ -63,3 +64,16 @@ def side_labels(command: str) -> tuple[str, str]:
     """What a report calls its ``baseline`` and ``edited`` models (``heal``: before healing and
     healed; ``sft``: before and fine-tuned; abliteration: baseline and abliterated)."""
     return _SIDES.get(command, ("baseline", "abliterated"))
+
+
+def text(value: object) -> str:
+    """Untrusted text for a Markdown table cell: HTML-escaped, pipes as entities (an escaped
+    ``\\|`` can still split a row in some renderers), line breaks as ``<br>``."""
+    escaped = escape(str(value), quote=False).replace("|", "&#124;")
+    return "<br>".join(escaped.splitlines())
+
+
+def code(value: object) -> str:
+    """Untrusted text in code style: an HTML ``<code>`` element around escaped text (a
+    Markdown code span would show entities literally and could be closed by a backtick)."""
+    return f"<code>{text(value)}</code>"

@@ -6,8 +6,9 @@ examples side by side, the candidates' scores, stage times and the charts from `
 ``evaluate`` reports get their own variant (judges, over-refusal, fluency, benchmarks).
 
 Prompts and responses are model input and output: they are HTML-escaped, so that markup in
-them stays text in any Markdown viewer, and their pipes cannot split a table row (the cells and
-the breakdown tables: :mod:`abliterate.report.tables`).
+them stays text in any Markdown viewer, and their pipes cannot split a table row (the cells:
+:func:`abliterate.report.format.text`; the breakdown tables: :mod:`abliterate.report.tables`; the
+steering section: :mod:`abliterate.report.steering`).
 
 :func:`write_reports` writes every file of a report (``report.json``, ``report.md``,
 ``report.html``, ``plots/*.svg``).
@@ -22,11 +23,12 @@ from abliterate.files import write_text
 from abliterate.report.breakdown import pair_completions, pick_examples, refusal_by_category
 from abliterate.report.charts import all_figures
 from abliterate.report.files import write_figures
-from abliterate.report.format import MISSING, fixed, pct, sci, side_labels
+from abliterate.report.format import MISSING, code, fixed, pct, sci, side_labels, text
 from abliterate.report.html import kl_meaning, render_html, training_facts
 from abliterate.report.optimization import describe_edit, front_plot, pareto_table, search_notes
 from abliterate.report.schema import AblationEdit, ModelResult, Report, SelectionScores
-from abliterate.report.tables import category_table, code, kl_category_table, scores_table, text
+from abliterate.report.steering import steering_lines
+from abliterate.report.tables import category_table, kl_category_table, scores_table
 
 
 def _quote(response: str) -> str:
@@ -312,6 +314,7 @@ def _render_run(report: Report, scores: SelectionScores | None) -> str:
         *kl_category_table(report),
         *_edit_lines(report),
         *_training_lines(report),
+        *steering_lines(report),
         *_check_lines(report),
     ]
     categories = refusal_by_category(report)

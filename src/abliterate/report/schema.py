@@ -622,7 +622,7 @@ class LossPoint(_Record):
 class Training(_Record):
     """How a model was fine-tuned (``sft``, ``heal``) and how its loss went."""
 
-    method: Literal["sft", "dpo"]
+    method: Literal["sft", "dpo", "distill"]
     adapter: Literal["lora", "qlora", "full"]
     data: str = Field(description="The training data: a dataset, or the pairs built from a run.")
     n_examples: int = Field(ge=0, description="Training examples (after the held-out ones).")
@@ -647,11 +647,14 @@ class Training(_Record):
 
 
 class SweepPoint(_Record):
-    """A steering's metric at one strength, with the first prompt's answer as an example."""
+    """A steering's metric at one strength, with the first prompt's answer as an example and
+    the answers' repetitiveness (``distinct_3``: the mean share of distinct word 3-grams; 1 is
+    no repetition, a steering too strong for the model falls toward 0 as it loops)."""
 
     strength: float
     value: float
     example: str
+    distinct_3: float | None = _omitted()
 
 
 class SteeringResult(_Record):
@@ -682,6 +685,11 @@ class DinmInstanceRecord(_Record):
     distances: list[float]
     nll: list[float]
     kl: list[float]
+    guard_kl: list[float] = Field(
+        default_factory=list,
+        description="The guard's KL at each step (empty without a guard, and in reports written "
+        "before it existed).",
+    )
 
 
 class DetoxResult(_Record):
@@ -692,6 +700,7 @@ class DetoxResult(_Record):
     steps: int
     lr: float
     kl_weight: float
+    guard_prompts: int = Field(0, description="Harmless prompts the guard held in place (0: none).")
     records: list[DinmInstanceRecord]
     edited_tensors: list[str]
     prior_edit: str | None = _omitted()

@@ -1,7 +1,8 @@
-"""Markdown tables of a report's breakdowns, and the escaping of untrusted text in a cell.
+"""Markdown tables of a report's breakdowns.
 
-Prompts and responses are model input and output: :func:`text` HTML-escapes them, so that
-markup in them stays text in any Markdown viewer, and their pipes cannot split a table row.
+Prompts and responses are model input and output: every cell of them goes through
+:func:`abliterate.report.format.text`, which HTML-escapes them, so that markup in them stays
+text in any Markdown viewer, and their pipes cannot split a table row.
 The tables: every candidate direction's scores (:func:`scores_table`), refusals per harmful
 category (:func:`category_table`) and KL divergences per harmless category
 (:func:`kl_category_table`).
@@ -9,25 +10,10 @@ category (:func:`category_table`) and KL divergences per harmless category
 
 from __future__ import annotations
 
-from html import escape
-
 from abliterate.report.breakdown import CategoryRefusals
-from abliterate.report.format import MISSING, fixed
+from abliterate.report.format import MISSING, fixed, text
 from abliterate.report.html import kl_meaning
 from abliterate.report.schema import Report, SelectionScores
-
-
-def text(value: object) -> str:
-    """Untrusted text for a Markdown table cell: HTML-escaped, pipes as entities (an escaped
-    ``\\|`` can still split a row in some renderers), line breaks as ``<br>``."""
-    escaped = escape(str(value), quote=False).replace("|", "&#124;")
-    return "<br>".join(escaped.splitlines())
-
-
-def code(value: object) -> str:
-    """Untrusted text in code style: an HTML ``<code>`` element around escaped text (a
-    Markdown code span would show entities literally and could be closed by a backtick)."""
-    return f"<code>{text(value)}</code>"
 
 
 def scores_table(scores: SelectionScores) -> str:

@@ -21,7 +21,9 @@ usually ``prompt``), each as text or as chat messages, in any of the containers 
 user messages: the model's chat template is applied, as everywhere in abliterate.
 
 Both become TRL's conversational preference rows ``{"prompt": [...], "chosen": [...],
-"rejected": [...]}`` plus ``chosen_truncated`` / ``rejected_truncated``: a self-built answer
+"rejected": [...]}`` plus ``kind`` (``harmless``/``harmful`` for self-built pairs, read back from
+a file that has it, else None; ``heal --loss distill`` picks its teacher by it) and
+``chosen_truncated`` / ``rejected_truncated``: a self-built answer
 cut at the generation budget has no real end, and
 :class:`~abliterate.train.dpo.CutAnswerCollator` keeps the
 end-of-turn tokens the chat template appends to it out of the loss, so that healing does not
@@ -219,6 +221,7 @@ def normalize_pair(row: dict[str, Any], where: str, system_prompt: str | None) -
         "rejected": rejected,
         "chosen_truncated": bool(row.get("chosen_truncated", False)),
         "rejected_truncated": bool(row.get("rejected_truncated", False)),
+        "kind": None if row.get("kind") is None else str(row["kind"]),
     }
 
 
@@ -226,7 +229,7 @@ def preference_rows(spec: str, system_prompt: str | None) -> Iterator[dict[str, 
     """The normalised rows of a preference dataset (file or ``hf:``), streamed."""
     source = RowSource.parse(spec)
     for batch in source.batches(256, ("prompt", "chosen", "rejected", "chosen_truncated",
-                                      "rejected_truncated")):  # fmt: skip
+                                      "rejected_truncated", "kind")):  # fmt: skip
         for i, row in enumerate(batch.rows):
             yield normalize_pair(row, f"{source.name} row {batch.start + i}", system_prompt)
 
