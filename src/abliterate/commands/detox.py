@@ -6,9 +6,9 @@ abliteration) into it, keeping the original's next-token distributions on the ha
 (for the KL to the original) and on the instances' general-knowledge answers (DINM's KL
 reference: the detox holds those answers to the original model, not to the abliterated one)
 and the guard (harmless prompts with the original's own short answers, held by every DINM step;
-:class:`~abliterate.edit.dinm.Guard`); evaluate the model before detoxification (``baseline``: refusal and
-over-refusal rates, SafeEdit-style scores); run DINM (:func:`~abliterate.edit.dinm.run_dinm`,
-with the toxic layer of every instance located by
+:class:`~abliterate.edit.dinm.Guard`); evaluate the model before detoxification
+(``baseline``: refusal and over-refusal rates, SafeEdit-style scores); run DINM
+(:func:`~abliterate.edit.dinm.run_dinm`, with the toxic layer of every instance located by
 :func:`~abliterate.measure.toxic.locate_toxic_layers`); evaluate the detoxified model through
 the learned edit's hooks (``edited``: the same measures, plus KL to the model before); bake the
 edit, check the weights against the hooks, and save the edit and the model.
