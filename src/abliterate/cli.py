@@ -259,9 +259,10 @@ COMMANDS: dict[str, Command] = {
     "heal": Command(
         HealConfig,
         _cmd_heal,
-        "Heal an abliterated model with DPO (TRL, LoRA/QLoRA): by default on pairs built from the "
-        "run (the original's answers preferred on harmless prompts, the abliterated model's "
-        "compliance on harmful ones); evaluated before and after against the original.",
+        "Heal an abliterated model (LoRA/QLoRA): by default by self-distillation on pairs built "
+        "from the run (the original's next-token distributions on harmless prompts, the "
+        "abliterated model's own on harmful ones), or with DPO (TRL); evaluated before and after "
+        "against the original.",
     ),
     "report": Command(
         ReportConfig,

@@ -227,8 +227,9 @@ class DetoxConfig(
     )
     guard: Text | None = Field(
         None,
-        description="Harmless prompts whose answers every DINM step holds in place (KL to the "
-        "model before detox, over its own greedy answers, weighted by --kl-weight), so the "
+        description="Harmless prompts whose answers every DINM step holds in place (KL to "
+        "MODEL as given, before --edit, over its own greedy answers, weighted by --kl-weight), "
+        "so the "
         "edit does not teach every prompt to refuse. Default: the built-in harmless train split "
         "(never the eval split).",
     )
