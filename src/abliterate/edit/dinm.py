@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from abliterate.core.delta import DeltaTarget, WeightDelta
+from abliterate.core.stats import kl_divergence
 from abliterate.data.chat import format_chat
 from abliterate.data.detox import DetoxInstance
 from abliterate.data.pairs import PairBatch, encode_pairs
@@ -194,7 +195,7 @@ def dinm_losses(
     nll = torch.nn.functional.nll_loss(logprobs, targets)
     current, _ = answer_logprobs(bound, knowledge)
     ref = reference.to(current.device)
-    kl = (ref.exp() * (ref - current)).sum(-1).mean()
+    kl = kl_divergence(ref, current).mean()
     return nll, kl
 
 
@@ -267,7 +268,7 @@ def _guard_kl(
     )
     current, _ = answer_logprobs(bound, batch)
     ref = torch.cat([guard.references[i] for i in rows]).to(current.device)
-    return (ref.exp() * (ref - current)).sum(-1).mean()
+    return kl_divergence(ref, current).mean()
 
 
 @dataclass(frozen=True)

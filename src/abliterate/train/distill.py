@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer
 
+from abliterate.core.stats import kl_divergence
 from abliterate.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -113,9 +114,9 @@ class DistillCollator:
 
 def forward_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """``KL(teacher ‖ student)`` per position of two logit tensors ``(..., vocab)`` → ``(...)``."""
-    t = torch.log_softmax(teacher.float(), dim=-1)
-    s = torch.log_softmax(student.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1)
+    return kl_divergence(
+        torch.log_softmax(teacher.float(), dim=-1), torch.log_softmax(student.float(), dim=-1)
+    )
 
 
 class DistillTrainer(Trainer):
