@@ -193,10 +193,14 @@ def dinm_losses(
     """
     logprobs, targets = answer_logprobs(bound, edit)
     nll = torch.nn.functional.nll_loss(logprobs, targets)
-    current, _ = answer_logprobs(bound, knowledge)
-    ref = reference.to(current.device)
-    kl = kl_divergence(ref, current).mean()
-    return nll, kl
+    return nll, answer_kl(bound, knowledge, reference)
+
+
+def answer_kl(bound: BoundAnatomy, batch: PairBatch, reference: torch.Tensor) -> torch.Tensor:
+    """``KL(reference ‖ model)`` averaged over ``batch``'s answer tokens, with gradient
+    (``reference``: the answers' log-probabilities ``(k, vocab)`` from :func:`answer_logprobs`)."""
+    current, _ = answer_logprobs(bound, batch)
+    return kl_divergence(reference.to(current.device), current).mean()
 
 
 @contextmanager
@@ -266,9 +270,7 @@ def _guard_kl(
     batch = encode_pairs(
         tokenizer, [guard.texts[i] for i in rows], [guard.answers[i] for i in rows]
     )
-    current, _ = answer_logprobs(bound, batch)
-    ref = torch.cat([guard.references[i] for i in rows]).to(current.device)
-    return kl_divergence(ref, current).mean()
+    return answer_kl(bound, batch, torch.cat([guard.references[i] for i in rows]))
 
 
 @dataclass(frozen=True)
@@ -377,19 +379,18 @@ def run_dinm(
         with torch.no_grad():
             for name, original in touched.items():
                 model.get_parameter(name).copy_(original)
+    guard_prompts = 0 if guard is None else len(guard.texts)
     provenance = {
         "method": "dinm",
         "mode": settings.mode,
         "steps": settings.steps,
         "lr": settings.lr,
         "kl_weight": settings.kl_weight,
-        "guard_prompts": 0 if guard is None else len(guard.texts),
+        "guard_prompts": guard_prompts,
         "instances": [r.id for r in records],
         "layers": [r.layer for r in records],
     }
-    return DinmResult(
-        WeightDelta.accumulate(parts, provenance), records, 0 if guard is None else len(guard.texts)
-    )
+    return DinmResult(WeightDelta.accumulate(parts, provenance), records, guard_prompts)
 
 
 def _batch(
