@@ -234,6 +234,7 @@ class CheapObjective:
         """``{"refusal", "refusal_prob", "kl"}`` of ``edit`` on the validation prompts."""
         return self.many([edit])[0]
 
-    def many(self, edits: Sequence[Edit]) -> list[dict[str, float]]:
-        """:meth:`__call__` of several edits, scored ``edits_per_pass`` at a time."""
-        return [s.summary() for s in self.scorer.score(edits, self.edits_per_pass)]
+    def many(self, edits: Sequence[Edit], desc: str | None = None) -> list[dict[str, float]]:
+        """:meth:`__call__` of several edits, scored ``edits_per_pass`` at a time (``desc``
+        shows a progress bar)."""
+        return [s.summary() for s in self.scorer.score(edits, self.edits_per_pass, desc)]

@@ -57,15 +57,16 @@ def compare_precisions(
 ) -> PrecisionCheck:
     """Score ``front`` with ``exact`` (the model's own precision), storing the values on each
     record's ``rescored``, and compare the two precisions."""
-    values = exact.many([edit_of(r) for r in front])
-    for r, v in zip(front, values, strict=True):
-        r.rescored = {"refusal": v["refusal"], "kl": v["kl"]}
-    by_kl = sorted(front, key=lambda r: r.kl)
-    by_exact_kl = sorted(front, key=lambda r: r.values(True)[1])
     model = exact.model
     # Only a loaded model is copied to another precision (a layer-streamed one never is).
     assert not isinstance(model, LayerwiseModel)
     model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    desc = f"Re-scoring {len(front)} front trials in {model_dtype}"
+    values = exact.many([edit_of(r) for r in front], desc=desc)
+    for r, v in zip(front, values, strict=True):
+        r.rescored = {"refusal": v["refusal"], "kl": v["kl"]}
+    by_kl = sorted(front, key=lambda r: r.kl)
+    by_exact_kl = sorted(front, key=lambda r: r.values(True)[1])
     return PrecisionCheck(
         search_dtype=search_dtype,
         model_dtype=model_dtype,
