@@ -68,7 +68,7 @@ class _Objective:
         self.scorer, self.edits_per_pass, self.shift = _Scorer(), 2, kl_shift
         self.model = torch.nn.Linear(1, 1)
 
-    def many(self, edits: list[float]) -> list[dict[str, float]]:
+    def many(self, edits: list[float], desc: str | None = None) -> list[dict[str, float]]:
         return [{"refusal": e, "refusal_prob": e / 2, "kl": 1.0 - e + self.shift} for e in edits]
 
 
