@@ -239,6 +239,21 @@ def _detox_record(
     return record
 
 
+def _original(
+    config: DetoxConfig, loaded: LoadedModel, harmless: Sequence[str], instances: InstanceSet
+) -> _Original | None:
+    """With ``--edit``, the original model's distributions (harmless next tokens, knowledge
+    answers) that the KL to the original is measured against; call before the edit is baked."""
+    if config.edit is None:
+        return None
+    return _Original(
+        next_token_logprobs(loaded.model, loaded.tokenizer, harmless, batch_size=config.batch_size),
+        knowledge_references(
+            loaded.model, loaded.tokenizer, instances.instances, config.system_prompt
+        ),
+    )
+
+
 def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Run ``abliterate detox`` (module docstring); returns the report.
 
@@ -269,17 +284,7 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
             loaded = load_checked(config)
         sets = format_sets(loaded, config, raw_sets)
         check_ready(loaded.model, loaded.tokenizer, sets.chat_sets(), loaded.name)
-        original = None
-        if config.edit is not None:  # the original's distributions, before the edit is baked
-            original = _Original(
-                next_token_logprobs(
-                    loaded.model, loaded.tokenizer, sets.harmless.texts,
-                    batch_size=config.batch_size,
-                ),
-                knowledge_references(
-                    loaded.model, loaded.tokenizer, instances.instances, config.system_prompt
-                ),
-            )  # fmt: skip
+        original = _original(config, loaded, sets.harmless.texts, instances)
         with stages.stage("guard"):  # answered by the model before any edit
             guard = _guard(config, loaded)
         prior = apply_prior_edit(config.edit, loaded)
