@@ -34,13 +34,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from abliterate.data.chat import ChatSet
-from abliterate.data.reasoning import opens_reasoning
 from abliterate.eval.judges import Judge, judge_agreement
 from abliterate.eval.kl import Context, kl_per_prompt, reference_continuations
 from abliterate.eval.llm_judge import parse_yes_no
 from abliterate.eval.metrics import ReferenceAnswers, ngram_fluency, reference_cross_entropy
 from abliterate.eval.refusals import RefusalEval, judge_responses
-from abliterate.eval.text import split_answer
+from abliterate.eval.text import split_answers
 from abliterate.model.forward import generate
 
 if TYPE_CHECKING:
@@ -241,9 +240,7 @@ class Evaluator:
             batch_size=self.batch_size,
             desc=f"Generating ({label})",
         )
-        answers = [
-            split_answer(r, opens_reasoning(t)) for r, t in zip(responses, chats.texts, strict=True)
-        ]
+        answers = split_answers(responses, chats.texts)
         return judge_responses(self.judges, chats.prompts, responses, answers)
 
     def _unfinished(self, judged: RefusalEval) -> dict[str, Any]:

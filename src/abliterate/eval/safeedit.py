@@ -19,6 +19,13 @@ For a set of edited instances (:class:`~abliterate.data.detox.InstanceSet`) a mo
   general-knowledge questions, counted right when the correct option's text appears in the
   answer.
 
+Reasoning models (``thinking="on"``): every input is formatted with the template's thinking
+switch on, answers get ``thinking_budget`` more tokens, and the judges (and the knowledge
+check) read only the answer after the reasoning block, as the evaluator does
+(:func:`~abliterate.eval.text.split_answer`). An answer that never arrived is *unfinished*: it
+is left out of every score's denominator and its share is reported per score (``unfinished``).
+With thinking off every answer is read whole, as always.
+
 Harmless KL to the model before detoxification is measured by the evaluator
 (:class:`~abliterate.eval.evaluator.Evaluator`), beside these scores.
 """
@@ -35,12 +42,14 @@ from abliterate.data.detox import GENERALIZATION, DetoxInstance, InstanceSet
 from abliterate.data.prompts import PromptSet
 from abliterate.eval.judges import Judge
 from abliterate.eval.metrics import ngram_fluency
-from abliterate.eval.refusals import rate
-from abliterate.eval.text import normalize
+from abliterate.eval.refusals import RefusalEval, judge_responses, rate
+from abliterate.eval.text import Answer, normalize, split_answers
 from abliterate.model.forward import generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from abliterate.types import Thinking
 
 KNOWLEDGE_FILE = "benchmark_tasks/general_knowledge.jsonl"
 
@@ -106,6 +115,43 @@ class SafeEditSets:
     knowledge: KnowledgeQuestions
 
 
+@dataclass(frozen=True)
+class _Answering:
+    """How the model answers: chat formatting, generation and the reasoning split."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    batch_size: int
+    system_prompt: str | None
+    thinking: Thinking
+    thinking_budget: int
+
+    def __call__(
+        self, prompts: Sequence[str], tokens: int, label: str
+    ) -> tuple[list[str], list[Answer] | None]:
+        """The whole responses and, with thinking on, their answers after the reasoning."""
+        texts = format_chat(self.tokenizer, prompts, self.system_prompt, self.thinking)
+        budget = self.thinking_budget if self.thinking == "on" else 0
+        responses = generate(
+            self.model, self.tokenizer, texts, max_new_tokens=tokens + budget,
+            batch_size=self.batch_size, desc=f"SafeEdit ({label})",
+        )  # fmt: skip
+        return responses, split_answers(responses, texts) if self.thinking == "on" else None
+
+
+def _knowledge(
+    sets: SafeEditSets, responses: list[str], answers: list[Answer] | None
+) -> tuple[float, float]:
+    """General-knowledge accuracy over the finished answers, and the unfinished share."""
+    read = answers or [Answer(r) for r in responses]
+    hits = [
+        normalize(answer) in normalize(got.text)
+        for answer, got in zip(sets.knowledge.answers, read, strict=True)
+        if got.finished
+    ]
+    return rate(hits), rate([not a.finished for a in read])
+
+
 def safeedit_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -116,15 +162,12 @@ def safeedit_scores(
     batch_size: int,
     system_prompt: str | None = None,
     knowledge_tokens: int = 32,
+    thinking: Thinking = "off",
+    thinking_budget: int = 0,
 ) -> dict[str, Any]:
     """DS, DG (four kinds and their average), fluency and general-knowledge accuracy of
     ``model`` (module docstring), in the ``report.json`` shape of ``safeedit``."""
-
-    def answers(prompts: Sequence[str], tokens: int, label: str) -> list[str]:
-        texts = format_chat(tokenizer, prompts, system_prompt)
-        return generate(model, tokenizer, texts, max_new_tokens=tokens, batch_size=batch_size,
-                        desc=f"SafeEdit ({label})")  # fmt: skip
-
+    answering = _Answering(model, tokenizer, batch_size, system_prompt, thinking, thinking_budget)
     inputs = {"defense_success": [i.prompt for i in sets.instances.instances]}
     inputs.update(
         {
@@ -132,33 +175,32 @@ def safeedit_scores(
             for k, v in generalization_inputs(sets.instances, sets.other_questions).items()
         }
     )
-    verdicts: dict[str, dict[str, list[bool]]] = {}
-    responses: dict[str, list[str]] = {}
+    judged: dict[str, RefusalEval] = {}
     for key, prompts in inputs.items():
-        responses[key] = answers(prompts, max_new_tokens, key)
-        verdicts[key] = {j.name: j(prompts, responses[key]) for j in judges}
+        responses, answers = answering(prompts, max_new_tokens, key)
+        judged[key], _ = judge_responses(judges, PromptSet(key, tuple(prompts)), responses, answers)
     deciding = judges[0].name
-    scores: dict[str, Any] = {k: rate(v[deciding]) for k, v in verdicts.items()}
+    scores: dict[str, Any] = {k: v.rate_by(deciding) for k, v in judged.items()}
     scores["dg_average"] = sum(scores[f"dg_{k}"] for k in GENERALIZATION) / len(GENERALIZATION)
     if len(judges) > 1:
         scores["judges"] = {
-            j.name: {k: rate(v[j.name]) for k, v in verdicts.items()} for j in judges
+            j.name: {k: v.rate_by(j.name) for k, v in judged.items()} for j in judges
         }
-    scores["fluency"] = ngram_fluency(responses["defense_success"])
-    knowledge = answers(sets.knowledge.questions, knowledge_tokens, "knowledge")
-    hits = [
-        normalize(answer) in normalize(response)
-        for answer, response in zip(sets.knowledge.answers, knowledge, strict=True)
-    ]
-    scores["knowledge_accuracy"] = rate(hits)
+    defense = judged["defense_success"]
+    scores["fluency"] = ngram_fluency(defense.answers or defense.responses)
+    responses, answers = answering(sets.knowledge.questions, knowledge_tokens, "knowledge")
+    scores["knowledge_accuracy"], knowledge_unfinished = _knowledge(sets, responses, answers)
     scores["n_instances"] = len(sets.instances)
     scores["n_knowledge"] = len(sets.knowledge)
     scores["judge"] = deciding
+    if thinking == "on":
+        scores["unfinished"] = {k: v.unfinished_rate for k, v in judged.items()}
+        scores["unfinished"]["knowledge"] = knowledge_unfinished
     scores["examples"] = [
-        {"input": p, "response": r, "refused": v}
-        for p, r, v in zip(
-            inputs["defense_success"], responses["defense_success"],
-            verdicts["defense_success"][deciding], strict=True,
+        {"input": p, "response": r, "refused": v, **({"unfinished": True} if u else {})}
+        for p, r, v, u in zip(
+            defense.prompts, defense.responses, defense.refused,
+            defense.unfinished or [False] * len(defense.prompts), strict=True,
         )
     ]  # fmt: skip
     return scores

@@ -5,9 +5,10 @@ reasoning model separated from its reasoning (:func:`split_answer`)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from abliterate.data.reasoning import find_close, leading_open
+from abliterate.data.reasoning import find_close, leading_open, opens_reasoning
 
 _REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(</\1>|$)", re.DOTALL | re.IGNORECASE)
 _EMPHASIS = re.compile(r"[*_`~#>]+")
@@ -61,3 +62,9 @@ def split_answer(response: str, in_reasoning: bool = False) -> Answer:
         return Answer("", finished=False)
     answer = response[closing.end() :].strip()
     return Answer(answer, finished=bool(strip_reasoning(answer).strip()))
+
+
+def split_answers(responses: Sequence[str], texts: Sequence[str]) -> list[Answer]:
+    """:func:`split_answer` of each response to its formatted prompt in ``texts`` (a prompt
+    that ends inside an opened reasoning block makes its whole continuation reasoning)."""
+    return [split_answer(r, opens_reasoning(t)) for r, t in zip(responses, texts, strict=True)]

@@ -524,11 +524,13 @@ class CategoryKL(_Record):
 
 
 class SafeEditExample(_Record):
-    """One edited input, the model's answer and whether the deciding judge counted it safe."""
+    """One edited input, the model's answer and whether the deciding judge counted it safe
+    (``unfinished``: the answer never arrived after the reasoning, and was not judged)."""
 
     input: str
     response: str
     refused: bool
+    unfinished: bool | None = _omitted()
 
 
 class SafeEditScores(_Record):
@@ -548,6 +550,13 @@ class SafeEditScores(_Record):
     n_knowledge: int = Field(ge=0)
     judge: str = Field(description="The judge whose refusal verdict counts as safe.")
     judges: dict[str, dict[str, Rate]] | None = _omitted()
+    unfinished: dict[str, Rate] | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        description="With --thinking on: per score (defense_success, dg_*, knowledge), the share "
+        "of answers that never arrived after the reasoning; every score is over the finished "
+        "answers.",
+    )
     examples: list[SafeEditExample]
 
 
@@ -649,12 +658,15 @@ class Training(_Record):
 class SweepPoint(_Record):
     """A steering's metric at one strength, with the first prompt's answer as an example and
     the answers' repetitiveness (``distinct_3``: the mean share of distinct word 3-grams; 1 is
-    no repetition, a steering too strong for the model falls toward 0 as it loops)."""
+    no repetition, a steering too strong for the model falls toward 0 as it loops). With
+    ``--thinking on`` the metric reads the answers after the reasoning, over the finished ones,
+    and ``unfinished_rate`` is the share that never arrived."""
 
     strength: float
     value: float
     example: str
     distinct_3: float | None = _omitted()
+    unfinished_rate: Rate | None = _omitted()
 
 
 class SteeringResult(_Record):

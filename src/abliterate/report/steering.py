@@ -29,19 +29,30 @@ def steering_lines(report: Report) -> list[str]:
     if not steering.sweep:
         return lines
     unit = text(steering.metric_unit)
+    # With --thinking on the metric reads the answers after the reasoning; the share that never
+    # arrived gets a column of its own.
+    reasoning = any(p.unfinished_rate is not None for p in steering.sweep)
+    note = (
+        " Reasoning: the metric reads only the answer after the reasoning block, over the "
+        "answers that arrived within the token budget; the others are *unfinished*."
+        if reasoning
+        else ""
+    )
     lines += [
         "",
         f"Strength sweep: {text(steering.metric)} ({unit}) of greedy answers to "
         f"{steering.metric_prompts.n} prompts ({text(steering.metric_prompts.name)}); distinct "
         "3-grams is the mean share of word 3-grams that are not repeats (1: no repetition; it "
-        "falls as a too-strong steering makes the model loop).",
+        f"falls as a too-strong steering makes the model loop).{note}",
         "",
-        f"| strength | {text(steering.metric)} | distinct 3-grams |",
-        "|---:|---:|---:|",
+        f"| strength | {text(steering.metric)} | distinct 3-grams |"
+        + (" unfinished |" if reasoning else ""),
+        "|---:|---:|---:|" + ("---:|" if reasoning else ""),
     ]
     for point in sorted(steering.sweep, key=lambda p: p.strength):
         lines.append(
             f"| {point.strength:g} | {_value(point, steering.metric)} | "
             f"{fixed(point.distinct_3, 3)} |"
+            + (f" {pct(point.unfinished_rate)} |" if reasoning else "")
         )
     return lines
