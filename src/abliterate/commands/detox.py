@@ -14,6 +14,19 @@ with the toxic layer of every instance located by
 the learned edit's hooks (``edited``: the same measures, plus KL to the model before); bake the
 edit, check the weights against the hooks, and save the edit and the model.
 
+Reasoning models (``--thinking on``): what *measures* the model reasons as ``abliterate
+evaluate`` does: the evaluation sets' harmful and over-refusal prompts and every SafeEdit-style
+input are formatted with the template's thinking switch on, answers get ``--thinking-budget``
+more tokens, and judges (and the knowledge check) read only the answer after the reasoning
+block, unfinished answers counted apart. What DINM *learns from* stays with thinking off, so it
+edits the answer that follows an empty reasoning block: the instances' prompts with their safe
+answers (and the toxic-layer location on them), the general-knowledge answers held by DINM's KL
+term, and the guard, whose reference is the model's first ``--guard-tokens`` answer tokens
+(with reasoning on they would be the opening of its reasoning, not of an answer, and a guard
+answer would need the whole budget at every step). Next-token KL (to the model before, and to
+the original with ``--edit``) reads the harmless prompts with thinking off too, so the token
+read is the answer's first.
+
 Run directory::
 
     config.json, environment.json
@@ -37,6 +50,7 @@ from abliterate.commands.evaluate import (
     load_checked,
     load_prompt_sets,
     model_record,
+    reasoning_settings,
 )
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import DetoxConfig, to_dict
@@ -82,6 +96,7 @@ def _scores(
     return safeedit_scores(
         loaded.model, loaded.tokenizer, sets, judges, max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size, system_prompt=config.system_prompt,
+        thinking=config.thinking, thinking_budget=config.thinking_budget,
     )  # fmt: skip
 
 
@@ -282,7 +297,7 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
         write_json(tmp / "config.json", to_dict(config))
         with stages.stage("load model"):
             loaded = load_checked(config)
-        sets = format_sets(loaded, config, raw_sets)
+        sets = format_sets(loaded, config, raw_sets, config.thinking)
         check_ready(loaded.model, loaded.tokenizer, sets.chat_sets(), loaded.name)
         original = _original(config, loaded, sets.harmless.texts, instances)
         with stages.stage("guard"):  # answered by the model before any edit
@@ -295,7 +310,7 @@ def detox(config: DetoxConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
         evaluator = Evaluator(
             loaded.tokenizer, sets, judges, max_new_tokens=config.max_new_tokens,
             kl_tokens=config.kl_tokens, batch_size=config.batch_size, seed=config.seed,
-            system_prompt=config.system_prompt,
+            system_prompt=config.system_prompt, **reasoning_settings(config),
         )  # fmt: skip
         detoxed = _evaluate_detox(
             config, loaded, evaluator, safe_sets, judges, instances, original, guard, stages

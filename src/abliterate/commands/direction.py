@@ -6,6 +6,25 @@ directions.
 difference as one direction-set file. ``direction combine`` evaluates a sum of scaled
 direction-set files (:func:`parse_expression`), optionally normalises it or keeps some layers,
 and writes the result; it needs no model.
+
+Reasoning models (``--thinking``): both sets are formatted with the chat template's thinking
+switch as asked, the same rule as the sets ``abliterate run`` measures its directions on (its
+``train`` sets; only the sets whose *next-token distributions* it reads are formatted with
+thinking off, and ``direction`` reads none). So with ``--thinking on``:
+
+* a set of bare prompts is read at each prompt's last token, where the model is about to
+  reason (Qwen3: after ``<|im_start|>assistant``; DeepSeek-style templates: after the opening
+  ``<think>``), the position from which ``steer --thinking on`` generates; harmful minus
+  harmless prompts read this way is the mean difference ``run --thinking on`` takes its
+  refusal directions from;
+* a set with responses is read over the response tokens with each response placed where the
+  model's output starts, so the responses are taken as whole generations, reasoning block
+  included (a reasoning model's own outputs). Plain answers without reasoning belong with
+  ``--thinking off``, which places them after an empty reasoning block, where an answer goes.
+
+With ``--thinking off`` (the default) a reasoning block the template opens anyway is closed
+empty, so a prompt is read where the answer starts; templates with neither a switch nor such a
+block (most chat models) render the same either way.
 """
 
 from __future__ import annotations
@@ -62,8 +81,8 @@ def direction(config: DirectionConfig, extra_inputs: Sequence[str | Path] = ()) 
     try:
         directions = behaviour_directions(
             loaded.model, tok,
-            ChatSet.format(tok, positive, config.system_prompt),
-            ChatSet.format(tok, negative, config.system_prompt),
+            ChatSet.format(tok, positive, config.system_prompt, config.thinking),
+            ChatSet.format(tok, negative, config.system_prompt, config.thinking),
             site=config.site, batch_size=config.batch_size, model_name=loaded.name,
             revision=loaded.revision,
         )  # fmt: skip

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from abliterate import __version__
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
-from abliterate.config import EvaluateConfig, ModelOptions, to_dict
+from abliterate.config import EvaluateConfig, ModelOptions, ThinkingOptions, to_dict
 from abliterate.data.chat import ChatSet
 from abliterate.data.prompts import builtin, load_prompts, resolve_prompts
 from abliterate.edit.hooks import edit_hooks
@@ -120,8 +120,8 @@ def format_sets(
     thinking: Thinking = "off",
 ) -> EvalSets:
     """The evaluation sets chat-formatted for ``loaded``'s tokenizer, with the template's
-    thinking switch set to ``thinking`` (``steer`` and ``detox`` measure answers without
-    reasoning)."""
+    thinking switch set to ``thinking`` (the harmless set, read for next-token distributions,
+    always with thinking off)."""
 
     harmful, harmless, over, reference = raw
     tok, system = loaded.tokenizer, config.system_prompt
@@ -133,6 +133,14 @@ def format_sets(
         over_refusal=ChatSet.format(tok, over, system, thinking),
         reference=reference,
     )
+
+
+def reasoning_settings(config: ThinkingOptions) -> dict[str, Any]:
+    """The :class:`~abliterate.eval.evaluator.Evaluator`'s reasoning arguments for
+    ``--thinking`` and ``--thinking-budget``: the budget (0 with thinking off) and whether the
+    answers reason."""
+    on = config.thinking == "on"
+    return {"thinking_budget": config.thinking_budget if on else 0, "reasoning": on}
 
 
 def _steering(
@@ -244,8 +252,7 @@ def evaluate(config: EvaluateConfig, extra_inputs: Sequence[str | Path] = ()) ->
             kl_tokens=config.kl_tokens, batch_size=config.batch_size,
             benchmarks=config.benchmarks, benchmark_limit=config.benchmark_limit,
             seed=config.seed, system_prompt=config.system_prompt,
-            thinking_budget=config.thinking_budget if config.thinking == "on" else 0,
-            reasoning=config.thinking == "on",
+            **reasoning_settings(config),
         )  # fmt: skip
         with stages.stage("model eval"), steered():
             edited = evaluator.assess(model.model, "model")

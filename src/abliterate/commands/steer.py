@@ -10,6 +10,14 @@ metric on its own prompts at every ``--sweep`` strength; bake the steering into 
 weights and check that they equal the hooks; write the edit, a llama.cpp control vector and,
 when asked and possible, the baked model.
 
+Reasoning models (``--thinking on``): the evaluation sets' harmful and over-refusal prompts and
+the metric prompts are formatted with the template's thinking switch on, answers get
+``--thinking-budget`` more tokens, and judges (and the sweep's metric) read only the answer
+after the reasoning block, as ``abliterate evaluate`` does; unfinished answers are counted apart
+(``n_unfinished`` in the evaluations, ``unfinished_rate`` per sweep point). The harmless
+prompts, whose next-token distributions give the KL divergences and the hooks-vs-weights check,
+stay formatted with thinking off, so the token read is the answer's first.
+
 Run directory::
 
     config.json, environment.json
@@ -34,6 +42,7 @@ from abliterate.commands.evaluate import (
     load_checked,
     load_prompt_sets,
     model_record,
+    reasoning_settings,
 )
 from abliterate.commands.rundir import check_output_dir, environment_record, run_directory
 from abliterate.config import SteerConfig, to_dict
@@ -90,21 +99,25 @@ class _Steered:
 def _sweep(
     config: SteerConfig, loaded: LoadedModel, steering: Steering, prompts: ChatSet, judge: Judge
 ) -> list[dict[str, Any]]:
-    """The metric at every ``--sweep`` strength (strength 0 is the unsteered model)."""
+    """The metric at every ``--sweep`` strength (strength 0 is the unsteered model); with
+    ``--thinking on`` each point also has its unfinished answers' share."""
     n_layers = anatomy_of(loaded.model).n_layers
     points = []
     for strength in config.sweep:
         with edit_hooks(loaded.model, _at(steering, strength, config.remove, n_layers)):
-            value, answers = measure_behaviour(
+            measured = measure_behaviour(
                 loaded.model, loaded.tokenizer, prompts, config.metric, judge,
                 max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                label=f"strength {strength:g}",
+                label=f"strength {strength:g}", **reasoning_settings(config),
             )  # fmt: skip
-        log.info("strength %g: %s = %.4g", strength, config.metric, value)
-        fluency = ngram_fluency(answers)["distinct_3"]
-        points.append(
-            {"strength": strength, "value": value, "example": answers[0], "distinct_3": fluency}
-        )
+        log.info("strength %g: %s = %.4g", strength, config.metric, measured.value)
+        point = {
+            "strength": strength, "value": measured.value, "example": measured.responses[0],
+            "distinct_3": ngram_fluency(measured.answers)["distinct_3"],
+        }  # fmt: skip
+        if measured.unfinished_rate is not None:
+            point["unfinished_rate"] = measured.unfinished_rate
+        points.append(point)
     return points
 
 
@@ -237,9 +250,9 @@ def steer(config: SteerConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
         require_targets(steering, bound)
         edit = removal(steering, bound.n_layers) if config.remove else steering
         tok = loaded.tokenizer
-        sets = format_sets(loaded, config, raw_sets)
+        sets = format_sets(loaded, config, raw_sets, config.thinking)
         check_ready(loaded.model, loaded.tokenizer, sets.chat_sets(), loaded.name)
-        metric_chats = ChatSet.format(tok, metric_set, config.system_prompt)
+        metric_chats = ChatSet.format(tok, metric_set, config.system_prompt, config.thinking)
         metric_record = {"name": metric_set.name, "n": len(metric_set), "sha256": metric_set.sha256}
         data = {**sets.record(), "metric_prompts": metric_record}
         env = environment_record(str(loaded.device), config.seed, data)
@@ -247,6 +260,7 @@ def steer(config: SteerConfig, extra_inputs: Sequence[str | Path] = ()) -> dict[
         evaluator = Evaluator(
             tok, sets, judges, max_new_tokens=config.max_new_tokens, kl_tokens=config.kl_tokens,
             batch_size=config.batch_size, seed=config.seed, system_prompt=config.system_prompt,
+            **reasoning_settings(config),
         )  # fmt: skip
         baseline, edited, cached = _evaluate(config, loaded, evaluator, edit, stages)
         with stages.stage("sweep"):

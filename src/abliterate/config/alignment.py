@@ -16,6 +16,7 @@ from abliterate.config.options import (
     ModelOptions,
     Options,
     OutputOptions,
+    ThinkingOptions,
 )
 from abliterate.config.values import (
     Count,
@@ -28,7 +29,7 @@ from abliterate.config.values import (
     problem,
 )
 from abliterate.errors import ConfigError
-from abliterate.types import Site
+from abliterate.types import Site, Thinking
 
 
 class JudgeOption(Options):
@@ -73,6 +74,16 @@ class DirectionConfig(ModelOptions):
         None, description="System prompt for the chat template (default: the template's own)."
     )
     batch_size: Count = Field(16, description="Prompts per forward pass.")
+    thinking: Thinking = Field(
+        "off",
+        description="Reasoning models: 'on' formats both sets with the chat template's thinking "
+        "switch on, as 'abliterate run --thinking on' formats the sets its directions come "
+        "from: a bare prompt is read at its last token, where the model starts to reason, and a "
+        "response is read as the model's whole output after such a prompt (so it should hold "
+        "its reasoning block). 'off' turns the switch off and closes a reasoning block the "
+        "template opens anyway: a prompt is read where the answer starts, a response follows an "
+        "empty reasoning block. Templates with neither (most chat models) are not affected.",
+    )
 
     def require_sets(self) -> None:
         """Raise :class:`ConfigError` unless --positive, --negative and --out are all given
@@ -114,7 +125,13 @@ def _refuse_quantized(config: ModelOptions, change: str) -> None:
 
 
 class SteerConfig(
-    OutputOptions, BaselineCacheOptions, EvalOptions, EvalPromptOptions, JudgeOption, ModelOptions
+    OutputOptions,
+    BaselineCacheOptions,
+    EvalOptions,
+    ThinkingOptions,
+    EvalPromptOptions,
+    JudgeOption,
+    ModelOptions,
 ):
     """Configuration of ``abliterate steer``: add (or remove) a direction, sweep its strength,
     evaluate, and export it as an edit, a llama.cpp control vector and optionally a model."""
@@ -184,7 +201,13 @@ class SteerConfig(
 
 
 class DetoxConfig(
-    OutputOptions, BaselineCacheOptions, EvalOptions, EvalPromptOptions, JudgeOption, ModelOptions
+    OutputOptions,
+    BaselineCacheOptions,
+    EvalOptions,
+    ThinkingOptions,
+    EvalPromptOptions,
+    JudgeOption,
+    ModelOptions,
 ):
     """Configuration of ``abliterate detox``: DINM detoxification by knowledge editing."""
 
