@@ -14,11 +14,12 @@ with the toxic layer of every instance located by
 the learned edit's hooks (``edited``: the same measures, plus KL to the model before); bake the
 edit, check the weights against the hooks, and save the edit and the model.
 
-Reasoning models (``--thinking on``): what *measures* the model reasons as ``abliterate
-evaluate`` does: the evaluation sets' harmful and over-refusal prompts and every SafeEdit-style
-input are formatted with the template's thinking switch on, answers get ``--thinking-budget``
-more tokens, and judges (and the knowledge check) read only the answer after the reasoning
-block, unfinished answers counted apart. What DINM *learns from* stays with thinking off, so it
+Reasoning models (``--thinking on``): the model is measured reasoning, as ``abliterate
+evaluate`` measures it: the evaluation sets' harmful and over-refusal prompts and every
+SafeEdit-style input are formatted with the template's thinking switch on, answers get
+``--thinking-budget`` more tokens, and judges (and the knowledge check) read only the answer
+after the reasoning block, unfinished answers counted apart. What DINM *learns from* stays with
+thinking off, so it
 edits the answer that follows an empty reasoning block: the instances' prompts with their safe
 answers (and the toxic-layer location on them), the general-knowledge answers held by DINM's KL
 term, and the guard, whose reference is the model's first ``--guard-tokens`` answer tokens
