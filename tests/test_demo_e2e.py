@@ -95,9 +95,9 @@ def test_demo_direction_generalises_to_unseen_prompt_files(demo_run: dict, tmp_p
     if not SHARED.is_dir():
         pytest.skip(f"shared prompt sets not found at {SHARED}")
     with (SHARED / "jailbreakbench_harmful.csv").open(newline="") as f:
-        harmful = [row["Goal"] for row in csv.DictReader(f)][:64]
+        harmful = [row["Goal"] for row in csv.DictReader(f)][:48]
     lines = (SHARED / "alpaca_harmless_dev.jsonl").read_text().splitlines()
-    harmless = [json.loads(line)["prompt"] for line in lines][:64]
+    harmless = [json.loads(line)["prompt"] for line in lines][:48]
     (tmp_path / "harmful.txt").write_text("\n".join(harmful) + "\n")
     (tmp_path / "harmless.txt").write_text("\n".join(harmless) + "\n")
     out = tmp_path / "files-run"
@@ -113,7 +113,7 @@ def test_demo_direction_generalises_to_unseen_prompt_files(demo_run: dict, tmp_p
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["eval_harmful"]["name"].endswith("harmful.txt")
-    assert report["baseline"]["n_prompts"] == 64
+    assert report["baseline"]["n_prompts"] == 48
     assert report["baseline"]["refusal_rate"] >= 0.40, report["baseline"]["refusal_rate"]
     assert report["edited"]["refusal_rate"] <= 0.10, report["edited"]["refusal_rate"]
     assert report["edited"]["kl_divergence"] <= 0.3, report["edited"]["kl_divergence"]
@@ -127,8 +127,9 @@ def test_demo_optimize_meets_its_target_from_the_cached_baseline(
     # (its figures, 2.8% at first-token KL 0.089 against run's 4.2% at 0.107, are in the
     # README). Trials are seeded one by one, so these are the first 16 of that study.
     out = tmp_path / "opt"
+    # No model export: run's test checks the export and its reload; this one checks the search.
     argv = ["optimize", "--model", "demo", "--out", str(out), "--trials", "16",
-            "--max-confirm", "3"]  # fmt: skip
+            "--max-confirm", "3", "--no-save-model"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     opt, edited = report["optimization"], report["edited"]
@@ -145,7 +146,8 @@ def test_demo_optimize_meets_its_target_from_the_cached_baseline(
         precision = opt["precision"]
         assert precision["n_rescored"] >= 1 and precision["spearman_kl"] > 0.9, precision
     assert report["checks"]["hooks_vs_weights_max_abs_diff"] < 1e-3
-    assert report["checks"]["export_reload_max_abs_diff"] == 0.0
+    assert report["checks"].get("export_reload_max_abs_diff") is None
+    assert not (out / "model").exists()
 
 
 def test_demo_heal_filter_and_sft_run_end_to_end(demo_run: dict, tmp_path: Path) -> None:

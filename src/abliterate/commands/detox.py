@@ -156,7 +156,7 @@ def _guard(config: DetoxConfig, loaded: LoadedModel) -> Guard | None:
     """The guard prompts with the model's own greedy answers (None with ``--n-guard 0``)."""
     if config.n_guard == 0:
         return None
-    prompts = resolve_prompts(config.guard, "harmless", "train", config.prompt_column)
+    prompts = resolve_prompts(config.guard, "harmless", "val", config.prompt_column)
     texts = format_chat(loaded.tokenizer, prompts.head(config.n_guard).prompts,
                         config.system_prompt)  # fmt: skip
     answers = generate(

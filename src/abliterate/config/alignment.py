@@ -241,7 +241,10 @@ class DetoxConfig(
         "last).",
     )
     steps: Count = Field(10, description="Adam steps per instance (per batch in batch mode).")
-    lr: FiniteFloat = Field(1e-4, gt=0, description="Adam learning rate.")
+    # 5e-5, not the paper's 1e-4: with the guard, on the demo model's optimize edit (8
+    # instances), it kept refusals (71.9% vs 65.6% of 32 held-out harmful prompts) at a lower
+    # first-token KL to the original (0.083 vs 0.121): README, "Composing alignment".
+    lr: FiniteFloat = Field(5e-5, gt=0, description="Adam learning rate.")
     kl_weight: FiniteFloat = Field(
         1.0,
         ge=0,
@@ -253,8 +256,9 @@ class DetoxConfig(
         description="Harmless prompts whose answers every DINM step holds in place (KL to "
         "MODEL as given, before --edit, over its own greedy answers, weighted by --kl-weight), "
         "so the "
-        "edit does not teach every prompt to refuse. Default: the built-in harmless train split "
-        "(never the eval split).",
+        "edit does not teach every prompt to refuse. Default: the built-in harmless validation "
+        "split (real instruction styles, like the evaluation's but disjoint from it; never the "
+        "eval split).",
     )
     n_guard: int = Field(
         32, ge=0, description="Guard prompts (0: no guard, the paper's loss alone)."

@@ -70,7 +70,8 @@ class DinmSettings:
 
     Attributes:
         steps: Adam steps per instance (per batch in batch mode).
-        lr: Adam's learning rate.
+        lr: Adam's learning rate (the paper's 1e-4; ``abliterate detox`` defaults to 5e-5,
+            measured better with a guard).
         kl_weight: Weight of the KL term on the general-knowledge answer.
         mode: ``sequence`` or ``batch``.
         system_prompt: System prompt of the chat template, or None for the template's own.
