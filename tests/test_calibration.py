@@ -96,4 +96,4 @@ def test_precision_check_stores_the_rescored_values_and_compares() -> None:
     assert front[0].values(rescored=True) == pytest.approx((0.1, 0.91))
     assert check.same_order and check.same_front and check.n_rescored == 3
     assert check.max_kl_difference == pytest.approx(0.01)
-    SearchPrecision.model_validate(check.to_dict())
+    assert SearchPrecision.model_validate(check.model_dump()) == check

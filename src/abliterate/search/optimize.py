@@ -63,6 +63,7 @@ from abliterate.measure.candidates import Candidates
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.forward import generate
 from abliterate.model.layerwise import LayerwiseModel
+from abliterate.report.schema import SearchPrecision
 from abliterate.search.calibration import Calibration
 from abliterate.search.descent import descend
 from abliterate.search.objective import (
@@ -72,7 +73,7 @@ from abliterate.search.objective import (
     search_model,
 )
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
-from abliterate.search.precision import PrecisionCheck, compare_precisions
+from abliterate.search.precision import compare_precisions
 from abliterate.search.scoring import EditScorer
 from abliterate.search.selection import max_candidate_layer
 from abliterate.search.space import SPACE_VERSION, EditParams, SearchSpace
@@ -113,7 +114,7 @@ class SearchResult:
     search_dtype: str = "float32"
     refusal_objective: str = "next_token"
     openings: dict[str, Any] = field(default_factory=dict)
-    precision: PrecisionCheck | None = None
+    precision: SearchPrecision | None = None
     calibration: Calibration | None = None
     refinement: dict[str, Any] | None = None
 
@@ -136,7 +137,7 @@ class SearchResult:
         if self.openings:
             out["openings"] = self.openings
         if self.precision is not None:
-            out["precision"] = self.precision.to_dict()
+            out["precision"] = self.precision.model_dump()
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
         if self.refinement is not None:
@@ -412,7 +413,7 @@ def _refine_choice(
 
 def _front(
     records: Sequence[TrialRecord], run: _Scoring, search: _Search
-) -> tuple[list[TrialRecord], PrecisionCheck | None, float]:
+) -> tuple[list[TrialRecord], SearchPrecision | None, float]:
     """The Pareto front of ``records`` (marked), sorted by KL; when the search scored in
     another precision than the model's, re-scored in the model's and taken again from those
     values, with how the two precisions compare; and the seconds that took."""

@@ -4,16 +4,17 @@ The search may score trials on a bfloat16 copy of a float32 model (where the dev
 bfloat16 natively, about 4x faster on CPUs with AVX512-BF16). Which CPU runs the search must
 not change which edit is chosen, so the Pareto-front trials are scored again in the model's
 precision, and the front the choice is made on is recomputed from those values
-(:func:`compare_precisions`); :class:`PrecisionCheck` records how far the two agreed.
+(:func:`compare_precisions`); the report's
+:class:`~abliterate.report.schema.SearchPrecision` records how far the two agreed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from abliterate.model.layerwise import LayerwiseModel
+from abliterate.report.schema import SearchPrecision
 from abliterate.search.calibration import spearman
 from abliterate.search.pareto import TrialRecord, pareto_front
 
@@ -22,41 +23,15 @@ if TYPE_CHECKING:
     from abliterate.search.objective import CheapObjective
 
 
-@dataclass
-class PrecisionCheck:
-    """The search's precision against the model's on the re-scored trials.
-
-    Attributes:
-        search_dtype, model_dtype: The two precisions.
-        n_rescored: Trials scored in both.
-        spearman_refusal, spearman_kl: Rank correlation of each objective across them.
-        max_kl_difference: Largest absolute KL difference.
-        same_order: The trials sorted by KL come in the same order in both precisions.
-        same_front: The front recomputed in the model's precision keeps every trial.
-    """
-
-    search_dtype: str
-    model_dtype: str
-    n_rescored: int
-    spearman_refusal: float | None
-    spearman_kl: float | None
-    max_kl_difference: float
-    same_order: bool
-    same_front: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``report.json`` ``optimization.precision`` entry."""
-        return dict(self.__dict__)
-
-
 def compare_precisions(
     front: Sequence[TrialRecord],
     exact: CheapObjective,
     edit_of: Callable[[TrialRecord], Ablation],
     search_dtype: str,
-) -> PrecisionCheck:
+) -> SearchPrecision:
     """Score ``front`` with ``exact`` (the model's own precision), storing the values on each
-    record's ``rescored``, and compare the two precisions."""
+    record's ``rescored``, and compare the two precisions (the ``report.json``
+    ``optimization.precision`` entry)."""
     model = exact.model
     # Only a loaded model is copied to another precision (a layer-streamed one never is).
     assert not isinstance(model, LayerwiseModel)
@@ -67,7 +42,7 @@ def compare_precisions(
         r.rescored = {"refusal": v["refusal"], "kl": v["kl"]}
     by_kl = sorted(front, key=lambda r: r.kl)
     by_exact_kl = sorted(front, key=lambda r: r.values(True)[1])
-    return PrecisionCheck(
+    return SearchPrecision(
         search_dtype=search_dtype,
         model_dtype=model_dtype,
         n_rescored=len(front),
