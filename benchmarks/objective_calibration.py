@@ -94,7 +94,7 @@ def collect(work: Path, n_harmful: int, tokens: int, model_name: str) -> None:
     from abliterate.model.loading import load_model
     from abliterate.search.descent import descend
     from abliterate.search.objective import judged_answers, search_model
-    from abliterate.search.scoring import EditScorer
+    from abliterate.search.scoring import EditScorer, ScoringSet
 
     torch.set_num_threads(2)
     work.mkdir(parents=True, exist_ok=True)
@@ -126,8 +126,8 @@ def collect(work: Path, n_harmful: int, tokens: int, model_name: str) -> None:
     edits = _edits(candidates, n_layers, "pre")
     # Two points of the descent (bfloat16 copy, as the search runs it), and affine variants.
     bf16 = search_model(model, "bfloat16")
-    descent_scorer = EditScorer(bf16, tok, harmful.texts[:32], harmless.texts, ids,
-                                configs["4x2"], batch_size=64)  # fmt: skip
+    descent_scorer = EditScorer(bf16, tok, ScoringSet(harmful.texts[:32], harmless.texts, ids,
+                                                      configs["4x2"], batch_size=64))  # fmt: skip
     descents = {}
     for name in ("uniform 1.0", "fading (seed)"):
         result = descend(descent_scorer, edits[name], steps=8)
@@ -143,10 +143,11 @@ def collect(work: Path, n_harmful: int, tokens: int, model_name: str) -> None:
         if k in ("uniform 1.0", "fading (seed)", "uniform 0.8")
     }
     print(f"edits ready at {time.perf_counter() - started:.0f} s", flush=True)
-    scorers = {k: EditScorer(model, tok, harmful.texts, harmless.texts, ids, o, batch_size=64)
+    scorers = {k: EditScorer(model, tok, ScoringSet(harmful.texts, harmless.texts, ids, o,
+                                                    batch_size=64))
                for k, o in configs.items()}  # fmt: skip
-    alpaca_scorer = EditScorer(model, tok, harmful.texts[:8], alpaca.texts, ids, configs["4x2"],
-                               batch_size=64)  # fmt: skip
+    alpaca_scorer = EditScorer(model, tok, ScoringSet(harmful.texts[:8], alpaca.texts, ids,
+                                                     configs["4x2"], batch_size=64))  # fmt: skip
     rows: dict[str, Any] = {}
     for name, edit in {**edits, **affine}.items():
         row: dict[str, Any] = {"edit": edit.to_dict()}

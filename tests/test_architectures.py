@@ -36,7 +36,7 @@ from abliterate.model import families
 from abliterate.model.anatomy import Anatomy, BoundAnatomy, anatomy_of, supported_model_types
 from abliterate.model.forward import SharedPrefixScorer, greedy_new_tokens
 from abliterate.model.verify import verify_anatomy
-from abliterate.search.scoring import EditScorer
+from abliterate.search.scoring import EditScorer, ScoringSet
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -179,7 +179,9 @@ def test_scoring_and_activations_equal_whole_prompt_forwards(
     assert torch.allclose(scored, torch.stack(expected_lp), atol=1e-4)
     # The search's scorer takes the same shortcuts (and the family's logit scale and cap).
     refusal_ids = [5, 6, 7]
-    scorer = EditScorer(model, tokenizer, prompts, prompts, refusal_ids, RefusalOpenings(), 3)
+    scorer = EditScorer(
+        model, tokenizer, ScoringSet(prompts, prompts, refusal_ids, RefusalOpenings(), 3)
+    )
     want = torch.stack(expected_lp)[:, refusal_ids].logsumexp(-1).exp()
     assert torch.allclose(scorer.baseline().first_token, want, rtol=1e-3, atol=1e-7)
     expected = torch.stack(expected_acts).mean(0)

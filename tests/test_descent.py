@@ -14,7 +14,7 @@ from abliterate.core.ablation import Ablation
 from abliterate.edit.hooks import edit_hooks
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.search.descent import StrengthEdit, descend, frozen
-from abliterate.search.scoring import EditScorer
+from abliterate.search.scoring import EditScorer, ScoringSet
 
 
 def _strength_edit(variant: str) -> tuple[Ablation, StrengthEdit]:
@@ -45,8 +45,8 @@ def test_tensor_strength_hooks_equal_the_ablations_hooks(
 def scorer(make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]) -> EditScorer:
     model = make_model("llama")
     openings = RefusalOpenings(((10, 11, 12), (13, 14, 15)), (2, 1), 3)
-    return EditScorer(model, tokenizer, texts[2:5], [texts[0], texts[1], texts[5]], [5, 6, 7],
-                      openings)  # fmt: skip
+    harmless = [texts[0], texts[1], texts[5]]
+    return EditScorer(model, tokenizer, ScoringSet(texts[2:5], harmless, [5, 6, 7], openings))
 
 
 def test_gradients_match_finite_differences(scorer: EditScorer) -> None:

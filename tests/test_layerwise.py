@@ -30,6 +30,7 @@ from abliterate.measure.streamed import collect_activations_streamed
 from abliterate.model.forward import next_token_logprobs
 from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.objective import CheapObjective
+from abliterate.search.scoring import ScoringSet
 from abliterate.search.selection import select_direction
 from abliterate.search.streamed import streamed_logprobs
 
@@ -151,9 +152,9 @@ def test_search_objective_equals_the_loaded_model(
     model = make_moe(family, len(tokenizer)) if family in MOE_TYPES else make_model(family)
     model.save_pretrained(tmp_path / family)
     streamed = LayerwiseModel(tmp_path / family)
-    args = (texts[2:4], texts[:2], [5, 6, 7], RefusalOpenings())
-    want = CheapObjective(model, tokenizer, *args)
-    got = CheapObjective(streamed, tokenizer, *args)
+    scoring = ScoringSet(texts[2:4], texts[:2], [5, 6, 7], RefusalOpenings())
+    want = CheapObjective(model, tokenizer, scoring)
+    got = CheapObjective(streamed, tokenizer, scoring)
     assert got.baseline == pytest.approx(want.baseline, rel=1e-4, abs=ATOL)
     for edit in _edits(model.config.hidden_size, model.config.num_hidden_layers):
         assert got(edit) == pytest.approx(want(edit), rel=1e-4, abs=ATOL)

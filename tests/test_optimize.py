@@ -23,6 +23,7 @@ from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.anatomy import anatomy_of
 from abliterate.report.schema import load_report
 from abliterate.search.objective import CheapObjective
+from abliterate.search.scoring import ScoringSet
 from abliterate.search.space import EditParams, Profile, SearchSpace
 from abliterate.search.study import completed, open_study, run_trials
 
@@ -72,9 +73,8 @@ def tiny_setup(make_model: Callable[[str], Any], tokenizer: Any, texts: list[str
         harmful_mean=mean_activations(model, tokenizer, texts[2:4] + texts[5:]),
         harmless_mean=mean_activations(model, tokenizer, texts[:2] + texts[4:5]),
     )
-    objective = CheapObjective(
-        model, tokenizer, texts[2:4], texts[:2], [5, 6, 7], RefusalOpenings()
-    )
+    scoring = ScoringSet(texts[2:4], texts[:2], [5, 6, 7], RefusalOpenings())
+    objective = CheapObjective(model, tokenizer, scoring)
     space = SearchSpace(n_layers=arch.n_layers, min_layer=1.0, max_layer=2.0)
     return candidates, objective, space
 
@@ -214,11 +214,9 @@ def test_optimize_command_end_to_end_without_peeking(
     real_generate = opt.generate
 
     class SpyScorer(scoring.EditScorer):
-        def __init__(
-            self, model: Any, tok: Any, harmful: list[str], harmless: list[str], *args: Any
-        ) -> None:
-            seen.extend([*harmful, *harmless])
-            super().__init__(model, tok, harmful, harmless, *args)
+        def __init__(self, model: Any, tok: Any, texts: ScoringSet) -> None:
+            seen.extend([*texts.harmful, *texts.harmless])
+            super().__init__(model, tok, texts)
 
     def spy_generate(model: Any, tok: Any, texts: list[str], **kw: Any) -> list[str]:
         seen.extend(texts)
@@ -334,9 +332,8 @@ def test_search_over_several_directions(
         harmful_acts=acts,
         acts_site="pre",
     )
-    objective = CheapObjective(
-        model, tokenizer, texts[2:4], texts[:2], [5, 6, 7], RefusalOpenings()
-    )
+    scoring = ScoringSet(texts[2:4], texts[:2], [5, 6, 7], RefusalOpenings())
+    objective = CheapObjective(model, tokenizer, scoring)
     space = SearchSpace(n_layers=4, min_layer=1.0, max_layer=2.0, max_directions=3)
     study = open_study(f"sqlite:///{tmp_path / 'db'}", "s", {})
     run_trials(

@@ -14,7 +14,7 @@ from abliterate.core.stats import kl_divergence
 from abliterate.edit.hooks import batched_edit_hooks, edit_hooks
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.forward import next_token_logprobs
-from abliterate.search.scoring import EditScorer
+from abliterate.search.scoring import EditScorer, ScoringSet
 
 REFUSAL_IDS = [5, 6, 7]
 
@@ -72,7 +72,8 @@ def setup(make_model: Callable[[str], Any], tokenizer: Any, texts: list[str]) ->
     model = make_model("llama")
     openings = RefusalOpenings(((10, 11, 12), (13, 14, 15)), (2, 1), 3)
     harmful, harmless = texts[2:5], [texts[0], texts[1], texts[5]]
-    scorer = EditScorer(model, tokenizer, harmful, harmless, REFUSAL_IDS, openings, batch_size=5)
+    texts = ScoringSet(harmful, harmless, REFUSAL_IDS, openings, batch_size=5)
+    scorer = EditScorer(model, tokenizer, texts)
     return model, tokenizer, harmful, harmless, openings, scorer
 
 
@@ -127,6 +128,8 @@ def test_no_edit_scores_zero_kl_and_subsets_are_the_first_prompts(setup: Any) ->
 
 def test_without_openings_the_refusal_is_the_next_token_proxy(setup: Any) -> None:
     model, tokenizer, harmful, harmless, _, _ = setup
-    scorer = EditScorer(model, tokenizer, harmful, harmless, REFUSAL_IDS, RefusalOpenings())
+    scorer = EditScorer(
+        model, tokenizer, ScoringSet(harmful, harmless, REFUSAL_IDS, RefusalOpenings())
+    )
     [scores] = scorer.score([build("plain")])
     assert torch.equal(scores.refusal, scores.first_token)

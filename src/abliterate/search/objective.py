@@ -26,7 +26,7 @@ from abliterate.eval.judges import Judge
 from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.forward import greedy_new_tokens
 from abliterate.model.layerwise import LayerwiseModel
-from abliterate.search.scoring import edit_scorer
+from abliterate.search.scoring import ScoringSet, edit_scorer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -199,9 +199,8 @@ class CheapObjective:
             per forward pass, the chat template's shared opening computed once per pass) or a
             layer-streamed one (:class:`~abliterate.search.scoring.StreamedScorer`: next-token
             scores only, as many edits per read of the weights as fit).
-        harmful, harmless: Chat-formatted validation texts.
-        refusal_ids: First tokens of common refusal openings (the next-token proxy).
-        openings: The model's refusal openings (:func:`refusal_openings`).
+        texts: The validation texts, refusal tokens and openings (:func:`refusal_openings`)
+            the edits are scored on, and the rows per forward pass.
         edits_per_pass: Edits scored together in one forward pass (:meth:`many`).
     """
 
@@ -209,18 +208,12 @@ class CheapObjective:
         self,
         model: PreTrainedModel | LayerwiseModel,
         tokenizer: PreTrainedTokenizerBase,
-        harmful: Sequence[str],
-        harmless: Sequence[str],
-        refusal_ids: Sequence[int],
-        openings: RefusalOpenings,
-        batch_size: int = 32,
+        texts: ScoringSet,
         edits_per_pass: int = 4,
     ) -> None:
         # The chat template's shared opening is computed once per pass (abliterate.search.scoring).
         self.model = model
-        self.scorer = edit_scorer(
-            model, tokenizer, harmful, harmless, refusal_ids, openings, batch_size
-        )
+        self.scorer = edit_scorer(model, tokenizer, texts)
         self.edits_per_pass = edits_per_pass
         base = self.scorer.baseline()
         prob = base.refusal.mean().clamp(1e-7, 1 - 1e-7)

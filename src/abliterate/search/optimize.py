@@ -74,7 +74,7 @@ from abliterate.search.objective import (
 )
 from abliterate.search.pareto import TrialRecord, choose, pareto_front
 from abliterate.search.precision import compare_precisions
-from abliterate.search.scoring import EditScorer
+from abliterate.search.scoring import EditScorer, ScoringSet
 from abliterate.search.selection import max_candidate_layer
 from abliterate.search.space import SPACE_VERSION, EditParams, SearchSpace
 from abliterate.search.streamed import streamed_generate
@@ -320,8 +320,8 @@ def _run_study(
     study = open_study(storage, c.study_name, fingerprint)
 
     def objective(m: PreTrainedModel | LayerwiseModel) -> CheapObjective:
-        return CheapObjective(m, tokenizer, *search.scoring, refusal_ids, openings,
-                              batch_size=c.batch_size, edits_per_pass=c.edits_per_pass)  # fmt: skip
+        texts = ScoringSet(*search.scoring, refusal_ids, openings, c.batch_size)
+        return CheapObjective(m, tokenizer, texts, c.edits_per_pass)
 
     cheap = objective(scorer_model)
     started = time.perf_counter()

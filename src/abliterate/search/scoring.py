@@ -1,7 +1,8 @@
 """Scoring edits without generating text: what selection and search measure, several edits per
 forward pass.
 
-For an edit, on fixed harmful and harmless validation prompts (:class:`EditScorer`):
+For an edit, on fixed harmful and harmless validation prompts (:class:`ScoringSet`,
+:class:`EditScorer`):
 
 * ``refusal``, per harmful prompt: the probability that the answer *opens with one of the
   model's own refusal openings* (:class:`~abliterate.measure.refusal.RefusalOpenings`, a few
@@ -51,6 +52,26 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class ScoringSet:
+    """What edits are scored on, and how many rows a forward pass holds: the same for either
+    scorer (:func:`edit_scorer`).
+
+    Attributes:
+        harmful, harmless: Chat-formatted validation texts.
+        refusal_ids: First tokens of common refusal openings (the next-token proxy).
+        openings: The model's refusal openings; without any, ``refusal`` is the next-token
+            proxy.
+        batch_size: Rows per forward pass (all edits of the pass together).
+    """
+
+    harmful: Sequence[str]
+    harmless: Sequence[str]
+    refusal_ids: Sequence[int]
+    openings: RefusalOpenings
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
 class EditScores:
     """The cheap measurements of one edit (see the module docstring).
 
@@ -86,31 +107,18 @@ class _Row:
 
 
 class EditScorer:
-    """Scores edits on fixed harmful and harmless chat-formatted texts (module docstring).
-
-    Args:
-        harmful, harmless: Chat-formatted validation texts.
-        refusal_ids: First tokens of common refusal openings (the next-token proxy).
-        openings: The model's refusal openings; without any, ``refusal`` is the next-token
-            proxy.
-        batch_size: Rows per forward pass (all edits of the pass together).
-    """
+    """Scores edits on a loaded model, on the fixed harmful and harmless chat-formatted
+    ``texts`` (module docstring)."""
 
     def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        harmful: Sequence[str],
-        harmless: Sequence[str],
-        refusal_ids: Sequence[int],
-        openings: RefusalOpenings,
-        batch_size: int = 32,
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: ScoringSet
     ) -> None:
+        harmful, harmless = texts.harmful, texts.harmless
         if not harmful or not harmless:
             raise ValueError("the scorer needs harmful and harmless texts")
         self.model, self.anatomy = model, anatomy_of(model)
-        self.batch_size, self.openings = batch_size, openings
-        self.refusal_ids = torch.tensor(sorted(set(refusal_ids)), dtype=torch.long)
+        self.batch_size, self.openings = texts.batch_size, texts.openings
+        self.refusal_ids = torch.tensor(sorted(set(texts.refusal_ids)), dtype=torch.long)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
         ids = [
@@ -302,20 +310,15 @@ class StreamedScorer:
     """
 
     def __init__(
-        self,
-        model: LayerwiseModel,
-        tokenizer: PreTrainedTokenizerBase,
-        harmful: Sequence[str],
-        harmless: Sequence[str],
-        refusal_ids: Sequence[int],
-        batch_size: int = 32,
+        self, model: LayerwiseModel, tokenizer: PreTrainedTokenizerBase, texts: ScoringSet
     ) -> None:
-        if not harmful or not harmless:
+        assert not texts.openings.tokens, "layer-streamed scoring has no teacher-forced openings"
+        if not texts.harmful or not texts.harmless:
             raise ValueError("the scorer needs harmful and harmless texts")
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.harmful, self.harmless = list(harmful), list(harmless)
-        self.n_harmful, self.n_harmless = len(harmful), len(harmless)
-        self.refusal_ids = sorted(set(refusal_ids))
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, texts.batch_size
+        self.harmful, self.harmless = list(texts.harmful), list(texts.harmless)
+        self.n_harmful, self.n_harmless = len(self.harmful), len(self.harmless)
+        self.refusal_ids = sorted(set(texts.refusal_ids))
         self.openings = RefusalOpenings()
         ((base_harmful, self.base_harmless),) = self._logprobs([None], "Unedited model")
         self._baseline = self._scores(base_harmful, self.base_harmless)
@@ -361,17 +364,10 @@ Scorer = EditScorer | StreamedScorer
 
 
 def edit_scorer(
-    model: PreTrainedModel | LayerwiseModel,
-    tokenizer: PreTrainedTokenizerBase,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    refusal_ids: Sequence[int],
-    openings: RefusalOpenings,
-    batch_size: int = 32,
+    model: PreTrainedModel | LayerwiseModel, tokenizer: PreTrainedTokenizerBase, texts: ScoringSet
 ) -> Scorer:
     """:class:`EditScorer` on a loaded model, :class:`StreamedScorer` on a layer-streamed one
     (which cannot use ``openings``: the caller has fallen back to the next-token objective)."""
     if isinstance(model, LayerwiseModel):
-        assert not openings.tokens, "layer-streamed scoring has no teacher-forced openings"
-        return StreamedScorer(model, tokenizer, harmful, harmless, refusal_ids, batch_size)
-    return EditScorer(model, tokenizer, harmful, harmless, refusal_ids, openings, batch_size)
+        return StreamedScorer(model, tokenizer, texts)
+    return EditScorer(model, tokenizer, texts)

@@ -52,7 +52,7 @@ from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.descent import descend
 from abliterate.search.objective import scoring_config
-from abliterate.search.scoring import EditScorer, EditScores, Scorer, edit_scorer
+from abliterate.search.scoring import EditScorer, EditScores, Scorer, ScoringSet, edit_scorer
 from abliterate.types import RefusalObjective, Site
 
 if TYPE_CHECKING:
@@ -314,12 +314,9 @@ def select_direction(
     n_layers = candidates.n_layers
     max_layer = max_candidate_layer(n_layers, c.prune_last_layers)
     fast_model = scoring_model if scoring_model is not None else model
-    fast = edit_scorer(fast_model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
-                       c.batch_size)  # fmt: skip
-    exact = fast
-    if fast_model is not model:
-        exact = edit_scorer(model, tokenizer, harmful_val, harmless_val, refusal_ids, openings,
-                            c.batch_size)  # fmt: skip
+    texts = ScoringSet(harmful_val, harmless_val, refusal_ids, openings, c.batch_size)
+    fast = edit_scorer(fast_model, tokenizer, texts)
+    exact = fast if fast_model is model else edit_scorer(model, tokenizer, texts)
     baseline_refusal = _values(exact.baseline(), c.refusal_objective)[0]
     distinct, twins = _distinct(candidates, max_layer)
     by_key = {f"{layer}/{site}": d for layer, site, d in distinct}
