@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from reasoning_templates import V31_STYLE, Recorder
 
 from abliterate.cli import main
 from abliterate.core.ablation import Ablation
@@ -24,11 +25,6 @@ from abliterate.eval.behaviour import measure_behaviour
 from abliterate.eval.judges import MarkerJudge
 from abliterate.report.schema import load_report
 
-V31_STYLE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% if thinking %}<think>{% else %}</think>"
-    "{% endif %}{% endif %}"
-)
 ON_END, OFF_END = "<|assistant|><think>", "<|assistant|></think>"
 ANSWER = "Sure, here it is."
 # Inside an opened block the refusal is reasoning and ANSWER is the answer; read whole (thinking
@@ -50,19 +46,6 @@ def v31_dir(tiny_model_dir: Path, tmp_path: Path, tokenizer: Any) -> Path:
     tok.chat_template = V31_STYLE
     tok.save_pretrained(path)
     return path
-
-
-class Recorder:
-    """A judge that records what it is shown and decides by refusal markers."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        self.seen += list(responses)
-        return MarkerJudge()(prompts, responses)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reasoning_templates import QWEN3_STYLE, R1_STYLE, V31_STYLE, Recorder
 
 from abliterate.config import ChatConfig, RunConfig
 from abliterate.data.chat import ChatSet, format_chat
@@ -26,20 +27,6 @@ from abliterate.eval.refusals import judge_responses
 from abliterate.eval.text import Answer, split_answer
 from abliterate.report.markdown import render_markdown
 from abliterate.report.schema import Report
-
-_TURNS = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-# Qwen3's switch (the brief's form): thinking unless enable_thinking is passed as false.
-QWEN3_STYLE = (
-    _TURNS + "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and "
-    "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
-# DeepSeek-V3.1's switch: `thinking` opens the block in the prompt; off closes it.
-V31_STYLE = (
-    _TURNS + "{% if add_generation_prompt %}<|assistant|>{% if thinking %}<think>{% else %}"
-    "</think>{% endif %}{% endif %}"
-)
-# DeepSeek-R1: no switch; the generation prompt always opens the block.
-R1_STYLE = _TURNS + "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
 
 
 def with_template(tokenizer: Any, template: str) -> Any:
@@ -121,19 +108,6 @@ def test_templates_without_a_switch_render_as_before(tokenizer: Any) -> None:
 )
 def test_split_answer(response: str, in_reasoning: bool, expected: Answer) -> None:
     assert split_answer(response, in_reasoning) == expected
-
-
-class Recorder:
-    """A judge that records what it was shown and refuses by markers."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        self.seen += list(responses)
-        return MarkerJudge()(prompts, responses)
 
 
 RESPONSES = [

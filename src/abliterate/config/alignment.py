@@ -124,7 +124,7 @@ def _refuse_quantized(config: ModelOptions, change: str) -> None:
         )
 
 
-class SteerConfig(
+class _EditAndMeasure(
     OutputOptions,
     BaselineCacheOptions,
     EvalOptions,
@@ -133,6 +133,12 @@ class SteerConfig(
     JudgeOption,
     ModelOptions,
 ):
+    """The options of a command that edits a model and evaluates it before and after (``steer``,
+    ``detox``): the model, judges, evaluation prompts and answers, reasoning, baseline cache and
+    output."""
+
+
+class SteerConfig(_EditAndMeasure):
     """Configuration of ``abliterate steer``: add (or remove) a direction, sweep its strength,
     evaluate, and export it as an edit, a llama.cpp control vector and optionally a model."""
 
@@ -200,15 +206,7 @@ class SteerConfig(
         return self
 
 
-class DetoxConfig(
-    OutputOptions,
-    BaselineCacheOptions,
-    EvalOptions,
-    ThinkingOptions,
-    EvalPromptOptions,
-    JudgeOption,
-    ModelOptions,
-):
+class DetoxConfig(_EditAndMeasure):
     """Configuration of ``abliterate detox``: DINM detoxification by knowledge editing."""
 
     instances: Text | None = Field(
