@@ -107,7 +107,7 @@ def test_optimized_evaluation_page_adds_its_sections() -> None:
     assert [f"{LLM_JUDGE} · unparsed answers (over-refusal)", "1", "1", ""] in rows
     assert ["abliterate_arithmetic · acc", "0.61", "0.6", "-0.01"] in rows
     assert ["baseline", "harmful", f"markers vs {LLM_JUDGE}", "92.0%", "0.810", "24"] in rows
-    assert ["abliterated", "over-refusal", f"markers vs {LLM_JUDGE}", "85.0%", "–", "4"] in rows
+    assert ["model", "over-refusal", f"markers vs {LLM_JUDGE}", "85.0%", "–", "4"] in rows
     over = _section(html, "over-refusal")
     assert "All 4 over-refusal completions" in over and "kill -9 &lt;pid&gt;" in over
     assert "kill -9" not in measurements  # over-refusal completions have their own section

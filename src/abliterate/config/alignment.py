@@ -240,8 +240,9 @@ class DetoxConfig(_EditAndMeasure):
     )
     steps: Count = Field(10, description="Adam steps per instance (per batch in batch mode).")
     # 5e-5, not the paper's 1e-4: with the guard, on the demo model's optimize edit (8
-    # instances), it kept refusals (71.9% vs 65.6% of 32 held-out harmful prompts) at a lower
-    # first-token KL to the original (0.083 vs 0.121): README, "Composing alignment".
+    # instances), refusals came back nearly as far (75.0% vs 77.8% of 72 held-out harmful
+    # prompts) at a lower first-token KL to the original (0.083 vs 0.108): README, "Composing
+    # alignment on the demo model".
     lr: FiniteFloat = Field(5e-5, gt=0, description="Adam learning rate.")
     kl_weight: FiniteFloat = Field(
         1.0,

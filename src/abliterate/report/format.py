@@ -57,12 +57,14 @@ _SIDES = {
     "sft": ("before", "fine-tuned"),
     "detox": ("baseline", "detoxified"),
     "steer": ("baseline", "steered"),
+    "evaluate": ("baseline", "model"),
 }
 
 
 def side_labels(command: str) -> tuple[str, str]:
     """What a report calls its ``baseline`` and ``edited`` models (``heal``: before healing and
-    healed; ``sft``: before and fine-tuned; abliteration: baseline and abliterated)."""
+    healed; ``sft``: before and fine-tuned; ``evaluate``: baseline and model; abliteration: baseline
+    and abliterated)."""
     return _SIDES.get(command, ("baseline", "abliterated"))
 
 

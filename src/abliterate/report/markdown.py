@@ -89,15 +89,9 @@ def _sides(report: Report) -> list[tuple[str, ModelResult]]:
     return [*rows, (edited_label, report.edited)]
 
 
-def _models(report: Report) -> list[tuple[str, ModelResult]]:
-    rows = [("baseline", report.baseline)] if report.baseline else []
-    edited = "model" if report.command == "evaluate" else "abliterated"
-    return [*rows, (edited, report.edited)]
-
-
 def _evaluation_summary(report: Report) -> str:
     rows = [("", "refusal", "over-refusal", "first-token KL", "multi-token KL", "reference CE")]
-    for label, m in _models(report):
+    for label, m in _sides(report):
         ce = m.reference_cross_entropy
         rows.append(
             (
@@ -114,7 +108,7 @@ def _evaluation_summary(report: Report) -> str:
 
 def _late_lines(report: Report) -> list[str]:
     """How many refusals came after a compliant opening (nothing when not measured)."""
-    sides = [(label, m) for label, m in _models(report) if m.late_refusal_rate is not None]
+    sides = [(label, m) for label, m in _sides(report) if m.late_refusal_rate is not None]
     if not sides:
         return []
     counts = ", ".join(
@@ -340,7 +334,7 @@ def _evaluation_result(report: Report) -> list[str]:
         "| reference CE (nats/token) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, m in _models(report):
+    for label, m in _sides(report):
         over_n = m.over_refusal.n_prompts if m.over_refusal else MISSING
         lines.append(
             f"| {label} | {_rate_cell(m)} | "
@@ -380,7 +374,7 @@ def _judge_lines(report: Report) -> list[str]:
         "| model | judge | refusal | over-refusal |",
         "|---|---|---:|---:|",
     ]
-    for label, m in _models(report):
+    for label, m in _sides(report):
         for name, j in (m.judges or {}).items():
             lines.append(
                 f"| {label} | {text(name)} | {pct(j.refusal_rate)} | {pct(j.over_refusal_rate)} |"
@@ -391,7 +385,7 @@ def _judge_lines(report: Report) -> list[str]:
             "| model | prompts | judges | agreement | Cohen's kappa |",
             "|---|---|---|---:|---:|",
         ]
-        for label, m in _models(report):
+        for label, m in _sides(report):
             agreement = m.judge_agreement
             if agreement is None:
                 continue
@@ -413,7 +407,7 @@ def _evaluation_extras(report: Report) -> list[str]:
         "| model | category | over-refusal |",
         "|---|---|---:|",
     ]
-    for label, m in _models(report):
+    for label, m in _sides(report):
         for cat, rate in (m.over_refusal.by_category if m.over_refusal else {}).items():
             lines.append(f"| {label} | {text(cat)} | {pct(rate)} |")
     lines += [
@@ -426,7 +420,7 @@ def _evaluation_extras(report: Report) -> list[str]:
         "| entropy-3 |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, m in _models(report):
+    for label, m in _sides(report):
         if m.fluency is None:
             continue
         for kind, f in m.fluency.items():
@@ -441,7 +435,7 @@ def _evaluation_extras(report: Report) -> list[str]:
             "| model | task | items | acc | acc_norm |",
             "|---|---|---:|---:|---:|",
         ]
-        for label, m in _models(report):
+        for label, m in _sides(report):
             for task, b in (m.benchmarks or {}).items():
                 lines.append(
                     f"| {label} | {text(task)} | {b.n} | {fixed(b.metric('acc'), 3)} ± "
