@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from abliterate.config.options import RunConfig
+from abliterate.config import RunConfig
 from abliterate.core.ablation import Ablation
 from abliterate.core.stats import kl_divergence, refusal_scores
 from abliterate.data.chat import format_chat

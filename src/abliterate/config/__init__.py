@@ -32,29 +32,30 @@ from abliterate.config.alignment import (
     DirectionConfig,
     SteerConfig,
 )
-from abliterate.config.messages import describe_errors, option_name
-from abliterate.config.options import (
+from abliterate.config.commands import (
     ApplyConfig,
-    BaselineCacheOptions,
     ChatConfig,
-    EvalOptions,
-    EvalPromptOptions,
     EvaluateConfig,
-    ExportOptions,
-    ModelOptions,
     OptimizeConfig,
-    Options,
-    OutputOptions,
-    PromptOptions,
     PushConfig,
     ReportConfig,
     RunConfig,
-    SearchOptions,
-    SelectionOptions,
+)
+from abliterate.config.groups import (
+    BaselineCacheOptions,
+    EvalOptions,
+    EvalPromptOptions,
+    ExportOptions,
+    ModelOptions,
+    Options,
+    OutputOptions,
+    PromptOptions,
     SteerHookOptions,
     ThinkingOptions,
     to_dict,
 )
+from abliterate.config.messages import describe_errors, option_name
+from abliterate.config.search import SearchOptions, SelectionOptions
 from abliterate.config.sources import ENV_PREFIX, load_config, read_config_file
 from abliterate.config.training import (
     FilterDatasetConfig,

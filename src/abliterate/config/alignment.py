@@ -1,5 +1,5 @@
 """The configs of the composable-alignment commands: ``direction`` (and ``direction combine``),
-``steer`` and ``detox``, built from the option groups of :mod:`abliterate.config.options`."""
+``steer`` and ``detox``, built from the option groups of :mod:`abliterate.config.groups`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import CliPositionalArg
 
-from abliterate.config.options import (
+from abliterate.config.groups import (
     BaselineCacheOptions,
     EvalOptions,
     EvalPromptOptions,

@@ -12,8 +12,8 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from abliterate.config.groups import Options
 from abliterate.config.messages import describe_errors, did_you_mean, oneline, option_name, shown
-from abliterate.config.options import Options
 from abliterate.errors import ConfigError
 
 ENV_PREFIX = "ABLITERATE_"

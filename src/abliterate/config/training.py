@@ -1,6 +1,6 @@
 """The configs of the commands that change a model by data: ``filter-dataset``, ``sft`` and
 ``heal``, with the option groups they add (:class:`TrainOptions`, :class:`JudgeBenchmarkOptions`)
-to those of :mod:`abliterate.config.options`."""
+to those of :mod:`abliterate.config.groups`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import CliPositionalArg
 
-from abliterate.config.options import (
+from abliterate.config.groups import (
     EvalOptions,
     EvalPromptOptions,
     ModelOptions,

@@ -31,7 +31,7 @@ from abliterate.search.scoring import ScoringSet, edit_scorer
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from abliterate.config.options import RunConfig
+    from abliterate.config.commands import RunConfig
 
 
 log = logging.getLogger(__name__)
