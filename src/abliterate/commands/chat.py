@@ -461,7 +461,7 @@ def _plain_answer(side: ChatModel, user: str, config: ChatConfig) -> str:
 
 def answer_tokens(config: ChatConfig) -> int:
     """The longest answer: ``--max-new-tokens``, plus the reasoning budget with thinking on."""
-    return config.max_new_tokens + (config.thinking_budget if config.thinking == "on" else 0)
+    return config.max_new_tokens + config.reasoning_budget
 
 
 def _plain_turn(sides: Sequence[ChatModel], user: str, config: ChatConfig) -> list[str]:

@@ -139,8 +139,7 @@ def reasoning_settings(config: ThinkingOptions) -> dict[str, Any]:
     """The :class:`~abliterate.eval.evaluator.Evaluator`'s reasoning arguments for
     ``--thinking`` and ``--thinking-budget``: the budget (0 with thinking off) and whether the
     answers reason."""
-    on = config.thinking == "on"
-    return {"thinking_budget": config.thinking_budget if on else 0, "reasoning": on}
+    return {"thinking_budget": config.reasoning_budget, "reasoning": config.thinking == "on"}
 
 
 def _steering(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from abliterate.commands.evaluate import reasoning_settings
 from abliterate.commands.runsets import SCORED
 from abliterate.commands.streamed import (
     export_streamed,
@@ -65,8 +66,7 @@ def run_evaluator(
         kl_tokens=config.kl_tokens,
         batch_size=config.batch_size,
         system_prompt=config.system_prompt,
-        thinking_budget=config.thinking_budget if config.thinking == "on" else 0,
-        reasoning=config.thinking == "on",
+        **reasoning_settings(config),
     )
 
 

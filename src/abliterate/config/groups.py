@@ -137,6 +137,12 @@ class ThinkingOptions(Options):
         "--max-new-tokens (and of the search's --confirm-tokens).",
     )
 
+    @property
+    def reasoning_budget(self) -> int:
+        """Tokens generated for reasoning on top of an answer's: ``thinking_budget`` with
+        thinking on, 0 with it off."""
+        return self.thinking_budget if self.thinking == "on" else 0
+
 
 class EvalPromptOptions(Options):
     """The held-out prompts a model is measured on, and how prompts are read and batched."""

@@ -208,9 +208,8 @@ class _Confirmer:
     def __call__(self, record: TrialRecord) -> float:
         search, c = self.search, self.search.config
         texts, prompts = search.harmful.texts, search.harmful.prompts.prompts
-        budget = c.thinking_budget if c.thinking == "on" else 0
         edit = search.edit(record)
-        tokens = min(c.confirm_tokens, c.max_new_tokens) + budget
+        tokens = min(c.confirm_tokens, c.max_new_tokens) + c.reasoning_budget
         desc = f"Confirming trial {record.number}"
         if isinstance(self.model, LayerwiseModel):
             responses = streamed_generate(self.model, self.tokenizer, texts, edit,
