@@ -69,10 +69,12 @@ SPEED = {
     "edits_per_pass": 4, "screen_halving": False, "refine_steps": 0,
 }  # fmt: skip
 SEARCH_SPEED = {"trials_per_pass": 1, "mlp_peak_min": 0.2}
+DIRECTION_PROMPTS = {"refusal_filter": True, "min_refused": 16}  # issue 14: refused prompts only
 
 
 def test_defaults_and_record_keys_are_unchanged() -> None:
-    run = {**RUN_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION, **SPEED, **SEARCH_SPEED}
+    run = {**RUN_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION, **SPEED, **SEARCH_SPEED,
+           **DIRECTION_PROMPTS}  # fmt: skip
     assert to_dict(RunConfig()) == run
     assert to_dict(OptimizeConfig()) == {**run, "optimize": True}
     assert to_dict(EvaluateConfig()) == {**EVALUATE_DEFAULTS, **PLACEMENT, **THINKING, **EVALUATION}

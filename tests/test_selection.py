@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from abliterate.config import RunConfig
 from abliterate.core.ablation import Ablation
@@ -21,7 +24,7 @@ from abliterate.measure.refusal import RefusalOpenings
 from abliterate.model.forward import next_token_logprobs
 from abliterate.model.loading import load_model
 from abliterate.report.schema import SelectionScores
-from abliterate.search.objective import search_model
+from abliterate.search.objective import refusal_probabilities, refused_prompts, search_model
 from abliterate.search.selection import (
     CandidateScore,
     Selection,
@@ -227,3 +230,69 @@ def test_run_with_the_opt_in_selection_options_reports_them(
     assert report.selection.refusal_measure is not None
     assert "openings" in report.selection.refusal_measure
     assert "refined by descent" in (out / "report.md").read_text()
+
+
+# --- directions from the prompts the model refuses (--refusal-filter) -------------------------
+
+
+@given(
+    st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=40),
+    st.integers(1, 50),
+)
+def test_refused_prompts_are_the_refused_or_the_most_likely(
+    probs: list[float], minimum: int
+) -> None:
+    p = torch.tensor(probs, dtype=torch.float64)
+    kept = refused_prompts(p, minimum)
+    assert kept == sorted(set(kept))  # in prompt order, each once
+    refused = [i for i, x in enumerate(probs) if x > 0.5]
+    if len(refused) >= minimum:
+        assert kept == refused
+    else:
+        assert len(kept) == min(minimum, len(probs))
+        # Every prompt left out is at most as likely refused as every prompt kept.
+        left = [probs[i] for i in range(len(probs)) if i not in kept]
+        assert not left or max(left) <= min(probs[i] for i in kept)
+        assert set(refused) <= set(kept)
+
+
+def test_refused_prompts_needs_a_positive_minimum() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        refused_prompts(torch.tensor([0.9]), 0)
+
+
+def test_refusal_probabilities_are_the_next_token_mass_on_refusal_openings(
+    selection_setup: Any,
+) -> None:
+    model, tokenizer, _, harmful, _ = selection_setup
+    got = refusal_probabilities(model, tokenizer, harmful, REFUSAL_IDS, batch_size=4)
+    logprobs = next_token_logprobs(model, tokenizer, harmful)
+    want = logprobs[:, REFUSAL_IDS].exp().sum(-1)
+    assert got.shape == (len(harmful),)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_run_takes_directions_from_the_refused_prompts_and_reports_how_many(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from abliterate.cli import main
+    from abliterate.report.schema import load_report
+
+    def run(name: str, *extra: str) -> Any:
+        out = tmp_path / name
+        argv = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--n-train", "6",
+                "--n-val", "4", "--n-eval", "2", "--max-new-tokens", "2", "--kl-tokens", "2",
+                "--n-examples", "1", "--layer", "1", "--site", "post", "--no-save-model",
+                *extra]  # fmt: skip
+        assert main(argv) == 0
+        return load_report(out / "report.json"), Candidates.load(out / "candidates.safetensors")
+
+    filtered, kept = run("filtered", "--min-refused", "2")
+    everything, full = run("all", "--no-refusal-filter")
+    used = filtered.data["train_harmful"].n_used
+    assert used is not None and 2 <= used <= 6
+    assert everything.data["train_harmful"].n_used is None
+    assert "n_used" not in everything.data["train_harmful"].model_dump()
+    # The harmless side is not filtered; the harmful means differ unless every prompt was kept.
+    assert torch.equal(kept.harmless_mean, full.harmless_mean)
+    assert torch.equal(kept.harmful_mean, full.harmful_mean) == (used == 6)

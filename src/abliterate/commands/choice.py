@@ -5,6 +5,8 @@ layer-streamed one with ``--stream``."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,18 +25,25 @@ from abliterate.measure.streamed import collect_activations_streamed
 from abliterate.model.anatomy import anatomy_of
 from abliterate.model.layerwise import LayerwiseModel
 from abliterate.progress import Stages
-from abliterate.search.objective import objective_openings, search_model
+from abliterate.search.objective import (
+    objective_openings,
+    refusal_probabilities,
+    refused_prompts,
+    search_model,
+)
 from abliterate.search.optimize import optimize_edit
 from abliterate.search.selection import select_direction
 from abliterate.search.study import default_storage
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from abliterate.eval.judges import Judge
     from abliterate.model.loading import LoadedModel
     from abliterate.search.optimize import SearchResult
     from abliterate.search.selection import Selection
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +86,9 @@ def compute_candidates(
     keep = config.site if config.optimize and config.max_directions > 1 else None
     means = {}
     acts = None
+    texts = {key: list(chats[key].texts) for key in TRAIN_SETS}
+    if config.refusal_filter:
+        texts["train_harmful"] = _refused_texts(config, model, tok, texts["train_harmful"], data)
     # Parallel blocks (Cohere) and one-sublayer layers (Nemotron-H) have no "mid" residual.
     sites = tuple(s for s in config.sites if s != "mid" or anatomy_of(loaded.model).has_mid)
     for key, label in (("train_harmful", "harmful"), ("train_harmless", "harmless")):
@@ -85,7 +97,7 @@ def compute_candidates(
             else collect_activations
         )  # fmt: skip
         means[key], kept = collect(
-            model, tok, chats[key].texts, sites=sites,  # type: ignore[arg-type]
+            model, tok, texts[key], sites=sites,  # type: ignore[arg-type]
             keep_site=keep if key == "train_harmful" else None,
             batch_size=config.batch_size, desc=f"Activations ({label})",
         )  # fmt: skip
@@ -106,6 +118,29 @@ def compute_candidates(
             "layer, so there is no direction to find; are the two prompt sets the same?"
         )
     return candidates
+
+
+def _refused_texts(
+    config: RunConfig,
+    model: PreTrainedModel | LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    data: dict[str, Any],
+) -> list[str]:
+    """``--refusal-filter``: the harmful training texts the unedited model refuses (at least
+    ``--min-refused``, :func:`~abliterate.search.objective.refused_prompts`); how many were
+    used goes into the report's ``data`` record of the set (``n_used``)."""
+    probs = refusal_probabilities(
+        model, tokenizer, texts, refusal_token_ids(tokenizer), batch_size=config.batch_size
+    )
+    kept = refused_prompts(probs, config.min_refused)
+    refused = int((probs > 0.5).sum())
+    log.info(
+        "directions from %d of %d harmful training prompts (%d refused by the next-token "
+        "proxy; --min-refused %d)", len(kept), len(texts), refused, config.min_refused,
+    )  # fmt: skip
+    data["train_harmful"]["n_used"] = len(kept)
+    return [texts[i] for i in kept]
 
 
 def _given_layer(config: RunConfig, candidates: Candidates) -> Direction:
@@ -193,6 +228,8 @@ def _optimize(
         "model": candidates.model,
         "revision": candidates.revision,
         "data": {k: data[k]["sha256"] for k in (*TRAIN_SETS, *VAL_SETS)},
+        # The directions differ with the filter: a study made without it is not this one.
+        "refusal_filter": [config.refusal_filter, config.min_refused],
     }
     return optimize_edit(
         model,

@@ -33,6 +33,18 @@ class SelectionOptions(Options):
         gt=0,
         description="Selection prefers candidates whose validation first-token KL is at most this.",
     )
+    refusal_filter: bool = Field(
+        True,
+        description="Compute directions from the harmful training prompts the unedited model "
+        "refuses (next-token refusal probability above 0.5, at least --min-refused of the most "
+        "likely refused), as Arditi et al. filter theirs: the prompts it answers anyway carry "
+        "the topic's features but not refusal's. Off: every harmful training prompt.",
+    )
+    min_refused: Count = Field(
+        16,
+        description="With --refusal-filter: the fewest harmful prompts a direction is computed "
+        "from; when the model refuses fewer, the ones it is most likely to refuse fill up.",
+    )
     prune_last_layers: FiniteFloat = Field(
         0.2,
         ge=0,

@@ -24,9 +24,10 @@ import torch
 from abliterate.core.edits import Edit
 from abliterate.eval.judges import Judge
 from abliterate.measure.refusal import RefusalOpenings
-from abliterate.model.forward import greedy_new_tokens
+from abliterate.model.forward import SharedPrefixScorer, greedy_new_tokens
 from abliterate.model.layerwise import LayerwiseModel
 from abliterate.search.scoring import ScoringSet, edit_scorer
+from abliterate.search.streamed import streamed_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -114,6 +115,42 @@ def judged_answers(
     ]
     decoded = [str(tokenizer.decode(a, skip_special_tokens=True)).strip() for a in answers]
     return answers, judge(list(prompts), decoded)
+
+
+def refusal_probabilities(
+    model: PreTrainedModel | LayerwiseModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    refusal_ids: Sequence[int],
+    *,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """``(len(texts),)`` next-token refusal probability of the unedited model after each
+    chat-formatted text: the probability that its answer opens with the first token of a
+    common refusal opening (the selection's next-token proxy), on a loaded or a layer-streamed
+    model."""
+    ids = sorted(set(refusal_ids))
+    if isinstance(model, LayerwiseModel):
+        ((logprobs,),) = streamed_logprobs(
+            model, tokenizer, [texts], [None], batch_size=batch_size, desc="Refusals"
+        )
+    else:
+        logprobs = SharedPrefixScorer(model, tokenizer, texts, batch_size).logprobs()
+    return logprobs[:, ids].logsumexp(-1).exp()
+
+
+def refused_prompts(probabilities: torch.Tensor, minimum: int) -> list[int]:
+    """Indices (in order) of the prompts a model refuses (probability above one half), or of
+    the ``minimum`` it is most likely to refuse when it refuses fewer (all of them when there
+    are fewer prompts than that)."""
+    if minimum < 1:
+        raise ValueError(f"minimum must be at least 1, got {minimum}")
+    refused = [i for i, p in enumerate(probabilities.tolist()) if p > 0.5]
+    if len(refused) >= minimum:
+        return refused
+    # A stable sort: equal probabilities keep their prompt order, so the choice is reproducible.
+    order = sorted(range(len(probabilities)), key=lambda i: -float(probabilities[i]))
+    return sorted(order[:minimum])
 
 
 def refusal_openings(

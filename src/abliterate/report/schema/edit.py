@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, Tag
 
-from abliterate.report.schema.base import _omitted, _Record
+from abliterate.report.schema.base import _is_none, _omitted, _Record
 from abliterate.types import Site
 
 # --- what was evaluated ---------------------------------------------------------------------
@@ -28,6 +28,13 @@ class PromptSetRecord(_Record):
     name: str
     n: int = Field(ge=0)
     sha256: str | None = _omitted()
+    n_used: int | None = Field(
+        default=None,
+        ge=0,
+        exclude_if=_is_none,
+        description="Harmful training prompts the directions were computed from (those the "
+        "unedited model refuses, --refusal-filter); absent: all n.",
+    )
 
 
 class DirectionRecord(_Record):
