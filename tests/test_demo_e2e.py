@@ -123,17 +123,17 @@ def test_demo_direction_generalises_to_unseen_prompt_files(demo_run: dict, tmp_p
 def test_demo_optimize_meets_its_target_from_the_cached_baseline(
     demo_run: dict, tmp_path: Path
 ) -> None:
-    # 16 trials, not the default 64: the full search takes about 36 minutes on a 2-core CPU
-    # (its figures, 2.8% at first-token KL 0.089 against run's 4.2% at 0.107, are in the
-    # README). Trials are seeded one by one, so these are the first 16 of that study.
+    # 12 trials, not the default 64: the full search takes about 36 minutes on a 2-core CPU
+    # (its figures are in the README; 12 keep `make test` under 45 minutes). Trials are seeded
+    # one by one, so these are the first 12 of that study (the first 6 are the seeded edits).
     out = tmp_path / "opt"
     # No model export: run's test checks the export and its reload; this one checks the search.
-    argv = ["optimize", "--model", "demo", "--out", str(out), "--trials", "16",
+    argv = ["optimize", "--model", "demo", "--out", str(out), "--trials", "12",
             "--max-confirm", "3", "--no-save-model"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     opt, edited = report["optimization"], report["edited"]
-    assert opt["met_refusal_target"] and len(opt["trials"]) == 16
+    assert opt["met_refusal_target"] and len(opt["trials"]) == 12
     assert opt["chosen"]["confirmed_refusal_rate"] <= 0.05
     # The original model's evaluation was the one run measured, read from the cache.
     assert report["baseline_cache"]["hit"] is True
