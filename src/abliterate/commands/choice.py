@@ -26,6 +26,7 @@ from abliterate.model.anatomy import anatomy_of
 from abliterate.model.layerwise import LayerwiseModel
 from abliterate.progress import Stages
 from abliterate.search.objective import (
+    REFUSED_ABOVE,
     objective_openings,
     refusal_probabilities,
     refused_prompts,
@@ -134,7 +135,7 @@ def _refused_texts(
         model, tokenizer, texts, refusal_token_ids(tokenizer), batch_size=config.batch_size
     )
     kept = refused_prompts(probs, config.min_refused)
-    refused = int((probs > 0.5).sum())
+    refused = int((probs > REFUSED_ABOVE).sum())
     log.info(
         "directions from %d of %d harmful training prompts (%d refused by the next-token "
         "proxy; --min-refused %d)", len(kept), len(texts), refused, config.min_refused,

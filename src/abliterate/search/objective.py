@@ -139,13 +139,18 @@ def refusal_probabilities(
     return logprobs[:, ids].logsumexp(-1).exp()
 
 
+REFUSED_ABOVE = 0.5
+"""A prompt counts as refused when its next-token refusal probability is above this (refusal
+log-odds above 0, Arditi et al.'s filter)."""
+
+
 def refused_prompts(probabilities: torch.Tensor, minimum: int) -> list[int]:
-    """Indices (in order) of the prompts a model refuses (probability above one half), or of
-    the ``minimum`` it is most likely to refuse when it refuses fewer (all of them when there
-    are fewer prompts than that)."""
+    """Indices (in order) of the prompts a model refuses (probability above
+    :data:`REFUSED_ABOVE`), or of the ``minimum`` it is most likely to refuse when it refuses
+    fewer (all of them when there are fewer prompts than that)."""
     if minimum < 1:
         raise ValueError(f"minimum must be at least 1, got {minimum}")
-    refused = [i for i, p in enumerate(probabilities.tolist()) if p > 0.5]
+    refused = [i for i, p in enumerate(probabilities.tolist()) if p > REFUSED_ABOVE]
     if len(refused) >= minimum:
         return refused
     # A stable sort: equal probabilities keep their prompt order, so the choice is reproducible.
